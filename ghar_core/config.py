@@ -1,0 +1,850 @@
+"""Typed, immutable settings read from ``env/.env.<APP_ENV>`` and the process.
+
+Why by hand and not pydantic: the core keeps its runtime dependencies to the
+six it needs, and settings are simple enough to describe as data. Every
+variable is one field below, with its group, type, default and a sentence of
+documentation; the README's configuration table is generated from the same
+fields (``ghar-core config --table``), so the two cannot drift.
+
+Precedence, highest first: real environment variables, the env file picked by
+``APP_ENV`` (dev | test | prod, default dev) from ``GHAR_ENV_DIR`` (default:
+``./env``, else the ``env/`` folder next to the package), then the defaults
+here. Loading checks every variable and raises one :class:`ConfigError`
+listing all problems, each naming the variable and the reason.
+
+Secrets are :class:`Secret` values: their ``str`` and ``repr`` are masked, so
+printing or logging the settings never leaks them; call
+``get_secret_value()`` at the single place that needs the real value.
+
+``from ghar_core.config import settings`` loads on first use and caches;
+:func:`reset_settings` drops the cache (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import orjson
+
+from ghar_core.constants import VALID_VISION_PROVIDERS
+
+__all__ = [
+    "APP_ENVS",
+    "ConfigError",
+    "Secret",
+    "Settings",
+    "config_table_markdown",
+    "format_env_value",
+    "get_settings",
+    "load_settings",
+    "parse_env_text",
+    "reset_settings",
+    "settings_fields",
+]
+
+APP_ENVS: Final = ("dev", "test", "prod")
+_DEFAULT_SECRET_KEY: Final = "change-me"
+_MASK: Final = "**********"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists (variable, reason)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {name}: {reason}" for name, reason in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+class Secret:
+    """A string that masks itself in ``str``/``repr`` so it never reaches a log."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret('{_MASK}')" if self._value else "Secret('')"
+
+    def __str__(self) -> str:
+        return _MASK if self._value else ""
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+# --- field descriptions -------------------------------------------------------
+
+_KINDS = ("str", "int", "float", "bool", "list", "url", "secret", "choice", "prefix")
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    group: str
+    kind: str
+    doc: str
+    optional: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ()
+
+
+def _var(
+    default: Any,
+    kind: str,
+    group: str,
+    doc: str,
+    *,
+    optional: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] = (),
+    schemes: tuple[str, ...] = (),
+) -> Any:
+    assert kind in _KINDS, kind
+    spec = _Spec(group, kind, doc, optional, minimum, maximum, choices, schemes)
+    return field(default=default, metadata={"spec": spec})
+
+
+_HTTP = ("http", "https")
+_PG = ("postgres", "postgresql")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Settings:
+    """Every setting of the core, typed and immutable.
+
+    Build it with :func:`load_settings`; in tests ``dataclasses.replace``
+    gives a modified copy (cross-field rules are checked again).
+    """
+
+    # Core
+    APP_ENV: str = _var(
+        "dev", "choice", "Core", "Which env file is read: dev, test or prod.", choices=APP_ENVS
+    )
+    ENVIRONMENT: str = _var(
+        "",
+        "str",
+        "Core",
+        "Deployment label for logs and error reports; empty means APP_ENV.",
+        optional=True,
+    )
+    PROJECT_NAME: str = _var("360Ghar", "str", "Core", "Name shown in logs and responses.")
+    VERSION: str = _var("0.1.0", "str", "Core", "Version reported by /health.")
+    API_V1_STR: str = _var("/api/v1", "prefix", "Core", "Prefix of the versioned API routes.")
+    SECRET_KEY: Secret = _var(
+        Secret(_DEFAULT_SECRET_KEY),
+        "secret",
+        "Core",
+        "Signing secret for app-issued values; prod refuses the default.",
+    )
+    DEBUG: bool = _var(False, "bool", "Core", "Verbose errors in logs (never in responses).")
+    LOG_LEVEL: str = _var(
+        "INFO",
+        "choice",
+        "Core",
+        "Root log level.",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    )
+    LOG_FORMAT: str = _var(
+        "auto",
+        "choice",
+        "Core",
+        "auto (json in prod, colour on a terminal), json, colour or plain.",
+        choices=("auto", "json", "colour", "plain"),
+    )
+    ACCESS_LOG: bool = _var(True, "bool", "Core", "One access-log line per request.")
+    SENTRY_DSN: Secret | None = _var(
+        None, "secret", "Core", "Sentry DSN; empty disables error reporting.", optional=True
+    )
+    SERVERLESS_ENABLED: bool = _var(
+        False, "bool", "Core", "Open a database connection per use instead of pools."
+    )
+    SHUTDOWN_STEP_TIMEOUT: float = _var(
+        10.0,
+        "float",
+        "Core",
+        "Seconds each resource gets to start or stop.",
+        minimum=0.1,
+        maximum=600,
+    )
+    # HTTP server
+    HOST: str = _var("127.0.0.1", "str", "HTTP", "Address `ghar-core serve` binds.")
+    PORT: int = _var(8000, "int", "HTTP", "Port `ghar-core serve` binds.", minimum=0, maximum=65535)
+    MAX_BODY_SIZE: int = _var(
+        1_048_576,
+        "int",
+        "HTTP",
+        "Largest request body read, in bytes; larger gets 413.",
+        minimum=0,
+        maximum=1 << 31,
+    )
+    # Public URLs
+    PUBLIC_API_URL: str = _var(
+        "http://127.0.0.1:8000",
+        "url",
+        "Public URLs",
+        "Where clients reach this API.",
+        schemes=_HTTP,
+    )
+    FRONTEND_URL: str = _var(
+        "http://localhost:3000",
+        "url",
+        "Public URLs",
+        "The web app, for links in emails and redirects.",
+        schemes=_HTTP,
+    )
+    # CORS
+    CORS_ORIGINS: tuple[str, ...] = _var(
+        ("http://localhost:3000",),
+        "list",
+        "CORS",
+        "Allowed browser origins (comma-separated or JSON list); `*` allows any.",
+    )
+    CORS_ORIGINS_STR: str | None = _var(
+        None, "str", "CORS", "Comma-separated override of CORS_ORIGINS.", optional=True
+    )
+    CORS_ALLOW_CREDENTIALS: bool = _var(
+        True, "bool", "CORS", "Allow cookies and Authorization on CORS requests."
+    )
+    CORS_MAX_AGE: int = _var(
+        600, "int", "CORS", "Seconds browsers may cache a preflight.", minimum=0, maximum=86400
+    )
+    # Database
+    DATABASE_URL: str = _var(
+        "postgresql://postgres@127.0.0.1:5432/ghar_dev",
+        "url",
+        "Database",
+        "Postgres DSN (direct or PgBouncer); its password is masked.",
+        schemes=_PG,
+    )
+    DB_POOL_MIN_SIZE: int = _var(
+        1, "int", "Database", "Main pool: connections kept open.", minimum=0, maximum=1000
+    )
+    DB_POOL_MAX_SIZE: int = _var(
+        10, "int", "Database", "Main pool: most connections.", minimum=1, maximum=1000
+    )
+    DB_POOL_ACQUIRE_TIMEOUT: float = _var(
+        5.0,
+        "float",
+        "Database",
+        "Main pool: seconds to wait for a free connection before 503.",
+        minimum=0.001,
+        maximum=600,
+    )
+    DB_BG_POOL_MIN_SIZE: int = _var(
+        0, "int", "Database", "Background pool: connections kept open.", minimum=0, maximum=1000
+    )
+    DB_BG_POOL_MAX_SIZE: int = _var(
+        4, "int", "Database", "Background pool: most connections.", minimum=1, maximum=1000
+    )
+    DB_BG_POOL_ACQUIRE_TIMEOUT: float = _var(
+        30.0,
+        "float",
+        "Database",
+        "Background pool: seconds to wait for a connection.",
+        minimum=0.001,
+        maximum=3600,
+    )
+    DB_COMMAND_TIMEOUT: float = _var(
+        30.0,
+        "float",
+        "Database",
+        "Seconds a single statement may run.",
+        minimum=0.001,
+        maximum=3600,
+    )
+    DB_CONNECT_TIMEOUT: float = _var(
+        5.0, "float", "Database", "Seconds to open a connection.", minimum=0.001, maximum=600
+    )
+    DB_MAX_INACTIVE_LIFETIME: float = _var(
+        300.0,
+        "float",
+        "Database",
+        "Seconds an idle pooled connection lives.",
+        minimum=0,
+        maximum=86400,
+    )
+    DB_MIGRATE_ON_STARTUP: bool = _var(
+        False, "bool", "Database", "Apply pending migrations when the app starts."
+    )
+    # Redis
+    REDIS_URL: str | None = _var(
+        None,
+        "url",
+        "Redis",
+        "Redis DSN; empty disables Redis.",
+        optional=True,
+        schemes=("redis", "rediss", "unix"),
+    )
+    # Identity provider
+    SUPABASE_URL: str | None = _var(
+        None,
+        "url",
+        "Identity provider",
+        "Identity provider base URL; required in prod.",
+        optional=True,
+        schemes=_HTTP,
+    )
+    SUPABASE_ANON_KEY: Secret | None = _var(
+        None, "secret", "Identity provider", "Public API key sent as `apikey`.", optional=True
+    )
+    SUPABASE_SERVICE_ROLE_KEY: Secret | None = _var(
+        None, "secret", "Identity provider", "Admin key for the user admin API.", optional=True
+    )
+    SUPABASE_JWT_SECRET: Secret | None = _var(
+        None,
+        "secret",
+        "Identity provider",
+        "Legacy HS256 secret; empty means HS256 tokens go to the provider.",
+        optional=True,
+    )
+    JWT_AUDIENCE: str = _var("authenticated", "str", "Identity provider", "Required `aud` claim.")
+    JWT_LEEWAY: float = _var(
+        10.0,
+        "float",
+        "Identity provider",
+        "Clock skew allowed on exp, nbf and iat, in seconds.",
+        minimum=0,
+        maximum=300,
+    )
+    JWKS_CACHE_TTL: float = _var(
+        3600.0,
+        "float",
+        "Identity provider",
+        "Seconds a fetched key set is trusted.",
+        minimum=1,
+        maximum=86400,
+    )
+    JWKS_MIN_REFRESH_INTERVAL: float = _var(
+        30.0,
+        "float",
+        "Identity provider",
+        "Fewest seconds between two key-set refreshes.",
+        minimum=0,
+        maximum=3600,
+    )
+    TOKEN_CACHE_TTL: float = _var(
+        60.0,
+        "float",
+        "Identity provider",
+        "Seconds a verified token stays cached.",
+        minimum=0,
+        maximum=3600,
+    )
+    TOKEN_CACHE_MAX_SIZE: int = _var(
+        5000,
+        "int",
+        "Identity provider",
+        "Most tokens kept in the verified-token cache.",
+        minimum=0,
+        maximum=1_000_000,
+    )
+    # AI providers
+    OPENAI_API_KEY: Secret | None = _var(
+        None, "secret", "AI providers", "OpenAI API key.", optional=True
+    )
+    GEMINI_API_KEY: Secret | None = _var(
+        None, "secret", "AI providers", "Gemini API key.", optional=True
+    )
+    ANTHROPIC_API_KEY: Secret | None = _var(
+        None, "secret", "AI providers", "Anthropic API key.", optional=True
+    )
+    DEFAULT_VISION_PROVIDER: str = _var(
+        "gemini",
+        "choice",
+        "AI providers",
+        "Vision provider used unless a caller picks one.",
+        choices=tuple(sorted(VALID_VISION_PROVIDERS)),
+    )
+    # Notifications
+    NOTIFICATIONS_ENABLED: bool = _var(
+        False, "bool", "Notifications", "Send push and email notifications."
+    )
+    FCM_SERVER_KEY: Secret | None = _var(
+        None, "secret", "Notifications", "Firebase Cloud Messaging key.", optional=True
+    )
+    SMTP_HOST: str | None = _var(
+        None, "str", "Notifications", "SMTP server for email.", optional=True
+    )
+    SMTP_PORT: int = _var(587, "int", "Notifications", "SMTP port.", minimum=1, maximum=65535)
+    SMTP_USER: str | None = _var(None, "str", "Notifications", "SMTP user.", optional=True)
+    SMTP_PASSWORD: Secret | None = _var(
+        None, "secret", "Notifications", "SMTP password.", optional=True
+    )
+    EMAIL_FROM: str = _var(
+        "no-reply@360ghar.com", "str", "Notifications", "Sender address of outgoing email."
+    )
+    # Feature flags
+    ENABLE_SSE: bool = _var(True, "bool", "Feature flags", "Serve the per-user event stream.")
+    ENABLE_WEBSOCKETS: bool = _var(True, "bool", "Feature flags", "Serve the WebSocket routes.")
+    ENABLE_SCHEDULERS: bool = _var(
+        False, "bool", "Feature flags", "Run background schedulers in this process."
+    )
+    EVENT_BROKER: str = _var(
+        "memory",
+        "choice",
+        "Feature flags",
+        "How events cross processes: memory or postgres (LISTEN/NOTIFY).",
+        choices=("memory", "postgres"),
+    )
+    # SSE
+    SSE_QUEUE_MAX_SIZE: int = _var(
+        100,
+        "int",
+        "SSE",
+        "Events buffered per subscriber; full drops the oldest.",
+        minimum=1,
+        maximum=100_000,
+    )
+    SSE_MAX_SUBSCRIBERS: int = _var(
+        500, "int", "SSE", "Most live subscribers per process.", minimum=1, maximum=1_000_000
+    )
+    SSE_HEARTBEAT_INTERVAL: float = _var(
+        15.0, "float", "SSE", "Seconds between keep-alive comments.", minimum=0.1, maximum=3600
+    )
+    SSE_REAPER_INTERVAL: float = _var(
+        60.0, "float", "SSE", "Seconds between reaper cycles.", minimum=0.1, maximum=3600
+    )
+    SSE_IDLE_TIMEOUT: float = _var(
+        1800.0,
+        "float",
+        "SSE",
+        "Seconds without a read before a queue is reaped.",
+        minimum=1,
+        maximum=86400,
+    )
+    SSE_FULL_CYCLES_LIMIT: int = _var(
+        3,
+        "int",
+        "SSE",
+        "Reaper cycles a queue may stay full before removal.",
+        minimum=1,
+        maximum=1000,
+    )
+    # Cache
+    CACHE_DEFAULT_TTL: float = _var(
+        300.0,
+        "float",
+        "Cache",
+        "Default entry lifetime of the in-process cache.",
+        minimum=0,
+        maximum=86400 * 30,
+    )
+    CACHE_MAX_SIZE: int = _var(
+        10_000,
+        "int",
+        "Cache",
+        "Most entries of the in-process cache.",
+        minimum=0,
+        maximum=10_000_000,
+    )
+
+    def __post_init__(self) -> None:
+        problems = _cross_field_problems(self)
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def is_prod(self) -> bool:
+        return self.APP_ENV == "prod"
+
+    @property
+    def environment_label(self) -> str:
+        return self.ENVIRONMENT or self.APP_ENV
+
+    def masked_items(self) -> list[tuple[str, Any]]:
+        """(name, value) pairs with secrets and URL passwords masked, for display."""
+        return [
+            (f.name, _masked_text(f.name, getattr(self, f.name))) for f in dataclasses.fields(self)
+        ]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name}={value!r}" for name, value in self.masked_items())
+        return f"Settings({parts})"
+
+    __str__ = __repr__
+
+
+def settings_fields() -> tuple[tuple[str, _Spec, Any], ...]:
+    """(name, spec, default) of every setting, in declaration order."""
+    return tuple((f.name, f.metadata["spec"], f.default) for f in dataclasses.fields(Settings))
+
+
+def _mask_url_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return url.replace(parts.netloc, f"{user}:{_MASK}@{netloc[-1]}", 1)
+
+
+def _masked_text(name: str, value: Any) -> Any:
+    if isinstance(value, Secret):
+        return str(value)
+    if isinstance(value, str) and name.endswith("_URL") and "@" in value:
+        try:
+            return _mask_url_password(value)
+        except ValueError:
+            return _MASK
+    return value
+
+
+# --- cross-field rules --------------------------------------------------------
+
+
+def _cross_field_problems(s: Settings) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if s.DB_POOL_MIN_SIZE > s.DB_POOL_MAX_SIZE:
+        problems.append(("DB_POOL_MIN_SIZE", "must not exceed DB_POOL_MAX_SIZE"))
+    if s.DB_BG_POOL_MIN_SIZE > s.DB_BG_POOL_MAX_SIZE:
+        problems.append(("DB_BG_POOL_MIN_SIZE", "must not exceed DB_BG_POOL_MAX_SIZE"))
+    if s.APP_ENV == "prod":
+        key = s.SECRET_KEY.get_secret_value()
+        if not key.strip() or key == _DEFAULT_SECRET_KEY:
+            problems.append(("SECRET_KEY", "prod needs a real secret, not empty or the default"))
+        elif len(key) < 32:
+            problems.append(("SECRET_KEY", "prod needs at least 32 characters"))
+        if not s.SUPABASE_URL:
+            problems.append(("SUPABASE_URL", "prod needs the identity provider's URL"))
+        if "*" in s.CORS_ORIGINS and s.CORS_ALLOW_CREDENTIALS:
+            problems.append(
+                ("CORS_ORIGINS", "prod refuses `*` together with CORS_ALLOW_CREDENTIALS")
+            )
+    return problems
+
+
+# --- parsing values -------------------------------------------------------------
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_INT_RE = re.compile(r"[+-]?\d+")
+_PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+
+
+def _check_range(value: float, spec: _Spec) -> None:
+    if spec.minimum is not None and value < spec.minimum:
+        raise ValueError(f"must be at least {_num(spec.minimum)}, got {_num(value)}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ValueError(f"must be at most {_num(spec.maximum)}, got {_num(value)}")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    return repr(shown)
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            items = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            raise ValueError("looks like a JSON list but is not valid JSON") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError("a JSON list must contain only strings")
+        return tuple(items)
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _parse_value(name: str, spec: _Spec, text: str) -> Any:
+    """Turn the text form of one variable into its typed value (or raise ValueError)."""
+    kind = spec.kind
+    if spec.optional and text.strip() == "":
+        return None
+    if kind == "str":
+        if text.strip() == "":
+            raise ValueError("must not be empty")
+        return text
+    if kind == "secret":
+        return Secret(text)
+    if kind == "bool":
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"expected true/false (or 1/0, yes/no, on/off), got {_shorten(text)}")
+    if kind == "int":
+        stripped = text.strip()
+        if not _INT_RE.fullmatch(stripped):
+            raise ValueError(f"expected an integer, got {_shorten(text)}")
+        number = int(stripped)
+        _check_range(number, spec)
+        return number
+    if kind == "float":
+        try:
+            number_f = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {_shorten(text)}") from None
+        if not math.isfinite(number_f):
+            raise ValueError(f"expected a finite number, got {_shorten(text)}")
+        _check_range(number_f, spec)
+        return number_f
+    if kind == "choice":
+        value = text.strip()
+        if spec.choices and spec.choices[0].isupper():
+            value = value.upper()
+        if value not in spec.choices:
+            raise ValueError(f"expected one of {', '.join(spec.choices)}, got {_shorten(text)}")
+        return value
+    if kind == "list":
+        return _parse_list(text)
+    if kind == "url":
+        return _parse_url(text, spec)
+    if kind == "prefix":
+        value = text.strip()
+        if value == "" or value == "/":
+            return ""
+        if not _PREFIX_RE.fullmatch(value):
+            raise ValueError(
+                f"expected a path like /api/v1 (leading slash, no trailing slash), "
+                f"got {_shorten(text)}"
+            )
+        return value
+    raise AssertionError(f"unknown kind {kind} for {name}")  # pragma: no cover
+
+
+def _parse_url(text: str, spec: _Spec) -> str:
+    value = text.strip()
+    if any(ch.isspace() for ch in value):
+        raise ValueError("a URL must not contain whitespace")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if spec.schemes and parts.scheme.lower() not in spec.schemes:
+        raise ValueError(
+            f"expected a {'/'.join(spec.schemes)} URL, got scheme {parts.scheme or '(none)'!r}"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(f"the URL has no host: {_shorten(_mask_url_password(value))}")
+    return value.rstrip("/") if spec.schemes == _HTTP else value
+
+
+def format_env_value(name: str, value: Any) -> str:
+    """The env-file text form of a typed value (``parse`` gives ``value`` back)."""
+    spec: _Spec = _SPECS[name]
+    if value is None:
+        return ""
+    if isinstance(value, Secret):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if spec.kind == "list":
+        items = list(value)
+        plain = all(item == item.strip() and item and "," not in item for item in items) and not (
+            items and items[0].startswith("[")
+        )
+        return ",".join(items) if plain else orjson.dumps(items).decode()
+    return str(value)
+
+
+# --- env files --------------------------------------------------------------------
+
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$"}
+
+
+def _unquote_double(body: str) -> str:
+    out: list[str] = []
+    chars = iter(body)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            out.append(_ESCAPES.get(nxt, "\\" + nxt))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def quote_env_text(text: str) -> str:
+    """Quote ``text`` for an env file when it would not survive unquoted."""
+    if text and text == text.strip() and not re.search(r"[\s#\"'\\]", text):
+        return text
+    escaped = (
+        text.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    return f'"{escaped}"'
+
+
+def _parse_line_value(raw: str) -> str:
+    raw = raw.strip()
+    if raw.startswith('"'):
+        match = re.fullmatch(r'"((?:[^"\\]|\\.)*)"\s*(#.*)?', raw, re.DOTALL)
+        if not match:
+            raise ValueError("unterminated double-quoted value")
+        return _unquote_double(match.group(1))
+    if raw.startswith("'"):
+        match = re.fullmatch(r"'([^']*)'\s*(#.*)?", raw)
+        if not match:
+            raise ValueError("unterminated single-quoted value")
+        return match.group(1)
+    # Unquoted: a " #" starts a comment.
+    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
+
+
+def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
+    """Parse dotenv-style text: ``KEY=value`` lines, ``export``, quotes, comments.
+
+    Raises :class:`ConfigError` naming each bad line (file and line number).
+    """
+    values: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export ") :].lstrip()
+        key, sep, raw = stripped.partition("=")
+        key = key.strip()
+        if not sep or not _KEY_RE.fullmatch(key):
+            problems.append((f"{source}:{number}", "expected KEY=value"))
+            continue
+        try:
+            values[key] = _parse_line_value(raw)
+        except ValueError as exc:
+            problems.append((f"{source}:{number} ({key})", str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+# --- loading ------------------------------------------------------------------------
+
+_SPECS: dict[str, _Spec] = {f.name: f.metadata["spec"] for f in dataclasses.fields(Settings)}
+
+
+def _default_env_dir(environ: Mapping[str, str]) -> Path:
+    configured = environ.get("GHAR_ENV_DIR")
+    if configured:
+        return Path(configured)
+    cwd_env = Path.cwd() / "env"
+    if cwd_env.is_dir():
+        return cwd_env
+    return Path(__file__).resolve().parent.parent / "env"
+
+
+def load_settings(
+    app_env: str | None = None,
+    env_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read, parse and validate the settings; raise one ConfigError listing every problem.
+
+    ``environ`` defaults to ``os.environ`` (pass a dict in tests); ``app_env``
+    and ``env_dir`` override ``APP_ENV`` and ``GHAR_ENV_DIR``. A missing env
+    file is not an error: defaults and the environment still apply.
+    """
+    env = os.environ if environ is None else environ
+    chosen = (app_env or env.get("APP_ENV") or "dev").strip()
+    if chosen not in APP_ENVS:
+        raise ConfigError([("APP_ENV", f"expected one of {', '.join(APP_ENVS)}, got {chosen!r}")])
+    folder = Path(env_dir) if env_dir is not None else _default_env_dir(env)
+    path = folder / f".env.{chosen}"
+    raw: dict[str, str] = {}
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([(str(path), f"cannot read the env file: {exc}")]) from None
+        raw.update(parse_env_text(text, str(path)))
+    raw.update({k: v for k, v in env.items() if k in _SPECS})
+    raw["APP_ENV"] = chosen
+
+    values: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for name, spec in _SPECS.items():
+        if name not in raw:
+            continue
+        try:
+            values[name] = _parse_value(name, spec, raw[name])
+        except ValueError as exc:
+            problems.append((name, str(exc)))
+    override = values.get("CORS_ORIGINS_STR")
+    if override:
+        values["CORS_ORIGINS"] = _parse_list(override)
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values)
+
+
+_cached: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, loaded on first use."""
+    global _cached
+    if _cached is None:
+        _cached = load_settings()
+    return _cached
+
+
+def reset_settings() -> None:
+    """Forget the cached settings so the next use reloads them (tests)."""
+    global _cached
+    _cached = None
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``from ghar_core.config import settings`` loads lazily.
+    if name == "settings":
+        return get_settings()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _default_text(name: str, spec: _Spec, default: Any) -> str:
+    if spec.kind == "secret":
+        return "(secret, empty)" if not default else "(secret, dev default)"
+    text = format_env_value(name, default)
+    return f"`{text}`" if text else "(empty)"
+
+
+def config_table_markdown() -> str:
+    """The README's configuration table, generated from :class:`Settings`."""
+    lines = ["| Variable | Group | Type | Default | Description |", "|---|---|---|---|---|"]
+    for name, spec, default in settings_fields():
+        kind = spec.kind
+        if kind == "choice":
+            kind = " \\| ".join(spec.choices)
+        elif kind == "url" and spec.schemes:
+            kind = f"url ({'/'.join(spec.schemes)})"
+        if spec.optional and spec.kind != "secret":
+            kind += ", optional"
+        doc = spec.doc.replace("|", "\\|")
+        lines.append(
+            f"| `{name}` | {spec.group} | {kind} | {_default_text(name, spec, default)} | {doc} |"
+        )
+    return "\n".join(lines) + "\n"
