@@ -46,6 +46,7 @@ __all__ = [
     "get_settings",
     "load_settings",
     "parse_env_text",
+    "quote_env_text",
     "reset_settings",
     "settings_fields",
 ]
@@ -558,6 +559,10 @@ def _shorten(text: str, limit: int = 40) -> str:
     return repr(shown)
 
 
+def _split_commas(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _parse_list(text: str) -> tuple[str, ...]:
     stripped = text.strip()
     if stripped.startswith("["):
@@ -568,7 +573,7 @@ def _parse_list(text: str) -> tuple[str, ...]:
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError("a JSON list must contain only strings")
         return tuple(items)
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+    return _split_commas(text)
 
 
 def _parse_value(name: str, spec: _Spec, text: str) -> Any:
@@ -722,8 +727,10 @@ def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
     """
     values: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
+    # Split on "\n" only: str.splitlines() would also break on \x0b, \x1c,
+    # \u2028 and friends, which may legitimately sit inside a quoted value.
+    for number, line in enumerate(text.split("\n"), start=1):
+        stripped = line.removesuffix("\r").strip()
         if not stripped or stripped.startswith("#"):
             continue
         if stripped.startswith("export "):
@@ -795,7 +802,7 @@ def load_settings(
             problems.append((name, str(exc)))
     override = values.get("CORS_ORIGINS_STR")
     if override:
-        values["CORS_ORIGINS"] = _parse_list(override)
+        values["CORS_ORIGINS"] = _split_commas(override)
     if problems:
         raise ConfigError(problems)
     return Settings(**values)

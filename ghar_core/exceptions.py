@@ -12,6 +12,7 @@ belongs in the log (with the request id), never in the response.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -235,14 +236,16 @@ class RenderedError(NamedTuple):
     body: bytes
 
 
-def _clean_header_value(value: object) -> bytes | None:
-    text = str(value)
-    if "\r" in text or "\n" in text:
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def _clean_header(name: object, value: object) -> tuple[bytes, bytes] | None:
+    """The header as bytes, or None when it could split or corrupt the response."""
+    text_name, text_value = str(name), str(value)
+    if not _TOKEN_RE.fullmatch(text_name) or not _VALUE_RE.fullmatch(text_value):
         return None
-    try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError:
-        return None
+    return text_name.lower().encode("ascii"), text_value.encode("latin-1")
 
 
 def error_envelope(exc: BaseException) -> dict[str, Any]:
@@ -272,8 +275,9 @@ def _dump(envelope: dict[str, Any]) -> bytes:
 def render_error(exc: BaseException) -> RenderedError:
     """Render any exception as (status, headers, envelope bytes).
 
-    Headers with CR/LF or non-latin-1 text are dropped rather than sent, so an
-    exception built from user input cannot split the response.
+    Headers with an invalid name, CR/LF or other control characters are
+    dropped rather than sent, so an exception built from user input cannot
+    split the response.
     """
     if isinstance(exc, BaseAPIException):
         status = exc.status_code if 400 <= exc.status_code <= 599 else 500
@@ -286,16 +290,7 @@ def render_error(exc: BaseException) -> RenderedError:
         (b"content-length", str(len(body)).encode("ascii")),
     ]
     for name, value in extra.items():
-        raw_name = _clean_header_value(name)
-        raw_value = _clean_header_value(value)
-        if (
-            raw_name
-            and raw_value is not None
-            and raw_name.lower()
-            not in (
-                b"content-type",
-                b"content-length",
-            )
-        ):
-            headers.append((raw_name.lower(), raw_value))
+        cleaned = _clean_header(name, value)
+        if cleaned is not None and cleaned[0] not in (b"content-type", b"content-length"):
+            headers.append(cleaned)
     return RenderedError(status, headers, body)

@@ -1,0 +1,81 @@
+"""Hypothesis strategies shared by the test modules (one place, reused everywhere)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from ghar_core.config import Secret
+
+# Text that can live in a UTF-8 file and a process environment.
+safe_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+_label = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=12)
+_host = st.builds(lambda parts: ".".join(parts), st.lists(_label, min_size=1, max_size=3))
+_path = st.builds(lambda parts: "".join("/" + p for p in parts), st.lists(_label, max_size=3))
+
+
+def url(schemes: tuple[str, ...]) -> st.SearchStrategy[str]:
+    """URLs our URL settings accept (no trailing slash on http ones)."""
+    port = st.one_of(st.just(""), st.integers(1, 65535).map(lambda p: f":{p}"))
+    user = st.one_of(st.just(""), _label.map(lambda u: f"{u}@"), _label.map(lambda u: f"{u}:pw@"))
+    return st.builds(
+        lambda scheme, u, host, p, path: f"{scheme}://{u}{host}{p}{path}",
+        st.sampled_from(schemes or ("https",)),
+        user,
+        _host,
+        port,
+        _path,
+    )
+
+
+def setting_value(name: str, spec: Any) -> st.SearchStrategy[Any]:
+    """Typed values that are valid for the setting described by ``spec``."""
+    kind = spec.kind
+    if kind == "str":
+        base = safe_text.filter(lambda s: s.strip() != "")
+    elif kind == "secret":
+        base = safe_text.map(Secret)
+    elif kind == "bool":
+        base = st.booleans()
+    elif kind == "int":
+        lo = int(spec.minimum) if spec.minimum is not None else -(2**40)
+        hi = int(spec.maximum) if spec.maximum is not None else 2**40
+        base = st.integers(lo, hi)
+    elif kind == "float":
+        base = st.floats(spec.minimum, spec.maximum, allow_nan=False, allow_infinity=False)
+    elif kind == "choice":
+        base = st.sampled_from(spec.choices)
+    elif kind == "list":
+        base = st.lists(safe_text, max_size=5).map(tuple)
+    elif kind == "url":
+        base = url(spec.schemes)
+    elif kind == "prefix":
+        base = st.one_of(st.just(""), _path.filter(bool))
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    if spec.optional:
+        # Blank text means "unset" for optional settings, so a blank value
+        # comes back as None by design.
+        if kind == "secret":
+            base = base.filter(lambda s: s.get_secret_value().strip() != "")
+        return st.one_of(st.none(), base)
+    return base
+
+
+def env_text() -> st.SearchStrategy[str]:
+    """Env-file-like text: mostly KEY=value lines with quotes, comments and junk."""
+    key = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True)
+    value = st.one_of(
+        safe_text.filter(lambda s: "\n" not in s),
+        safe_text.map(lambda s: '"' + s.replace("\n", "") + '"'),
+        safe_text.map(lambda s: "'" + s.replace("\n", "") + "'"),
+    )
+    line = st.one_of(
+        st.builds(lambda k, v: f"{k}={v}", key, value),
+        st.builds(lambda k, v: f"export {k}={v}", key, value),
+        safe_text.map(lambda s: "# " + s.replace("\n", " ")),
+        safe_text.filter(lambda s: "\n" not in s),
+        st.just(""),
+    )
+    return st.lists(line, max_size=8).map("\n".join)

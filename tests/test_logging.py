@@ -1,0 +1,155 @@
+"""Request ids are isolated per task and reset; formatters never raise."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ghar_core.config import load_settings
+from ghar_core.logging import (
+    ColourFormatter,
+    JSONFormatter,
+    RequestIDFilter,
+    configure_logging,
+    get_request_id,
+    reset_logging,
+    reset_request_id,
+    set_request_id,
+)
+
+ids = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=16)
+
+
+@given(request_ids=st.lists(ids, min_size=1, max_size=20))
+def test_request_ids_are_isolated_between_concurrent_tasks(request_ids: list[str]) -> None:
+    async def handle(rid: str, seen: list[tuple[str, str | None, str | None]]) -> None:
+        token = set_request_id(rid)
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)
+                seen.append((rid, get_request_id(), None))
+        finally:
+            reset_request_id(token)
+        seen.append((rid, None, get_request_id()))
+
+    async def main() -> list[tuple[str, str | None, str | None]]:
+        seen: list[tuple[str, str | None, str | None]] = []
+        await asyncio.gather(*(handle(r, seen) for r in request_ids))
+        return seen
+
+    assert get_request_id() is None
+    seen = asyncio.run(main())
+    for rid, during, after in seen:
+        if during is not None:
+            assert during == rid
+        assert after is None
+    assert get_request_id() is None
+
+
+def test_reset_restores_outer_value() -> None:
+    outer = set_request_id("outer")
+    inner = set_request_id("inner")
+    assert get_request_id() == "inner"
+    reset_request_id(inner)
+    assert get_request_id() == "outer"
+    reset_request_id(outer)
+    assert get_request_id() is None
+
+
+def _record(msg: str = "hello %s", args: tuple[object, ...] = ("world",)) -> logging.LogRecord:
+    return logging.LogRecord("ghar.test", logging.WARNING, __file__, 1, msg, args, None)
+
+
+def test_filter_stamps_request_id() -> None:
+    record = _record()
+    token = set_request_id("abc")
+    try:
+        RequestIDFilter().filter(record)
+    finally:
+        reset_request_id(token)
+    assert record.request_id == "abc"
+    plain = _record()
+    RequestIDFilter().filter(plain)
+    assert plain.request_id == "-"
+
+
+@given(message=st.text(), extra=st.dictionaries(st.sampled_from(["user", "n", "obj"]), st.text()))
+def test_json_formatter_writes_one_parseable_line(message: str, extra: dict[str, str]) -> None:
+    record = _record("%s", (message,))
+    record.__dict__.update(extra)
+    record.request_id = "rid-1"
+    line = JSONFormatter().format(record)
+    assert "\n" not in line
+    doc = orjson.loads(line)
+    assert doc["message"] == message
+    assert doc["level"] == "WARNING"
+    assert doc["logger"] == "ghar.test"
+    assert doc["request_id"] == "rid-1"
+    assert doc["ts"].endswith("Z")
+    for key, value in extra.items():
+        assert doc[key] == value
+
+
+def test_json_formatter_includes_the_exception() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), None)
+        import sys
+
+        record.exc_info = sys.exc_info()
+    doc = orjson.loads(JSONFormatter().format(record))
+    assert "ValueError: boom" in doc["exc"]
+    assert doc["request_id"] is None
+
+
+def test_colour_formatter_colours_only_when_asked() -> None:
+    record = _record()
+    assert "\x1b[" in ColourFormatter(colour=True).format(record)
+    plain = ColourFormatter(colour=False).format(_record())
+    assert "\x1b[" not in plain
+    assert "[-] hello world" in plain
+
+
+@pytest.mark.parametrize(
+    ("app_env", "fmt", "expect_json"),
+    [
+        ("prod", "auto", True),
+        ("dev", "auto", False),
+        ("dev", "json", True),
+        ("test", "plain", False),
+    ],
+)
+def test_configure_logging_picks_the_format(app_env: str, fmt: str, expect_json: bool) -> None:
+    environ = {"LOG_FORMAT": fmt, "LOG_LEVEL": "INFO"}
+    if app_env == "prod":
+        environ |= {"SECRET_KEY": "x" * 40, "SUPABASE_URL": "https://p.example"}
+    settings = load_settings(app_env=app_env, env_dir="/nonexistent", environ=environ)
+    stream = io.StringIO()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    level = root.level
+    try:
+        configure_logging(settings, stream=stream)
+        configure_logging(settings, stream=stream)  # idempotent: replaces its own handler
+        assert len(root.handlers) == len(before) + 1
+        token = set_request_id("req-9")
+        try:
+            logging.getLogger("ghar.t").info("ping")
+        finally:
+            reset_request_id(token)
+    finally:
+        reset_logging()
+        root.setLevel(level)
+    assert root.handlers == before
+    out = stream.getvalue().strip()
+    if expect_json:
+        assert orjson.loads(out)["request_id"] == "req-9"
+    else:
+        assert "[req-9] ping" in out
