@@ -13,6 +13,9 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/python -m pip install -q -e '.[dev,bench]'
     touch "$STAMP"
 fi
+# Machine services the tests need (PgBouncer, a running Postgres, ...).
 for helper in scripts/ensure-*.sh; do
-    [ -e "$helper" ] && bash "$helper"
+    if [ -e "$helper" ]; then
+        bash "$helper"
+    fi
 done

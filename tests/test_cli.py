@@ -1,0 +1,64 @@
+"""The CLI: `ghar-core` and `python -m ghar_core` are the same program."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ghar_core import __version__
+from ghar_core.cli import main
+from ghar_core.config import config_table_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_module_entry_point_is_the_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ghar_core", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert out.stdout.strip() == f"ghar-core {__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "ghar-core"
+    assert script.exists(), "pip install -e . should have created the ghar-core script"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    assert "config" in out.stdout
+
+
+def test_config_table_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--table"]) == 0
+    assert capsys.readouterr().out == config_table_markdown()
+
+
+def test_config_command_masks_and_reports_errors(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APP_ENV", "test")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "never-print-me")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "never-print-me" not in out
+    assert "SUPABASE_SERVICE_ROLE_KEY='**********'" in out
+    monkeypatch.setenv("DB_POOL_MAX_SIZE", "lots")
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert "DB_POOL_MAX_SIZE: expected an integer" in err
+    assert "Traceback" not in err
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: ghar-core" in capsys.readouterr().out
+
+
+def test_environment_is_not_leaked_between_tests() -> None:
+    assert os.environ.get("DB_POOL_MAX_SIZE") != "lots"
