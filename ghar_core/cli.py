@@ -40,7 +40,10 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ghar-core", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ghar-core",
+        description="The 360Ghar core: serve the app, migrate, inspect settings, dev tools.",
+    )
     parser.add_argument("--version", action="version", version=f"ghar-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
