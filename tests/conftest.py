@@ -35,3 +35,15 @@ def require(available: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
     pytest.skip(f"{what} is not available")
+
+
+# --- shared TLS fixture (added with tests/tls.py for the HTTP clients; reuse it) ---
+@pytest.fixture(scope="session")
+def tls():  # -> tests.tls.TLS
+    """A trustme CA with a loopback server cert and a client context trusting it."""
+    from tests.tls import make_tls
+
+    return make_tls()
+
+
+# --- end shared TLS fixture ---
