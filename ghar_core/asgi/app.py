@@ -1,0 +1,379 @@
+"""The ASGI application: the one composition root of routes, middleware and resources.
+
+``create_app`` builds an :class:`App`; the app builds its middleware stack
+once (outermost first: request ID, access log, error envelope, CORS, then
+any added with :meth:`App.add_middleware`, then the router) and owns its
+:class:`~ghar_core.lifecycle.Resources` through one
+:class:`~ghar_core.asgi.lifespan.LifespanManager`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ghar_core.asgi.cors import CORSMiddleware
+from ghar_core.asgi.datastructures import State
+from ghar_core.asgi.endpoints import health, ready
+from ghar_core.asgi.lifespan import LifespanManager
+from ghar_core.asgi.middleware import (
+    AccessLogMiddleware,
+    ErrorEnvelopeMiddleware,
+    RequestIDMiddleware,
+    safe_for_log,
+    send_error,
+)
+from ghar_core.asgi.requests import Request
+from ghar_core.asgi.responses import dump_json
+from ghar_core.asgi.routing import Router, is_async_callable
+from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
+from ghar_core.exceptions import (
+    BaseAPIException,
+    MethodNotAllowedException,
+    NotFoundException,
+)
+from ghar_core.lifecycle import Resource, Resources
+
+if TYPE_CHECKING:
+    from ghar_core.asgi.types import ASGIApp, Receive, Scope, Send
+    from ghar_core.config import Settings
+
+__all__ = ["App", "build_default_resources", "create_app", "create_app_for_server"]
+
+logger = logging.getLogger("ghar_core.asgi")
+
+Handler = Callable[[Request], Any]
+WebSocketHandler = Callable[[WebSocket], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_JSON_HEADER = (b"content-type", b"application/json")
+
+
+def build_default_resources(settings: Settings) -> list[Resource]:
+    """The resources every app starts, in start order (stopped in reverse).
+
+    ``create_app`` uses this when it is not given ``resources``. Keep one
+    line per service here, so the order of start is visible in one place.
+    """
+    resources: list[Resource] = []
+    # Each service adds its resource here.
+    return resources
+
+
+class App:
+    """An ASGI 3 application (see :func:`create_app` for how to build one).
+
+    Routes: ``@app.route(path, methods=[...])``, ``app.add_route(path,
+    handler, methods=...)``, ``@app.get/post/put/patch/delete(path)``;
+    WebSockets: ``@app.websocket_route(path)``. Handlers are ``async def
+    handler(request)`` returning a ``dict``/``list`` (200 JSON), a response
+    object, or ``None`` (204), or raising any ``BaseAPIException``.
+    A ``GET`` route also answers ``HEAD``; a known path with another method
+    is a 405 envelope with ``Allow``. Routes may be added until the first
+    request; the router is not locked against later additions, but the
+    stack is built for serving, not for reconfiguring while serving.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        resources: Resources,
+        *,
+        access_log: bool = True,
+        cors: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.resources = resources
+        self.state = State()
+        self.router: Router[Handler] = Router()
+        self.websocket_router: Router[WebSocketHandler] = Router()
+        self.lifespan_manager = LifespanManager(resources)
+        self._access_log = access_log
+        self._cors = cors
+        self._user_middleware: list[tuple[Callable[..., ASGIApp], dict[str, Any]]] = []
+        self._no_startup: set[int] = set()
+        self._stack: ASGIApp = self._build_stack()
+
+    # --- composition -------------------------------------------------------------
+
+    def _build_stack(self) -> ASGIApp:
+        app: ASGIApp = self._dispatch
+        for factory, options in reversed(self._user_middleware):
+            app = factory(app, **options)
+        if self._cors:
+            s = self.settings
+            app = CORSMiddleware(
+                app,
+                allow_origins=s.CORS_ORIGINS,
+                allow_credentials=s.CORS_ALLOW_CREDENTIALS,
+                max_age=s.CORS_MAX_AGE,
+            )
+        app = ErrorEnvelopeMiddleware(app)
+        if self._access_log:
+            app = AccessLogMiddleware(app)
+        return RequestIDMiddleware(app)
+
+    def add_middleware(self, factory: Callable[..., ASGIApp], **options: Any) -> None:
+        """Add a pure ASGI middleware inside CORS (the first added is the outermost).
+
+        ``factory(app, **options)`` must return the wrapping ASGI app; add
+        middleware before serving.
+        """
+        self._user_middleware.append((factory, options))
+        self._stack = self._build_stack()
+
+    # --- routes ------------------------------------------------------------------
+
+    def add_route(
+        self,
+        path: str,
+        handler: Handler,
+        methods: Sequence[str] = ("GET",),
+        *,
+        lazy_start: bool = True,
+    ) -> None:
+        """Register ``handler`` for ``methods`` on ``path`` (see ``routing`` for templates).
+
+        ``lazy_start=False`` lets the route answer without starting resources
+        (what ``/health`` uses); duplicates and non-async handlers are refused.
+        """
+        if not is_async_callable(handler):
+            raise TypeError(f"handler for {path!r} must be an async function, got {handler!r}")
+        route = self.router.add(path, handler, methods)
+        if not lazy_start:
+            self._no_startup.add(id(route))
+
+    def route(self, path: str, methods: Sequence[str] = ("GET",)) -> Callable[[F], F]:
+        """Decorator form of :meth:`add_route`."""
+
+        def register(handler: F) -> F:
+            self.add_route(path, handler, methods)
+            return handler
+
+        return register
+
+    def get(self, path: str) -> Callable[[F], F]:
+        """``@app.get(path)``."""
+        return self.route(path, ("GET",))
+
+    def post(self, path: str) -> Callable[[F], F]:
+        """``@app.post(path)``."""
+        return self.route(path, ("POST",))
+
+    def put(self, path: str) -> Callable[[F], F]:
+        """``@app.put(path)``."""
+        return self.route(path, ("PUT",))
+
+    def patch(self, path: str) -> Callable[[F], F]:
+        """``@app.patch(path)``."""
+        return self.route(path, ("PATCH",))
+
+    def delete(self, path: str) -> Callable[[F], F]:
+        """``@app.delete(path)``."""
+        return self.route(path, ("DELETE",))
+
+    def add_websocket_route(self, path: str, handler: WebSocketHandler) -> None:
+        """Register ``async def handler(ws)`` for WebSocket connections on ``path``."""
+        if not is_async_callable(handler):
+            raise TypeError(f"websocket handler for {path!r} must be an async function")
+        self.websocket_router.add(path, handler, ("WS",))
+
+    def websocket_route(self, path: str) -> Callable[[F], F]:
+        """Decorator form of :meth:`add_websocket_route`."""
+
+        def register(handler: F) -> F:
+            self.add_websocket_route(path, handler)
+            return handler
+
+        return register
+
+    # --- lifespan ------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Start the resources now (idempotent); raises ``LifecycleError`` on failure."""
+        await self.lifespan_manager.startup()
+
+    async def shutdown(self) -> None:
+        """Stop the resources in reverse, every stop attempted, each bounded."""
+        await self.lifespan_manager.shutdown()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[App]:
+        """``async with app.lifespan():`` -- started inside, stopped on the way out."""
+        await self.startup()
+        try:
+            yield self
+        finally:
+            await self.shutdown()
+
+    # --- ASGI ----------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan_manager.handle(scope, receive, send)
+            return
+        await self._stack(scope, receive, send)
+
+    def _route_path(self, scope: Scope) -> str:
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        # Servers put the mount prefix in both root_path and path (ASGI spec);
+        # a host that already stripped it is handled too.
+        if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+            return path[len(root) :] or "/"
+        return path
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket":
+                await self._dispatch_websocket(scope, receive, send)
+            return
+        path = self._route_path(scope) if scope.get("root_path") else scope["path"]
+        router = self.router
+        route = router.static.get(path)
+        params: dict[str, Any] = {}
+        if route is None:
+            found = router.match(path)
+            if found is None:
+                hint = router.suggest(path)
+                details = {"path": safe_for_log(path, 256)}
+                if hint is not None:
+                    details["did_you_mean"] = hint
+                await send_error(scope, send, NotFoundException(details=details))
+                return
+            route, params = found
+        method: str = scope["method"]
+        handler = route.handlers.get(method)
+        if handler is None:
+            handler = route.handlers.get("GET") if method == "HEAD" else None
+            if handler is None:
+                exc = MethodNotAllowedException(
+                    f"{safe_for_log(method, 32)} is not allowed here.",
+                    headers={"Allow": route.allow},
+                    details={"allowed": route.allow.split(", ")},
+                )
+                await send_error(scope, send, exc)
+                return
+        request = Request(scope, receive, self, path, params)
+        try:
+            if not self.lifespan_manager.started and id(route) not in self._no_startup:
+                await self.lifespan_manager.ensure_started()
+            result = await handler(request)
+        except BaseAPIException as exc:
+            if exc.status_code >= 500:
+                logger.warning("%s %s answered %d: %s", method, path, exc.status_code, exc.message)
+            await send_error(scope, send, exc)
+            return
+        cls = type(result)
+        if cls is dict or cls is list:
+            # The hot path: no response object, two sends.
+            body = dump_json(result)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [_JSON_HEADER, (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        elif result is None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        elif callable(result):
+            await result(scope, receive, send)
+        else:
+            raise TypeError(
+                f"handler for {route.path!r} returned {cls.__name__}; return a dict, a list, "
+                "a response object or None"
+            )
+
+    async def _dispatch_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = self._route_path(scope) if scope.get("root_path") else scope["path"]
+        found = self.websocket_router.match(path)
+        if found is None:
+            await send({"type": "websocket.close", "code": 1008, "reason": "no such route"})
+            return
+        route, params = found
+        try:
+            await self.lifespan_manager.ensure_started()
+        except BaseAPIException:
+            await send({"type": "websocket.close", "code": 1011, "reason": "not ready"})
+            return
+        ws = WebSocket(scope, receive, send, self, path, params)
+        try:
+            await route.handlers["WS"](ws)
+        except WebSocketDisconnect:
+            ws.application_state = WebSocketState.CLOSED
+        except Exception as exc:
+            logger.error("websocket handler for %s failed", safe_for_log(path), exc_info=exc)
+            with contextlib.suppress(Exception):
+                await ws.close(1011, "internal error")
+        finally:
+            if ws.application_state is not WebSocketState.CLOSED:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    resources: Sequence[Resource] | Resources | None = None,
+    access_log: bool | None = None,
+    cors: bool = True,
+    builtin_endpoints: bool = True,
+) -> App:
+    """Build the ASGI app.
+
+    ``settings``: defaults to the process settings (``ghar_core.config``).
+    ``resources``: what the lifespan starts in order and stops in reverse,
+    each step bounded by ``settings.SHUTDOWN_STEP_TIMEOUT``; ``None`` means
+    :func:`build_default_resources`; a ready :class:`Resources` is used as is.
+    ``access_log``: one line per request (default ``settings.ACCESS_LOG``).
+    ``cors``: the CORS middleware from the ``CORS_*`` settings.
+    ``builtin_endpoints``: ``GET /health`` and ``GET /ready``.
+
+    Serve it with uvicorn (lifespan events start the resources), mount it in
+    another ASGI app (``root_path`` honoured; without lifespan events the
+    first request starts the resources), or drive it yourself::
+
+        app = create_app(settings)
+        async with app.lifespan():
+            ...            # or: await app.startup() ... await app.shutdown()
+    """
+    if settings is None:
+        from ghar_core.config import get_settings
+
+        settings = get_settings()
+    if resources is None:
+        resources = build_default_resources(settings)
+    owned = (
+        resources
+        if isinstance(resources, Resources)
+        else Resources(resources, step_timeout=settings.SHUTDOWN_STEP_TIMEOUT)
+    )
+    app = App(
+        settings,
+        owned,
+        access_log=settings.ACCESS_LOG if access_log is None else access_log,
+        cors=cors,
+    )
+    if builtin_endpoints:
+        app.add_route("/health", health, ("GET",), lazy_start=False)
+        app.add_route("/ready", ready, ("GET",))
+    return app
+
+
+def create_app_for_server() -> App:
+    """The uvicorn factory of ``ghar-core serve``: load settings, configure logging, build.
+
+    Each worker process calls it, so every worker owns its own resources.
+    """
+    from ghar_core.config import get_settings
+    from ghar_core.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings)
+    return create_app(settings)

@@ -1,0 +1,150 @@
+"""CORS as a pure ASGI middleware, configured from settings.
+
+Requests without an ``Origin`` header pass through untouched (one scan of
+the header list). A preflight (``OPTIONS`` with
+``Access-Control-Request-Method``) is answered here: 204 with the allowed
+methods, the requested headers echoed when they are well-formed tokens, and
+``Max-Age``; a preflight from an origin not allowed gets a 403 envelope. An
+actual request from an allowed origin gets ``Access-Control-Allow-Origin``
+(the origin itself, or ``*`` when any origin is allowed without
+credentials), ``Allow-Credentials`` when configured, ``Vary: Origin`` and
+``Access-Control-Expose-Headers: X-Request-ID`` so browsers can read the id.
+A request from another origin passes through without CORS headers, and the
+browser withholds the answer.
+
+The middleware sits inside the error envelope, so errors raised by
+handlers as :class:`~ghar_core.exceptions.BaseAPIException` (rendered by the
+router) carry the CORS headers; the last-resort 500 rendered by the
+envelope middleware does not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ghar_core.asgi.middleware import send_error
+from ghar_core.asgi.routing import HTTP_METHODS
+from ghar_core.exceptions import ForbiddenException
+
+if TYPE_CHECKING:
+    from ghar_core.asgi.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["CORSMiddleware"]
+
+_ORIGIN = b"origin"
+_REQUEST_METHOD = b"access-control-request-method"
+_REQUEST_HEADERS = b"access-control-request-headers"
+_TOKEN_LIST = re.compile(
+    rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+(?:[ \t]*,[ \t]*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*"
+)
+
+
+class CORSMiddleware:
+    """Answer preflights and add CORS headers for allowed origins (see the module doc)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        allow_origins: Iterable[str],
+        allow_credentials: bool = False,
+        max_age: int = 600,
+        allow_methods: Iterable[str] = sorted(HTTP_METHODS),
+        expose_headers: Iterable[str] = ("X-Request-ID",),
+    ) -> None:
+        self.app = app
+        origins = [o.strip().rstrip("/") for o in allow_origins if o.strip()]
+        self.allow_all = "*" in origins
+        self.origins = frozenset(o.encode("latin-1") for o in origins if o != "*")
+        self.allow_credentials = allow_credentials
+        self.methods = frozenset(m.upper().encode("ascii") for m in allow_methods)
+        tail: list[tuple[bytes, bytes]] = []
+        if allow_credentials:
+            tail.append((b"access-control-allow-credentials", b"true"))
+        exposed = ", ".join(expose_headers)
+        if exposed:
+            tail.append((b"access-control-expose-headers", exposed.encode("latin-1")))
+        tail.append((b"vary", b"Origin"))
+        self._tail = tuple(tail)
+        self._preflight = (
+            (b"access-control-allow-methods", b", ".join(sorted(self.methods))),
+            (b"access-control-max-age", str(max_age).encode("ascii")),
+            *tail,
+        )
+
+    def _allow_origin_value(self, origin: bytes) -> bytes:
+        return b"*" if self.allow_all and not self.allow_credentials else origin
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == _ORIGIN:
+                origin = value
+                break
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        allowed = self.allow_all or origin in self.origins
+        if scope["method"] == "OPTIONS":
+            requested = _header(scope, _REQUEST_METHOD)
+            if requested is not None:
+                await self._answer_preflight(scope, send, origin, allowed, requested)
+                return
+        if not allowed:
+            await self.app(scope, receive, send)
+            return
+        extra = ((b"access-control-allow-origin", self._allow_origin_value(origin)), *self._tail)
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    async def _answer_preflight(
+        self, scope: Scope, send: Send, origin: bytes, allowed: bool, method: bytes
+    ) -> None:
+        if not allowed:
+            await send_error(
+                scope,
+                send,
+                ForbiddenException(
+                    "This origin may not call the API from a browser.",
+                    error_code="CORS_ORIGIN_NOT_ALLOWED",
+                    details={"origin": origin.decode("latin-1")[:256]},
+                ),
+            )
+            return
+        if method.upper() not in self.methods:
+            await send_error(
+                scope,
+                send,
+                ForbiddenException(
+                    "This method is not allowed for cross-origin requests.",
+                    error_code="CORS_METHOD_NOT_ALLOWED",
+                    details={"method": method.decode("latin-1")[:32]},
+                ),
+            )
+            return
+        headers = [
+            (b"access-control-allow-origin", self._allow_origin_value(origin)),
+            *self._preflight,
+        ]
+        requested = _header(scope, _REQUEST_HEADERS)
+        if requested and _TOKEN_LIST.fullmatch(requested.strip()):
+            headers.append((b"access-control-allow-headers", requested.strip()))
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return bytes(value)
+    return None

@@ -1,0 +1,297 @@
+"""Pure ASGI middleware: request ID, access log and the error envelope.
+
+Each class wraps an ASGI app, computes what it can in ``__init__``, keeps no
+per-request state on ``self`` (per-request values live in the call's local
+variables and closures) and passes through scope types it does not handle
+(``lifespan`` above all). The app stacks them outermost first: request ID,
+access log, error envelope, CORS (in :mod:`ghar_core.asgi.cors`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+from itertools import count
+from typing import TYPE_CHECKING
+from urllib.parse import unquote_plus
+
+from ghar_core.asgi.requests import ClientDisconnect
+from ghar_core.exceptions import BaseAPIException, render_error
+from ghar_core.logging import request_id_var
+
+if TYPE_CHECKING:
+    from ghar_core.asgi.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "AccessLogMiddleware",
+    "ErrorEnvelopeMiddleware",
+    "RequestIDMiddleware",
+    "is_valid_request_id",
+    "new_request_id",
+    "redact_query",
+    "safe_for_log",
+    "send_error",
+]
+
+_REQUEST_ID_HEADER = b"x-request-id"
+_VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+
+
+def is_valid_request_id(value: bytes) -> bool:
+    """The rule for a client's ``X-Request-ID``: 1-128 of ``[A-Za-z0-9._-]``."""
+    return _VALID_ID.fullmatch(value) is not None
+
+
+class _IdSource:
+    """Process-unique ids: a random 12-hex prefix plus a counter.
+
+    Cheaper than ``uuid4()`` (no syscall per request) and still unique
+    across processes: a forked child (uvicorn or gunicorn workers) draws a
+    new prefix, so preloaded apps do not repeat each other's ids.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(6) + "-"
+        self.counter = count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_ids = _IdSource()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.reseed)
+
+
+def new_request_id() -> str:
+    """A fresh request id (what the middleware uses when the client sent none)."""
+    return _ids.next()
+
+
+_ID_MESSAGES = frozenset(
+    {"http.response.start", "websocket.accept", "websocket.http.response.start"}
+)
+
+
+class RequestIDMiddleware:
+    """Bind a request id for HTTP and WebSocket scopes and echo it to the client.
+
+    A client's ``X-Request-ID`` is kept only when it passes
+    :func:`is_valid_request_id`; otherwise (missing, too long, CR/LF, any
+    other byte) a new id is made. The id is bound to the logging ContextVar
+    for the whole call, reset with its token in ``finally``, and appended to
+    ``http.response.start`` and ``websocket.accept`` headers -- so every
+    response, the 500 of an unhandled error included, carries it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        raw: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == _REQUEST_ID_HEADER:
+                if _VALID_ID.fullmatch(value) is not None:
+                    raw = value
+                break
+        if raw is None:
+            rid = _ids.next()
+            raw = rid.encode("ascii")
+        else:
+            rid = raw.decode("ascii")
+        header = (_REQUEST_ID_HEADER, raw)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] in _ID_MESSAGES:
+                headers = message.get("headers")
+                message["headers"] = [*headers, header] if headers else [header]
+            await send(message)
+
+        token = request_id_var.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+# Query keys whose values never reach a log: exact names, then substrings.
+_SECRET_KEYS = frozenset(
+    {
+        "access_token",
+        "api-key",
+        "api_key",
+        "apikey",
+        "auth",
+        "authorization",
+        "client_secret",
+        "code",
+        "id_token",
+        "jwt",
+        "key",
+        "passwd",
+        "password",
+        "pwd",
+        "refresh_token",
+        "secret",
+        "session",
+        "sig",
+        "signature",
+        "token",
+    }
+)
+_SECRET_PARTS = ("token", "secret", "password", "passwd", "apikey", "api_key", "signature")
+REDACTED = "[REDACTED]"
+
+
+def _is_secret_key(key: str) -> bool:
+    k = unquote_plus(key).strip().lower()
+    return k in _SECRET_KEYS or any(part in k for part in _SECRET_PARTS)
+
+
+def redact_query(query: str) -> str:
+    """The query string with the values of secret-looking keys replaced by ``[REDACTED]``."""
+    if not query:
+        return query
+    parts = query.split("&")
+    for i, part in enumerate(parts):
+        key, sep, _value = part.partition("=")
+        if _is_secret_key(key):
+            parts[i] = f"{key}={REDACTED}" if sep else key
+    return "&".join(parts)
+
+
+def safe_for_log(text: str, limit: int = 2048) -> str:
+    """``text`` with control characters escaped and length capped (no log injection)."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
+class AccessLogMiddleware:
+    """One log line per HTTP request, written when the request is done.
+
+    The line is ``METHOD path?query STATUS DURATIONms`` on the
+    ``ghar_core.access`` logger at INFO, with ``method``, ``path``,
+    ``status`` and ``duration_ms`` as ``extra`` fields for the JSON
+    formatter; the request id comes from the ContextVar (this middleware
+    runs inside the request-ID one). Secret query values are redacted and
+    control characters escaped. When the logger is not enabled for INFO
+    the request passes straight through at no cost. Status ``0`` means the
+    app never started a response (the client went away first).
+    """
+
+    def __init__(self, app: ASGIApp, *, logger: logging.Logger | None = None) -> None:
+        self.app = app
+        self.logger = logger or logging.getLogger("ghar_core.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        logger = self.logger
+        if scope["type"] != "http" or not logger.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            duration_ms = (time.perf_counter() - start) * 1000.0
+            raw_path: str = scope["path"]
+            root = scope.get("root_path")
+            if root and not raw_path.startswith(root):
+                raw_path = root + raw_path  # a host that strips the prefix itself
+            path = safe_for_log(raw_path)
+            query = scope.get("query_string")
+            if query:
+                path += "?" + safe_for_log(redact_query(query.decode("latin-1")))
+            method = scope["method"]
+            logger.info(
+                "%s %s %d %.2fms",
+                method,
+                path,
+                status,
+                duration_ms,
+                extra={
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round(duration_ms, 3),
+                },
+            )
+
+
+class ErrorEnvelopeMiddleware:
+    """Turn every exception of an HTTP request into the error envelope.
+
+    A :class:`BaseAPIException` becomes its status, headers and envelope.
+    Anything else becomes a 500 ``INTERNAL_ERROR`` that reveals nothing,
+    logged once here with its traceback (the request id rides along in the
+    log record). If the response had already started, a second one cannot
+    be sent: the error is logged and the call returns without finishing the
+    body, so the server closes the connection and the client sees a
+    truncated response rather than a complete-looking wrong one. A client
+    that disconnected while sending its body gets no answer.
+    """
+
+    def __init__(self, app: ASGIApp, *, logger: logging.Logger | None = None) -> None:
+        self.app = app
+        self.logger = logger or logging.getLogger("ghar_core.errors")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except ClientDisconnect:
+            self.logger.debug("client disconnected before the request was read")
+        except Exception as exc:
+            where = f"{scope.get('method')} {safe_for_log(scope.get('path', ''))}"
+            if started:
+                self.logger.error(
+                    "error after the response started for %s; closing the connection",
+                    where,
+                    exc_info=exc,
+                )
+                return
+            if not isinstance(exc, BaseAPIException):
+                self.logger.error("unhandled error in %s", where, exc_info=exc)
+            elif exc.status_code >= 500:
+                self.logger.warning("%s answered %d: %s", where, exc.status_code, exc.message)
+            await send_error(scope, send, exc)
+
+
+async def send_error(scope: Scope, send: Send, exc: BaseException) -> None:
+    """Send ``exc`` rendered as the envelope (headers only for HEAD)."""
+    rendered = render_error(exc)
+    await send(
+        {"type": "http.response.start", "status": rendered.status_code, "headers": rendered.headers}
+    )
+    body = b"" if scope.get("method") == "HEAD" else rendered.body
+    await send({"type": "http.response.body", "body": body})
