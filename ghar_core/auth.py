@@ -1,0 +1,459 @@
+"""Authentication against the identity provider (Supabase GoTrue).
+
+``verify_supabase_token(token)`` returns the user in one shape
+(:class:`SupabaseUser`) whichever path decided:
+
+1. the positive token cache (a hash and a dict lookup);
+2. local verification against the provider's JWKS (:mod:`ghar_core.jwt_verification`);
+3. only when local verification cannot decide (no key for the ``kid`` after a
+   refresh, a legacy HS256 token without ``SUPABASE_JWT_SECRET``): the
+   provider's introspection, ``GET <SUPABASE_URL>/auth/v1/user`` with the anon
+   key as ``apikey``.
+
+A token that is definitely bad (bad signature, expired, wrong audience or
+issuer) is refused without calling the provider. The provider answers a bad
+token with 403 (``bad_jwt``, ``user_not_found``, ``session_not_found``), 401
+or 400: all of these are our 401. Only network errors, timeouts, 429 and 5xx
+are an outage: 503 with ``Retry-After: 5`` and ``AUTH_PROVIDER_UNREACHABLE``,
+so clients can tell an outage from a bad token.
+
+Ownership: :class:`SupabaseAuth` is the app's ``"auth"`` resource. It owns the
+verifier (key set, refresh task, token cache) and closes it in ``stop``; the
+HTTP session belongs to :mod:`ghar_core.http`. The module-level functions use
+a process default: the app's resource while it runs, else one built from the
+settings on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypedDict
+
+import aiohttp
+import orjson
+
+from ghar_core.config import Settings, get_settings
+from ghar_core.exceptions import (
+    BaseAPIException,
+    ExternalServiceError,
+    ServiceUnavailableException,
+    UnauthorizedException,
+    UserNotFoundException,
+    ValidationException,
+)
+from ghar_core.http import get_supabase_auth_http_client
+from ghar_core.jwt_verification import (
+    AuthFailureReason,
+    CannotDecide,
+    ClientProvider,
+    JWTVerifier,
+    TokenRejected,
+    decode_unverified,
+    resolve_session,
+)
+
+__all__ = [
+    "AuthFailureReason",
+    "AuthProviderUnavailableException",
+    "AuthenticationException",
+    "SupabaseAuth",
+    "SupabaseUser",
+    "UserPage",
+    "auth_failure",
+    "get_auth",
+    "set_default_auth",
+    "user_from_claims",
+    "verify_supabase_token",
+]
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT: Final = aiohttp.ClientTimeout(total=5.0)
+_MAX_PROVIDER_BODY: Final = 1 << 20
+_MESSAGES: Final = {
+    AuthFailureReason.MISSING: "Authentication is required: send `Authorization: Bearer <token>`.",
+    AuthFailureReason.MALFORMED: "The access token is malformed.",
+    AuthFailureReason.INVALID_SIGNATURE: "The access token's signature is invalid.",
+    AuthFailureReason.EXPIRED: "The access token has expired; refresh the session.",
+    AuthFailureReason.INVALID_CLAIMS: "The access token's claims are not valid for this API.",
+    AuthFailureReason.REJECTED: "The identity provider rejected the access token.",
+    AuthFailureReason.PROVIDER_UNREACHABLE: "The identity provider is unreachable; retry shortly.",
+}
+
+
+class SupabaseUser(TypedDict):
+    """The authenticated user, the same shape from the cache, the JWT or the provider."""
+
+    id: str
+    email: str | None
+    phone: str | None
+    role: str | None
+    aud: str | None
+    app_metadata: dict[str, Any]
+    user_metadata: dict[str, Any]
+    is_anonymous: bool
+    session_id: str | None
+
+
+class AuthenticationException(UnauthorizedException):
+    """401 for a token that is missing or not acceptable; the code names the reason.
+
+    Carries ``WWW-Authenticate: Bearer error="invalid_token"`` (RFC 6750), or a
+    bare ``Bearer`` challenge when no token was sent at all (RFC 6750 §3.1).
+    """
+
+    def __init__(self, reason: AuthFailureReason, detail: str | None = None) -> None:
+        challenge = (
+            "Bearer" if reason is AuthFailureReason.MISSING else 'Bearer error="invalid_token"'
+        )
+        super().__init__(
+            _MESSAGES[reason],
+            error_code=reason.value,
+            details={"reason": detail} if detail else None,
+            headers={"WWW-Authenticate": challenge},
+        )
+        self.reason = reason
+
+
+class AuthProviderUnavailableException(ServiceUnavailableException):
+    """503 + ``Retry-After: 5``: the provider is down, the token may be fine."""
+
+    error_code = AuthFailureReason.PROVIDER_UNREACHABLE.value
+    message = _MESSAGES[AuthFailureReason.PROVIDER_UNREACHABLE]
+    reason = AuthFailureReason.PROVIDER_UNREACHABLE
+
+
+def auth_failure(reason: AuthFailureReason, detail: str | None = None) -> BaseAPIException:
+    """The client-facing exception for ``reason`` (401, or 503 for an outage)."""
+    if reason is AuthFailureReason.PROVIDER_UNREACHABLE:
+        return AuthProviderUnavailableException(details={"reason": detail} if detail else None)
+    return AuthenticationException(reason, detail)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def user_from_claims(claims: Mapping[str, Any]) -> SupabaseUser:
+    """The user carried by verified claims (``sub`` is the user id)."""
+    aud = claims.get("aud")
+    return {
+        "id": claims["sub"],
+        "email": _text(claims.get("email")),
+        "phone": _text(claims.get("phone")),
+        "role": _text(claims.get("role")),
+        "aud": aud[0] if isinstance(aud, list) and aud else _text(aud),
+        "app_metadata": _mapping(claims.get("app_metadata")),
+        "user_metadata": _mapping(claims.get("user_metadata")),
+        "is_anonymous": claims.get("is_anonymous") is True,
+        "session_id": _text(claims.get("session_id")),
+    }
+
+
+def _user_from_provider(user: Mapping[str, Any], claims: Mapping[str, Any]) -> SupabaseUser:
+    user_id = user.get("id")
+    if not isinstance(user_id, str) or not user_id:
+        raise ExternalServiceError("The identity provider returned a user without an id.")
+    return {
+        "id": user_id,
+        "email": _text(user.get("email")),
+        "phone": _text(user.get("phone")),
+        "role": _text(user.get("role")),
+        "aud": _text(user.get("aud")),
+        "app_metadata": _mapping(user.get("app_metadata")),
+        "user_metadata": _mapping(user.get("user_metadata")),
+        "is_anonymous": user.get("is_anonymous") is True,
+        # /user does not echo the session; the provider has just vouched for the token.
+        "session_id": _text(claims.get("session_id")),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class UserPage:
+    """One page of the admin user list; ``next_page`` is ``None`` on the last."""
+
+    users: list[dict[str, Any]]
+    page: int
+    per_page: int
+    total: int | None
+    next_page: int | None
+
+
+def _provider_error(body: bytes) -> tuple[str | None, str | None]:
+    """(error_code, message) from a GoTrue error body ``{code, error_code, msg}``."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    message = data.get("msg") or data.get("message") or data.get("error_description")
+    return _text(data.get("error_code")), _text(message)
+
+
+def _user_id(user_id: str) -> str:
+    try:
+        return str(uuid.UUID(str(user_id)))
+    except ValueError:
+        raise ValidationException(
+            "The user id must be a UUID.", details={"user_id": str(user_id)[:100]}
+        ) from None
+
+
+class SupabaseAuth:
+    """The app's ``"auth"`` resource: token verification and the admin user API.
+
+    ``client`` returns the HTTP session for the provider (default: the shared
+    ``supabase_auth`` client). ``stop`` cancels the key-set refresh and drops
+    the caches; it is idempotent. ``check`` never fails: a provider outage is
+    reported per request as 503, it is no reason to pull the instance.
+    """
+
+    name = "auth"
+
+    def __init__(self, settings: Settings, *, client: ClientProvider | None = None) -> None:
+        self.settings = settings
+        self._client: ClientProvider = client or get_supabase_auth_http_client
+        self.base_url = f"{settings.SUPABASE_URL}/auth/v1" if settings.SUPABASE_URL else None
+        anon = settings.SUPABASE_ANON_KEY
+        service = settings.SUPABASE_SERVICE_ROLE_KEY
+        self._anon_key = anon.get_secret_value() if anon else None
+        self._service_key = service.get_secret_value() if service else None
+        self.verifier: JWTVerifier[SupabaseUser] = JWTVerifier.from_settings(
+            settings, client=self._client, shape=user_from_claims
+        )
+        self.introspections = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        if _default_auth is None:
+            set_default_auth(self)
+
+    async def stop(self) -> None:
+        if _default_auth is self:
+            set_default_auth(None)
+        await self.verifier.aclose()
+        self.verifier.token_cache.clear()
+
+    async def check(self) -> None:
+        return None
+
+    def purge(self) -> None:
+        """Forget the key set and cached tokens (after the provider revoked a key)."""
+        self.verifier.purge()
+
+    # -- verification ----------------------------------------------------------
+
+    def cached_user(self, token: str) -> SupabaseUser | None:
+        """The user of an already verified ``token`` or ``None``: no I/O, no crypto."""
+        return self.verifier.token_cache.get(token)
+
+    async def verify_token(self, token: str | None) -> SupabaseUser:
+        """The user the token belongs to; raises the 401/503 exceptions above."""
+        if not token:
+            raise AuthenticationException(AuthFailureReason.MISSING)
+        if self.base_url is None:
+            raise AuthProviderUnavailableException(
+                "The identity provider is not configured (set SUPABASE_URL)."
+            )
+        try:
+            return await self.verifier.verify(token)
+        except TokenRejected as exc:
+            raise AuthenticationException(exc.reason, exc.message) from None
+        except CannotDecide as exc:
+            logger.debug("local verification cannot decide (%s); asking the provider", exc)
+        return await self.introspect(token)
+
+    async def introspect(self, token: str) -> SupabaseUser:
+        """Ask the provider who ``token`` belongs to (``GET /auth/v1/user``)."""
+        if self.base_url is None:
+            raise AuthProviderUnavailableException(
+                "The identity provider is not configured (set SUPABASE_URL)."
+            )
+        try:
+            _, claims = decode_unverified(token)
+        except TokenRejected as exc:
+            raise AuthenticationException(exc.reason, exc.message) from None
+        headers = {"Authorization": f"Bearer {token}"}
+        if self._anon_key:
+            headers["apikey"] = self._anon_key
+        self.introspections += 1
+        status, body, _ = await self._call("GET", "/user", headers=headers)
+        if status == 200:
+            data = self._json(body)
+            if not isinstance(data, dict):
+                raise ExternalServiceError("The identity provider returned a malformed user.")
+            user = _user_from_provider(data, claims)
+            self.verifier.token_cache.put(token, user, claims.get("exp"))
+            return user
+        if status == 429 or status >= 500:
+            raise AuthProviderUnavailableException(
+                details={"reason": f"the provider answered HTTP {status}"}
+            )
+        error_code, _ = _provider_error(body)
+        raise AuthenticationException(
+            AuthFailureReason.REJECTED, f"provider said {error_code or f'HTTP {status}'}"
+        )
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """One request to the provider; network trouble becomes a 503."""
+        url = f"{self.base_url}{path}"
+        data = orjson.dumps(json) if json is not None else None
+        send_headers = dict(headers)
+        if data is not None:
+            send_headers["Content-Type"] = "application/json"
+        try:
+            session = await resolve_session(self._client)
+            async with session.request(
+                method,
+                url,
+                headers=send_headers,
+                data=data,
+                params=params,
+                timeout=_REQUEST_TIMEOUT,
+            ) as resp:
+                body = await resp.content.read(_MAX_PROVIDER_BODY)
+                return resp.status, body, resp.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            logger.warning("identity provider %s %s failed: %r", method, path, exc)
+            raise AuthProviderUnavailableException(
+                details={"reason": f"{type(exc).__name__} talking to the identity provider"}
+            ) from exc
+
+    @staticmethod
+    def _json(body: bytes) -> Any:
+        try:
+            return orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            raise ExternalServiceError("The identity provider returned invalid JSON.") from None
+
+    # -- admin API -------------------------------------------------------------
+
+    async def _admin(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[Any, Mapping[str, str]]:
+        if self.base_url is None or not self._service_key:
+            raise ServiceUnavailableException(
+                "The admin user API needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY.",
+                error_code="AUTH_ADMIN_NOT_CONFIGURED",
+            )
+        headers = {"Authorization": f"Bearer {self._service_key}", "apikey": self._service_key}
+        status, body, resp_headers = await self._call(
+            method, f"/admin{path}", headers=headers, json=json, params=params
+        )
+        if 200 <= status < 300:
+            return self._json(body), resp_headers
+        error_code, message = _provider_error(body)
+        details = {"provider_error_code": error_code} if error_code else None
+        if status == 404:
+            raise UserNotFoundException(details=details)
+        if status in (400, 422):
+            raise ValidationException(
+                message or "The identity provider refused the user data.", details=details
+            )
+        if status in (401, 403):
+            raise ExternalServiceError(
+                "The identity provider refused the service-role key "
+                "(check SUPABASE_SERVICE_ROLE_KEY).",
+                details=details,
+            )
+        if status == 429 or status >= 500:
+            raise AuthProviderUnavailableException(
+                details={"reason": f"the provider answered HTTP {status}"}
+            )
+        raise ExternalServiceError(
+            f"The identity provider answered HTTP {status}.", details=details
+        )
+
+    @staticmethod
+    def _user(data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise ExternalServiceError("The identity provider returned a malformed user.")
+        return data
+
+    async def create_user(self, attributes: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a user (``POST /admin/users``): email, phone, password, metadata..."""
+        data, _ = await self._admin("POST", "/users", json=dict(attributes))
+        return self._user(data)
+
+    async def get_user(self, user_id: str) -> dict[str, Any]:
+        """The provider's full record of one user; 404 is :class:`UserNotFoundException`."""
+        data, _ = await self._admin("GET", f"/users/{_user_id(user_id)}")
+        return self._user(data)
+
+    async def update_user(self, user_id: str, attributes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change a user (``PUT /admin/users/{id}``) and return the new record."""
+        data, _ = await self._admin("PUT", f"/users/{_user_id(user_id)}", json=dict(attributes))
+        return self._user(data)
+
+    async def delete_user(self, user_id: str) -> None:
+        """Delete a user; tokens already cached stay valid until they leave the cache."""
+        await self._admin("DELETE", f"/users/{_user_id(user_id)}")
+
+    async def list_users(self, *, page: int = 1, per_page: int = 50) -> UserPage:
+        """One page of users (1-based ``page``, ``per_page`` 1..1000)."""
+        if page < 1 or not 1 <= per_page <= 1000:
+            raise ValidationException(
+                "page must be >= 1 and per_page between 1 and 1000.",
+                details={"page": page, "per_page": per_page},
+            )
+        data, headers = await self._admin(
+            "GET", "/users", params={"page": str(page), "per_page": str(per_page)}
+        )
+        users = data.get("users") if isinstance(data, dict) else None
+        if not isinstance(users, list):
+            raise ExternalServiceError("The identity provider returned a malformed user list.")
+        raw_total = headers.get("X-Total-Count", "")
+        total = int(raw_total) if raw_total.isdigit() else None
+        more = len(users) == per_page if total is None else page * per_page < total
+        return UserPage(
+            users=[self._user(u) for u in users],
+            page=page,
+            per_page=per_page,
+            total=total,
+            next_page=page + 1 if more else None,
+        )
+
+
+_default_auth: SupabaseAuth | None = None
+
+
+def set_default_auth(auth: SupabaseAuth | None) -> SupabaseAuth | None:
+    """Install the process default (the app's resource does on start); returns the old one."""
+    global _default_auth
+    previous, _default_auth = _default_auth, auth
+    return previous
+
+
+def get_auth() -> SupabaseAuth:
+    """The process default: the running app's resource, else one built from the settings."""
+    global _default_auth
+    if _default_auth is None:
+        _default_auth = SupabaseAuth(get_settings())
+    return _default_auth
+
+
+async def verify_supabase_token(token: str | None) -> SupabaseUser:
+    """Verify ``token`` with the process default (see the module docstring)."""
+    return await get_auth().verify_token(token)

@@ -1,0 +1,563 @@
+"""Local verification of the identity provider's JWTs against its JWKS.
+
+Why local: checking a signature in-process costs tens of microseconds, a call
+to the provider costs a network round trip and makes every request depend on
+the provider being up. :class:`JWTVerifier` decides locally whenever it can
+and says so with :class:`CannotDecide` when it cannot (no key for the ``kid``
+even after a refresh, a legacy HS256 token and no secret); the auth layer then
+asks the provider. A token that is definitely bad raises :class:`TokenRejected`
+with an :class:`AuthFailureReason`, and nobody else is asked.
+
+Key set (:class:`JWKSCache`): fetched asynchronously through the shared
+``supabase_auth`` client (a provider callable is injected, so this module only
+needs ``aiohttp`` types), trusted for ``JWKS_CACHE_TTL``. The provider caches
+its own JWKS for 10 minutes and asks apps to be able to purge theirs: our
+default of one hour trades faster revocation for fewer fetches, so after
+revoking a key call :meth:`JWKSCache.purge` (or :meth:`JWTVerifier.purge`).
+An unknown ``kid`` triggers one refresh; fetches are single-flight (one task,
+every waiter shares it) and at most one per ``JWKS_MIN_REFRESH_INTERVAL``, so
+a stream of random kids costs one fetch per interval, not one per token. A
+failed refresh keeps the stale key set: a provider outage does not log anyone
+out whose key we already hold. An expired-but-known key set is refreshed in
+the background while the stale keys keep serving.
+
+The algorithm comes from OUR key, never from the token: the token's ``alg``
+must equal the alg of the key its ``kid`` names, ``none`` is never accepted,
+and HS256 is checked only against ``SUPABASE_JWT_SECRET``, never against a
+public key (the classic key-confusion attack).
+
+Token cache (:class:`TokenCache`): verified tokens keyed by the SHA-256 of the
+token (we never keep raw tokens), living ``min(TOKEN_CACHE_TTL, exp - now)``,
+at most ``TOKEN_CACHE_MAX_SIZE`` (LRU). A hit is a hash, a dict lookup and a
+clock read: no parsing and no cryptography (``signature_checks`` counts).
+
+Ownership: the verifier owns its key-set refresh task; :meth:`JWTVerifier.aclose`
+cancels it. It does not own the HTTP session (the shared-clients module does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import inspect
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar
+
+import aiohttp
+import orjson
+from jwt import PyJWK
+from jwt.algorithms import get_default_algorithms
+from jwt.exceptions import PyJWKError
+
+from ghar_core.cache import TTLCache
+
+if TYPE_CHECKING:
+    from ghar_core.config import Settings
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "MAX_TOKEN_BYTES",
+    "AuthFailureReason",
+    "CannotDecide",
+    "ClientProvider",
+    "JWKSCache",
+    "JWTVerifier",
+    "TokenCache",
+    "TokenRejected",
+    "VerificationKey",
+    "decode_unverified",
+    "resolve_session",
+    "token_hash",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKEN_BYTES: Final = 16 * 1024
+ASYMMETRIC_ALGORITHMS: Final = frozenset({"ES256", "RS256", "EdDSA"})
+_ALGORITHMS: Final = get_default_algorithms()
+_HS256: Final = "HS256"
+# header.payload.signature, each base64url without padding; one pass splits and validates.
+_JWT_RE: Final = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
+_MAX_JWKS_BYTES: Final = 1 << 20
+
+ClientProvider = Callable[[], "aiohttp.ClientSession | Awaitable[aiohttp.ClientSession]"]
+T = TypeVar("T")
+
+
+class AuthFailureReason(enum.Enum):
+    """Why a token was not accepted; the value is the client-facing error code."""
+
+    MISSING = "AUTH_TOKEN_MISSING"
+    MALFORMED = "AUTH_TOKEN_MALFORMED"
+    INVALID_SIGNATURE = "AUTH_TOKEN_INVALID_SIGNATURE"
+    EXPIRED = "AUTH_TOKEN_EXPIRED"
+    INVALID_CLAIMS = "AUTH_TOKEN_INVALID_CLAIMS"
+    REJECTED = "AUTH_TOKEN_REJECTED"
+    PROVIDER_UNREACHABLE = "AUTH_PROVIDER_UNREACHABLE"
+
+
+class TokenRejected(Exception):
+    """The token is definitely not acceptable; ``reason`` says why."""
+
+    def __init__(self, reason: AuthFailureReason, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(message)
+
+
+class CannotDecide(Exception):
+    """Local verification cannot tell (no usable key): ask the provider."""
+
+
+class VerificationKey(NamedTuple):
+    """One usable key: its id, the algorithm it dictates and the parsed key object."""
+
+    kid: str
+    alg: str
+    key: Any
+
+
+def token_hash(token: str) -> bytes:
+    """The cache key of a token: SHA-256, so raw tokens never sit in memory."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _split(token: str) -> tuple[str, str, str]:
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenRejected(
+            AuthFailureReason.MALFORMED, f"the token is larger than {MAX_TOKEN_BYTES} bytes"
+        )
+    match = _JWT_RE.fullmatch(token) if token.isascii() else None
+    if match is None:
+        raise TokenRejected(
+            AuthFailureReason.MALFORMED, "the token is not a JWT (header.payload.signature)"
+        )
+    header, payload, signature = match.groups()
+    return header, payload, signature
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(_b64decode(segment))
+    except (binascii.Error, ValueError):
+        raise TokenRejected(
+            AuthFailureReason.MALFORMED, f"the token {what} is not base64url JSON"
+        ) from None
+    if not isinstance(value, dict):
+        raise TokenRejected(AuthFailureReason.MALFORMED, f"the token {what} is not a JSON object")
+    return value
+
+
+def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(header, claims) without any check of the signature: for routing only.
+
+    Raises :class:`TokenRejected` (MALFORMED) when the token cannot be parsed.
+    """
+    header, payload, _ = _split(token)
+    return _json_object(header, "header"), _json_object(payload, "payload")
+
+
+def _is_number(value: object) -> bool:
+    return type(value) is int or type(value) is float
+
+
+class TokenCache(Generic[T]):
+    """Verified tokens by SHA-256, each kept ``min(ttl, exp - now)``; LRU-bounded.
+
+    Owned by its :class:`JWTVerifier`; holds only values, nothing to close.
+    """
+
+    __slots__ = ("_cache", "_wall")
+
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        max_size: int,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._cache: TTLCache[bytes, T] = TTLCache(max_size=max_size, ttl=ttl, clock=clock)
+        self._wall = wall_clock
+
+    def get(self, token: str) -> T | None:
+        """The cached value for ``token`` or ``None``: a hash and a dict lookup."""
+        return self._cache.get(hashlib.sha256(token.encode()).digest())
+
+    def put(self, token: str, value: T, exp: object) -> None:
+        """Cache ``value`` until ``exp`` (seconds since the epoch) at the latest."""
+        if not _is_number(exp):
+            return
+        self._cache.set(token_hash(token), value, float(exp) - self._wall())  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    @property
+    def stats(self) -> Any:
+        return self._cache.stats
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+async def resolve_session(client: ClientProvider) -> aiohttp.ClientSession:
+    """Call a client provider and await its result when it is awaitable."""
+    session = client()
+    if inspect.isawaitable(session):
+        return await session
+    return session
+
+
+def _parse_jwks(body: bytes) -> dict[str, VerificationKey]:
+    """Usable signing keys of a JWKS document; unusable entries are skipped."""
+    document = orjson.loads(body)
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("the JWKS document has no `keys` list")
+    keys: dict[str, VerificationKey] = {}
+    for jwk in document["keys"]:
+        if not isinstance(jwk, dict):
+            continue
+        kid = jwk.get("kid")
+        if not isinstance(kid, str) or not kid or jwk.get("use", "sig") != "sig":
+            continue
+        if jwk.get("kty") == "oct":  # symmetric keys never come from a public key set
+            continue
+        try:
+            parsed = PyJWK(jwk)
+        except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+            logger.warning("skipping JWKS key %r: %s", kid, exc)
+            continue
+        alg = parsed.algorithm_name
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            logger.warning("skipping JWKS key %r: algorithm %s is not accepted", kid, alg)
+            continue
+        keys[kid] = VerificationKey(kid, alg, parsed.key)
+    return keys
+
+
+class JWKSCache:
+    """The provider's signing keys with TTL, single-flight, rate-limited refresh.
+
+    ``client`` returns the shared aiohttp session (or an awaitable of it);
+    ``clock`` is monotonic seconds. :meth:`aclose` cancels a refresh in flight.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: ClientProvider,
+        ttl: float = 3600.0,
+        min_refresh_interval: float = 30.0,
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.ttl = ttl
+        self.min_refresh_interval = min_refresh_interval
+        self._client = client
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = dict(headers or {})
+        self._clock = clock
+        self._keys: dict[str, VerificationKey] = {}
+        self._fetched_at: float | None = None
+        self._last_attempt: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.fetch_count = 0
+        self.last_error: str | None = None
+
+    @property
+    def keys(self) -> Mapping[str, VerificationKey]:
+        """The keys held now (possibly stale)."""
+        return self._keys
+
+    def peek(self, kid: str) -> VerificationKey | None:
+        """The key for ``kid`` if held, without any I/O."""
+        return self._keys.get(kid)
+
+    async def get(self, kid: str) -> VerificationKey | None:
+        """The key for ``kid``, refreshing once (rate-limited) when it is unknown.
+
+        A known key whose set outlived the TTL is returned at once while a
+        background refresh runs; ``None`` means no key even after a refresh.
+        """
+        key = self._keys.get(kid)
+        if key is not None:
+            fetched_at = self._fetched_at
+            if fetched_at is not None and self._clock() - fetched_at >= self.ttl:
+                self._start_refresh()
+            return key
+        await self.refresh()
+        return self._keys.get(kid)
+
+    async def refresh(self, *, force: bool = False) -> bool:
+        """Fetch the key set unless one was tried within the minimum interval.
+
+        Joins a fetch already in flight. Returns whether the key set held now
+        came from a fetch that succeeded (stale keys are kept on failure).
+        """
+        task = self._task if self._task is not None else self._start_refresh(force=force)
+        if task is None:
+            return False
+        await asyncio.shield(task)
+        return self.last_error is None
+
+    def _start_refresh(self, *, force: bool = False) -> asyncio.Task[None] | None:
+        if self._task is not None:
+            return self._task
+        now = self._clock()
+        last = self._last_attempt
+        if not force and last is not None and now - last < self.min_refresh_interval:
+            return None
+        self._last_attempt = now
+        self._task = asyncio.get_running_loop().create_task(self._fetch(), name="jwks-refresh")
+        return self._task
+
+    async def _fetch(self) -> None:
+        self.fetch_count += 1
+        try:
+            session = await resolve_session(self._client)
+            async with session.get(self.url, headers=self._headers, timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"the provider answered HTTP {resp.status}")
+                body = await resp.content.read(_MAX_JWKS_BYTES + 1)
+                if len(body) > _MAX_JWKS_BYTES:
+                    raise ValueError("the JWKS document is larger than 1 MiB")
+            keys = _parse_jwks(body)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "JWKS refresh from %s failed (%s); keeping %d cached key(s)",
+                self.url,
+                self.last_error,
+                len(self._keys),
+            )
+        else:
+            self._keys = keys
+            self._fetched_at = self._clock()
+            self.last_error = None
+            logger.info("JWKS refreshed from %s: kids %s", self.url, sorted(keys))
+        finally:
+            self._task = None
+
+    def purge(self) -> None:
+        """Forget every key and the rate-limit window: the next use fetches anew."""
+        self._keys = {}
+        self._fetched_at = None
+        self._last_attempt = None
+
+    async def aclose(self) -> None:
+        """Cancel a refresh in flight (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if (current := asyncio.current_task()) is not None and current.cancelling():
+                    raise
+
+
+class JWTVerifier(Generic[T]):
+    """Verify provider JWTs locally; cache what ``shape(claims)`` makes of them.
+
+    Build it with :meth:`from_settings`. ``verify`` returns the cached value on
+    a hit; on a miss it verifies, shapes, caches and returns. ``cached`` is the
+    synchronous hit-only path for the hot request path.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        jwks: JWKSCache | None,
+        shape: Callable[[dict[str, Any]], T],
+        audience: str = "authenticated",
+        leeway: float = 10.0,
+        hs256_secret: str | None = None,
+        token_cache_ttl: float = 60.0,
+        token_cache_max_size: int = 5000,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+        self.jwks = jwks
+        self.token_cache: TokenCache[T] = TokenCache(
+            ttl=token_cache_ttl, max_size=token_cache_max_size, clock=clock, wall_clock=wall_clock
+        )
+        self._shape = shape
+        self._secret = hs256_secret.encode() if hs256_secret else None
+        self._wall = wall_clock
+        self.signature_checks = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        client: ClientProvider,
+        shape: Callable[[dict[str, Any]], T],
+    ) -> JWTVerifier[T]:
+        """The verifier the settings describe; without ``SUPABASE_URL`` no key set."""
+        base = settings.SUPABASE_URL
+        jwks: JWKSCache | None = None
+        headers: dict[str, str] = {}
+        if settings.SUPABASE_ANON_KEY:
+            headers["apikey"] = settings.SUPABASE_ANON_KEY.get_secret_value()
+        if base:
+            jwks = JWKSCache(
+                f"{base}/auth/v1/.well-known/jwks.json",
+                client=client,
+                ttl=settings.JWKS_CACHE_TTL,
+                min_refresh_interval=settings.JWKS_MIN_REFRESH_INTERVAL,
+                headers=headers,
+            )
+        secret = settings.SUPABASE_JWT_SECRET
+        return cls(
+            issuer=f"{base}/auth/v1" if base else "",
+            jwks=jwks,
+            shape=shape,
+            audience=settings.JWT_AUDIENCE,
+            leeway=settings.JWT_LEEWAY,
+            hs256_secret=secret.get_secret_value() if secret else None,
+            token_cache_ttl=settings.TOKEN_CACHE_TTL,
+            token_cache_max_size=settings.TOKEN_CACHE_MAX_SIZE,
+        )
+
+    def cached(self, token: str) -> T | None:
+        """The cached value for an already verified ``token``, or ``None``."""
+        return self.token_cache.get(token)
+
+    async def verify(self, token: str) -> T:
+        """Shaped claims of a valid token (from the cache when possible).
+
+        Raises :class:`TokenRejected` for a bad token and :class:`CannotDecide`
+        when only the provider can tell.
+        """
+        if len(token) > MAX_TOKEN_BYTES:
+            _split(token)  # raises MALFORMED before hashing 16 KB of junk
+        hit = self.token_cache.get(token)
+        if hit is not None:
+            return hit
+        claims = await self.verify_uncached(token)
+        value = self._shape(claims)
+        self.token_cache.put(token, value, claims["exp"])
+        return value
+
+    async def verify_uncached(self, token: str) -> dict[str, Any]:
+        """Full verification with no cache: parse, claims, key, signature."""
+        header_b64, payload_b64, signature_b64 = _split(token)
+        header = _json_object(header_b64, "header")
+        alg = header.get("alg")
+        kid = header.get("kid")
+        if alg != _HS256 and alg not in ASYMMETRIC_ALGORITHMS:
+            raise TokenRejected(
+                AuthFailureReason.INVALID_SIGNATURE,
+                f"the token's algorithm {str(alg)[:20]!r} is not accepted",
+            )
+        if "crit" in header:
+            raise TokenRejected(AuthFailureReason.MALFORMED, "critical header extensions")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenRejected(AuthFailureReason.MALFORMED, "the token's `kid` is not a string")
+        claims = _json_object(payload_b64, "payload")
+        self.check_claims(claims)
+        if not signature_b64:
+            raise TokenRejected(AuthFailureReason.INVALID_SIGNATURE, "the token is not signed")
+        try:
+            signature = _b64decode(signature_b64)
+        except binascii.Error:
+            raise TokenRejected(
+                AuthFailureReason.MALFORMED, "the signature is not base64url"
+            ) from None
+        signing_input = f"{header_b64}.{payload_b64}".encode()
+        if alg == _HS256:
+            ok = self._verify_hs256(kid, signing_input, signature)
+        else:
+            ok = await self._verify_asymmetric(alg, kid, signing_input, signature)
+        if not ok:
+            raise TokenRejected(AuthFailureReason.INVALID_SIGNATURE, "the signature does not match")
+        return claims
+
+    def _verify_hs256(self, kid: str | None, signing_input: bytes, signature: bytes) -> bool:
+        if kid is not None and self.jwks is not None and self.jwks.peek(kid) is not None:
+            # HS256 naming one of our public keys: the key-confusion attack.
+            raise TokenRejected(
+                AuthFailureReason.INVALID_SIGNATURE, "the algorithm does not match the key"
+            )
+        if self._secret is None:
+            raise CannotDecide("a legacy HS256 token and no SUPABASE_JWT_SECRET")
+        self.signature_checks += 1
+        expected = hmac.new(self._secret, signing_input, hashlib.sha256).digest()
+        return hmac.compare_digest(expected, signature)
+
+    async def _verify_asymmetric(
+        self, alg: str, kid: str | None, signing_input: bytes, signature: bytes
+    ) -> bool:
+        if self.jwks is None:
+            raise CannotDecide("no identity provider key set is configured")
+        if not kid:
+            raise CannotDecide("the token names no key (`kid`)")
+        key = await self.jwks.get(kid)
+        if key is None:
+            raise CannotDecide(f"no key {kid[:40]!r} in the provider's key set")
+        if key.alg != alg:
+            raise TokenRejected(
+                AuthFailureReason.INVALID_SIGNATURE, "the algorithm does not match the key"
+            )
+        self.signature_checks += 1
+        try:
+            return bool(_ALGORITHMS[alg].verify(signing_input, key.key, signature))
+        except (ValueError, TypeError):
+            return False
+
+    def check_claims(self, claims: Mapping[str, Any]) -> None:
+        """Registered claims: exp (required), nbf, iat, aud, iss, sub (required)."""
+        now = self._wall()
+        leeway = self.leeway
+        exp = claims.get("exp")
+        if not _is_number(exp):
+            raise TokenRejected(
+                AuthFailureReason.INVALID_CLAIMS, "`exp` is missing or not a number"
+            )
+        if exp <= now - leeway:
+            raise TokenRejected(AuthFailureReason.EXPIRED, "the token has expired")
+        nbf = claims.get("nbf")
+        if nbf is not None and (not _is_number(nbf) or nbf > now + leeway):
+            raise TokenRejected(AuthFailureReason.INVALID_CLAIMS, "the token is not valid yet")
+        iat = claims.get("iat")
+        if iat is not None and (not _is_number(iat) or iat > now + leeway):
+            raise TokenRejected(AuthFailureReason.INVALID_CLAIMS, "`iat` is in the future")
+        aud = claims.get("aud")
+        if not (aud == self.audience or (isinstance(aud, list) and self.audience in aud)):
+            raise TokenRejected(AuthFailureReason.INVALID_CLAIMS, "the token's audience is wrong")
+        if claims.get("iss") != self.issuer or not self.issuer:
+            raise TokenRejected(AuthFailureReason.INVALID_CLAIMS, "the token's issuer is wrong")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise TokenRejected(AuthFailureReason.INVALID_CLAIMS, "`sub` is missing")
+
+    def purge(self) -> None:
+        """Forget the key set and every cached token (after revoking a key)."""
+        if self.jwks is not None:
+            self.jwks.purge()
+        self.token_cache.clear()
+
+    async def aclose(self) -> None:
+        """Cancel the key-set refresh in flight; idempotent."""
+        if self.jwks is not None:
+            await self.jwks.aclose()
