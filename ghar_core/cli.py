@@ -39,6 +39,51 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_cmd_config)
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import asyncpg
+
+    from ghar_core.config import ConfigError, load_settings
+    from ghar_core.migrate import MigrationError, migrate_dsn, migration_status
+
+    try:
+        dsn = args.dsn or load_settings().DATABASE_URL
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        if args.status:
+            conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
+            try:
+                for migration, applied_at in await migration_status(conn):
+                    state = applied_at.isoformat() if applied_at else "pending"
+                    print(f"{migration.version}_{migration.name}\t{state}")
+            finally:
+                await conn.close()
+            return 0
+        applied = await migrate_dsn(dsn)
+        print("applied: " + ", ".join(applied) if applied else "database is up to date")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except MigrationError as exc:
+        print(f"migration failed: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"cannot reach the database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("migrate", help="apply pending database migrations (advisory-locked)")
+    p.add_argument("--dsn", help="Postgres DSN (default: DATABASE_URL from the settings)")
+    p.add_argument("--status", action="store_true", help="list migrations and when applied")
+    p.set_defaults(func=_cmd_migrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghar-core",
@@ -47,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ghar-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
+    _add_migrate(sub)
     return parser
 
 

@@ -24,12 +24,14 @@ __all__ = [
     "BookingConflictException",
     "BookingNotFoundException",
     "ConflictException",
+    "DatabaseUnavailableException",
     "ExternalServiceError",
     "ForbiddenException",
     "InternalServerError",
     "MethodNotAllowedException",
     "NotFoundException",
     "PayloadTooLargeException",
+    "PoolExhaustedException",
     "PropertyNotFoundException",
     "PropertyUnavailableException",
     "RateLimitException",
@@ -198,6 +200,21 @@ class ServiceUnavailableException(BaseAPIException):
     error_code = "SERVICE_UNAVAILABLE"
     message = "The service is temporarily unavailable. Please retry."
     default_headers = {"Retry-After": "5"}
+
+
+class DatabaseUnavailableException(ServiceUnavailableException):
+    """Postgres cannot be reached or lost the connection; the app recovers by itself."""
+
+    error_code = "SERVICE_UNAVAILABLE"
+    message = "The database is temporarily unavailable. Please retry."
+    default_headers = {"Retry-After": "5"}
+
+
+class PoolExhaustedException(DatabaseUnavailableException):
+    """Every pooled connection stayed busy past the acquire timeout (never retried)."""
+
+    message = "The database is busy. Please retry shortly."
+    default_headers = {"Retry-After": "1"}
 
 
 # Domain errors: stable codes the apps switch on.
