@@ -54,7 +54,7 @@ import aiohttp
 import orjson
 from jwt import PyJWK
 from jwt.algorithms import get_default_algorithms
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 from ghar_core.cache import TTLCache
 
@@ -236,7 +236,7 @@ def _parse_jwks(body: bytes) -> dict[str, VerificationKey]:
             continue
         try:
             parsed = PyJWK(jwk)
-        except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+        except (PyJWTError, ValueError, TypeError, KeyError) as exc:
             logger.warning("skipping JWKS key %r: %s", kid, exc)
             continue
         alg = parsed.algorithm_name
@@ -338,13 +338,10 @@ class JWKSCache:
                     raise ValueError("the JWKS document is larger than 1 MiB")
             keys = _parse_jwks(body)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "JWKS refresh from %s failed (%s); keeping %d cached key(s)",
-                self.url,
-                self.last_error,
-                len(self._keys),
-            )
+            self._failed(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a background task must never die silently
+            logger.exception("unexpected error refreshing the JWKS from %s", self.url)
+            self._failed(f"{type(exc).__name__}: {exc}")
         else:
             self._keys = keys
             self._fetched_at = self._clock()
@@ -352,6 +349,15 @@ class JWKSCache:
             logger.info("JWKS refreshed from %s: kids %s", self.url, sorted(keys))
         finally:
             self._task = None
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
+        logger.warning(
+            "JWKS refresh from %s failed (%s); keeping %d cached key(s)",
+            self.url,
+            error,
+            len(self._keys),
+        )
 
     def purge(self) -> None:
         """Forget every key and the rate-limit window: the next use fetches anew."""

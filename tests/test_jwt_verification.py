@@ -1,0 +1,395 @@
+"""Local JWT verification against a JWKS served over real loopback HTTP.
+
+The key sets come from the local identity provider (ES256) or from a small
+aiohttp JWKS server defined here (RS256, EdDSA, mixed). Nothing is mocked:
+fetches are counted by the servers themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import HealthCheck, given, settings
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from ghar_core import http
+from ghar_core.devtools import IdentityProviderServer
+from ghar_core.jwt_verification import (
+    MAX_TOKEN_BYTES,
+    AuthFailureReason,
+    CannotDecide,
+    JWKSCache,
+    JWTVerifier,
+    TokenRejected,
+)
+from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64
+from tests.strategies import token_attacks
+
+ISSUER_PATH = "/auth/v1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 10_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def identity(claims: dict[str, Any]) -> dict[str, Any]:
+    return claims
+
+
+def make_verifier(
+    base_url: str,
+    *,
+    clock: Callable[[], float] | None = None,
+    min_refresh_interval: float = 30.0,
+    ttl: float = 3600.0,
+    secret: str | None = None,
+) -> JWTVerifier[dict[str, Any]]:
+    jwks = JWKSCache(
+        f"{base_url}{ISSUER_PATH}/.well-known/jwks.json",
+        client=http.get_supabase_auth_http_client,
+        ttl=ttl,
+        min_refresh_interval=min_refresh_interval,
+        clock=clock or Clock(),
+    )
+    return JWTVerifier(
+        issuer=f"{base_url}{ISSUER_PATH}", jwks=jwks, shape=identity, hs256_secret=secret
+    )
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[IdentityProviderServer]:
+    async with IdentityProviderServer() as server:
+        yield server
+    await http.close_all_clients()
+
+
+class JWKSServer:
+    """A bare JWKS endpoint with keys of every accepted algorithm."""
+
+    def __init__(self) -> None:
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ed = ed25519.Ed25519PrivateKey.generate()
+        self.fetches = 0
+        self.status = 200
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    def jwks(self) -> dict[str, Any]:
+        keys = [
+            ECAlgorithm.to_jwk(self.ec.public_key(), as_dict=True) | {"kid": "ec", "alg": "ES256"},
+            RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True) | {"kid": "rsa"},
+            OKPAlgorithm.to_jwk(self.ed.public_key(), as_dict=True) | {"kid": "ed"},
+            {"kty": "oct", "kid": "sym", "k": b64(b"secret"), "alg": "HS256"},
+            {"kty": "EC", "kid": "broken", "crv": "P-256", "x": "AA", "y": "AA"},
+            RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True) | {"kid": "enc", "use": "enc"},
+        ]
+        return {"keys": keys}
+
+    async def handler(self, request: web.Request) -> web.Response:
+        self.fetches += 1
+        return web.Response(status=self.status, body=orjson.dumps(self.jwks()))
+
+    async def __aenter__(self) -> JWKSServer:
+        app = web.Application()
+        app.router.add_get(f"{ISSUER_PATH}/.well-known/jwks.json", self.handler)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+        await http.close_all_clients()
+
+    def token(self, alg: str, kid: str, key: Any, **claims: Any) -> str:
+        now = int(time.time())
+        payload = {
+            "iss": f"{self.url}{ISSUER_PATH}",
+            "aud": "authenticated",
+            "sub": str(uuid.uuid4()),
+            "exp": now + 600,
+            "iat": now,
+        } | claims
+        return jwt.encode(payload, key, algorithm=alg, headers={"kid": kid})
+
+
+async def test_valid_token_verifies_then_hits_the_cache_without_crypto(
+    idp: IdentityProviderServer,
+) -> None:
+    verifier = make_verifier(idp.url)
+    token = idp.provider.mint_token(email="a@example.com")
+    claims = await verifier.verify(token)
+    assert claims["email"] == "a@example.com"
+    assert verifier.signature_checks == 1
+    for _ in range(100):
+        assert await verifier.verify(token) is claims
+        assert verifier.cached(token) is claims
+    assert verifier.signature_checks == 1  # hits did no signature check
+    assert idp.provider.requests["jwks"] == 1
+    await verifier.aclose()
+
+
+@pytest.mark.parametrize(("alg", "kid", "attr"), [("RS256", "rsa", "rsa"), ("EdDSA", "ed", "ed")])
+async def test_rs256_and_eddsa_verify(alg: str, kid: str, attr: str) -> None:
+    async with JWKSServer() as server:
+        verifier = make_verifier(server.url)
+        token = server.token(alg, kid, getattr(server, attr))
+        claims = await verifier.verify_uncached(token)
+        assert claims["aud"] == "authenticated"
+        # The algorithm comes from our key: the same key named with another alg is refused.
+        wrong = server.token("ES256", kid, server.ec)
+        with pytest.raises(TokenRejected) as info:
+            await verifier.verify_uncached(wrong)
+        assert info.value.reason is AuthFailureReason.INVALID_SIGNATURE
+        # Unusable entries (symmetric, broken, encryption-only) were skipped.
+        assert set(verifier.jwks.keys) == {"ec", "rsa", "ed"}  # type: ignore[union-attr]
+        await verifier.aclose()
+
+
+async def test_hs256_only_with_the_secret() -> None:
+    async with JWKSServer() as server:
+        payload = {
+            "iss": f"{server.url}{ISSUER_PATH}",
+            "aud": "authenticated",
+            "sub": "u1",
+            "exp": 4_000_000_000,
+        }
+        token = hs256({"alg": "HS256", "typ": "JWT"}, payload, b"legacy-secret")
+        with_secret = make_verifier(server.url, secret="legacy-secret")
+        assert (await with_secret.verify_uncached(token))["sub"] == "u1"
+        assert server.fetches == 0  # HS256 never needs the key set
+        without = make_verifier(server.url)
+        with pytest.raises(CannotDecide):
+            await without.verify_uncached(token)
+        wrong_secret = hs256({"alg": "HS256"}, payload, b"other")
+        with pytest.raises(TokenRejected) as info:
+            await with_secret.verify_uncached(wrong_secret)
+        assert info.value.reason is AuthFailureReason.INVALID_SIGNATURE
+
+
+async def test_hs256_signed_with_our_public_key_is_refused(idp: IdentityProviderServer) -> None:
+    verifier = make_verifier(idp.url, secret="legacy-secret")
+    valid = idp.provider.mint_token()
+    await verifier.verify(valid)  # loads the key set
+    header = {"alg": "HS256", "kid": idp.provider.signing_kid}
+    payload = jwt.decode(valid, options={"verify_signature": False})
+    attack = hs256(header, payload, public_pem(idp.provider))
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(attack)
+    assert info.value.reason is AuthFailureReason.INVALID_SIGNATURE
+    # Without a kid it is checked against the secret, which it does not match.
+    header.pop("kid")
+    with pytest.raises(TokenRejected):
+        await verifier.verify(hs256(header, payload, public_pem(idp.provider)))
+    await verifier.aclose()
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "HS512", "ES512", "PS256"])
+async def test_unaccepted_algorithms(idp: IdentityProviderServer, alg: str) -> None:
+    verifier = make_verifier(idp.url)
+    head, body, _sig = idp.provider.mint_token().split(".")
+    header = orjson.loads(unb64(head)) | {"alg": alg}
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(f"{encode_json(header)}.{body}.")
+    assert info.value.reason is AuthFailureReason.INVALID_SIGNATURE
+    assert idp.provider.requests["jwks"] == 0
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"exp": -100}, AuthFailureReason.EXPIRED),
+        ({"exp": "soon"}, AuthFailureReason.INVALID_CLAIMS),
+        ({"nbf": 100}, AuthFailureReason.INVALID_CLAIMS),
+        ({"iat": 100}, AuthFailureReason.INVALID_CLAIMS),
+        ({"aud": "anon"}, AuthFailureReason.INVALID_CLAIMS),
+        ({"aud": ["x", "y"]}, AuthFailureReason.INVALID_CLAIMS),
+        ({"iss": "https://evil.example/auth/v1"}, AuthFailureReason.INVALID_CLAIMS),
+        ({"sub": ""}, AuthFailureReason.INVALID_CLAIMS),
+        ({"sub": 42}, AuthFailureReason.INVALID_CLAIMS),
+    ],
+)
+async def test_claims(
+    idp: IdentityProviderServer, claims: dict[str, Any], reason: AuthFailureReason
+) -> None:
+    now = int(time.time())
+    adjusted = {
+        k: (now + v if k in ("exp", "nbf", "iat") and isinstance(v, int) else v)
+        for k, v in claims.items()
+    }
+    token = idp.provider.mint_token(claims=adjusted)
+    verifier = make_verifier(idp.url)
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(token)
+    assert info.value.reason is reason
+    assert idp.provider.requests["jwks"] == 0  # refused before any key was needed
+
+
+async def test_leeway_and_audience_lists(idp: IdentityProviderServer) -> None:
+    now = int(time.time())
+    verifier = make_verifier(idp.url)
+    token = idp.provider.mint_token(
+        claims={"exp": now - 3, "nbf": now + 3, "aud": ["x", "authenticated"]}
+    )
+    assert (await verifier.verify_uncached(token))["sub"]
+    # Within the leeway it is accepted, but never cached past its own exp.
+    await verifier.verify(token)
+    assert verifier.cached(token) is None
+    await verifier.aclose()
+
+
+async def test_tokens_over_16_kb_are_refused_before_parsing(idp: IdentityProviderServer) -> None:
+    verifier = make_verifier(idp.url)
+    token = idp.provider.mint_token(claims={"pad": "x" * MAX_TOKEN_BYTES})
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(token)
+    assert info.value.reason is AuthFailureReason.MALFORMED
+    assert "larger than" in info.value.message
+    assert verifier.signature_checks == 0
+    assert idp.provider.requests["jwks"] == 0
+
+
+async def test_concurrent_first_verifications_share_one_fetch(idp: IdentityProviderServer) -> None:
+    verifier = make_verifier(idp.url)
+    tokens = [idp.provider.mint_token() for _ in range(50)]
+    results = await asyncio.gather(*(verifier.verify(t) for t in tokens))
+    assert len({r["sub"] for r in results}) == 50
+    assert idp.provider.requests["jwks"] == 1
+    await verifier.aclose()
+
+
+async def test_random_kids_cost_one_fetch_per_refresh_interval(
+    idp: IdentityProviderServer,
+) -> None:
+    clock = Clock()
+    verifier = make_verifier(idp.url, clock=clock, min_refresh_interval=30)
+    await verifier.verify(idp.provider.mint_token())
+    assert idp.provider.requests["jwks"] == 1
+
+    async def attempt(i: int) -> None:
+        token = idp.provider.mint_token(headers={"kid": f"random-{i}-{uuid.uuid4()}"})
+        with pytest.raises(CannotDecide):
+            await verifier.verify(token)
+
+    clock.now += 30  # one refresh is allowed again
+    await asyncio.gather(*(attempt(i) for i in range(500)))
+    for i in range(500, 1000):
+        await attempt(i)
+    assert idp.provider.requests["jwks"] == 2
+    clock.now += 29
+    await attempt(1000)
+    assert idp.provider.requests["jwks"] == 2
+    clock.now += 1
+    await attempt(1001)
+    assert idp.provider.requests["jwks"] == 3
+    await verifier.aclose()
+
+
+async def test_key_rotation_and_revocation(idp: IdentityProviderServer) -> None:
+    clock = Clock()
+    verifier = make_verifier(idp.url, clock=clock)
+    old_kid = idp.provider.signing_kid
+    old_token = idp.provider.mint_token()
+    await verifier.verify(old_token)
+    new_kid = idp.provider.rotate_key()
+    new_token = idp.provider.mint_token()
+    # Within the refresh interval the new kid cannot be fetched yet...
+    with pytest.raises(CannotDecide):
+        await verifier.verify(new_token)
+    clock.now += 30
+    # ...after it, one refresh finds it; the old key is still published.
+    assert (await verifier.verify(new_token))["sub"]
+    assert set(verifier.jwks.keys) == {old_kid, new_kid}  # type: ignore[union-attr]
+    assert (await verifier.verify_uncached(old_token))["sub"]
+    # Revocation: the provider drops the old key, we purge.
+    idp.provider.drop_key(old_kid)
+    verifier.purge()
+    with pytest.raises(CannotDecide):
+        await verifier.verify(old_token)
+    assert set(verifier.jwks.keys) == {new_kid}  # type: ignore[union-attr]
+    await verifier.aclose()
+
+
+async def test_provider_down_keeps_the_cached_key_set(idp: IdentityProviderServer) -> None:
+    clock = Clock()
+    verifier = make_verifier(idp.url, clock=clock, ttl=60)
+    token = idp.provider.mint_token()
+    await verifier.verify(token)
+    await idp.stop()
+    verifier.token_cache.clear()
+    assert (await verifier.verify(token))["sub"]  # keys still cached
+    # Past the TTL the stale set keeps serving while the refresh fails in the background.
+    clock.now += 3600
+    verifier.token_cache.clear()
+    assert (await verifier.verify(token))["sub"]
+    await asyncio.sleep(0.05)
+    for _ in range(100):
+        if verifier.jwks.last_error:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.02)
+    assert verifier.jwks.last_error  # type: ignore[union-attr]
+    assert verifier.jwks.keys  # type: ignore[union-attr]
+    # An unknown kid with the provider down: cannot decide, stale set kept.
+    clock.now += 30
+    with pytest.raises(CannotDecide):
+        await verifier.verify(idp.provider.mint_token(headers={"kid": "unknown"}))
+    assert verifier.jwks.keys  # type: ignore[union-attr]
+    # The provider comes back (same port): the next allowed refresh recovers.
+    await idp.start()
+    clock.now += 30
+    assert await verifier.jwks.refresh()  # type: ignore[union-attr]
+    assert verifier.jwks.last_error is None  # type: ignore[union-attr]
+    await verifier.aclose()
+
+
+async def test_bad_jwks_answers_keep_the_stale_set() -> None:
+    async with JWKSServer() as server:
+        clock = Clock()
+        verifier = make_verifier(server.url, clock=clock)
+        assert await verifier.jwks.refresh()  # type: ignore[union-attr]
+        server.status = 500
+        clock.now += 30
+        assert not await verifier.jwks.refresh()  # type: ignore[union-attr]
+        assert "HTTP 500" in (verifier.jwks.last_error or "")  # type: ignore[union-attr]
+        assert "rsa" in verifier.jwks.keys  # type: ignore[union-attr]
+        await verifier.aclose()
+
+
+async def test_aclose_cancels_a_refresh_in_flight(idp: IdentityProviderServer) -> None:
+    idp.provider.delay = 5
+    verifier = make_verifier(idp.url)
+    task = asyncio.ensure_future(verifier.jwks.refresh())  # type: ignore[union-attr]
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(verifier.aclose(), 1)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await verifier.aclose()  # idempotent
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(recipe=token_attacks())
+async def test_forged_tokens_are_never_accepted(
+    idp: IdentityProviderServer, recipe: tuple[Any, ...]
+) -> None:
+    verifier = make_verifier(idp.url)
+    token = forge(recipe, idp.provider)
+    with pytest.raises((TokenRejected, CannotDecide)):
+        await verifier.verify(token)
+    await verifier.aclose()
