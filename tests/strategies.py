@@ -79,3 +79,47 @@ def env_text() -> st.SearchStrategy[str]:
         st.just(""),
     )
     return st.lists(line, max_size=8).map("\n".join)
+
+
+# --- token attacks (tests/idp.py `forge` turns a recipe into a token) ---------
+
+_json_scalar = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.text(max_size=20)
+)
+
+
+def token_attacks() -> st.SearchStrategy[tuple[Any, ...]]:
+    """Recipes for tokens that must be refused: garbage, tampering, bad claims."""
+    return st.one_of(
+        st.tuples(st.just("random"), st.text(max_size=300)),
+        st.tuples(
+            st.just("random"),
+            st.lists(st.text("abcXYZ019-_", max_size=40), min_size=1, max_size=5).map(".".join),
+        ),
+        st.tuples(st.just("flip_signature"), st.integers(0, 200), st.integers(1, 255)),
+        st.tuples(
+            st.just("edit_claim"),
+            st.sampled_from(["sub", "exp", "aud", "iss", "role", "email", "nbf", "iat"]),
+            _json_scalar,
+        ),
+        st.tuples(
+            st.just("edit_header"),
+            st.sampled_from(["alg", "kid", "typ", "crit", "jku"]),
+            _json_scalar | st.sampled_from(["none", "HS256", "RS256", "EdDSA", "ES512"]),
+        ),
+        st.tuples(st.just("swap_segments")),
+        st.tuples(st.just("alg_none"), st.sampled_from(["none", "None", "NONE", ""])),
+        st.tuples(st.just("hs256_public_key")),
+        st.tuples(st.just("expired"), st.integers(11, 10**6)),
+        st.tuples(st.just("future_nbf"), st.integers(11, 10**6)),
+        st.tuples(st.just("future_iat"), st.integers(11, 10**6)),
+        st.tuples(st.just("wrong_aud"), st.text(max_size=20) | st.just(["anon"])),
+        st.tuples(st.just("wrong_iss"), st.text(max_size=40)),
+        st.tuples(st.just("no_sub"), st.sampled_from(["", None, 0, []])),
+        st.tuples(st.just("huge"), st.integers(12_000, 40_000)),
+        st.tuples(
+            st.just("non_ascii"),
+            st.integers(0, 1000),
+            st.text(st.characters(min_codepoint=128), min_size=1, max_size=3),
+        ),
+    )
