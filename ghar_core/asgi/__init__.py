@@ -13,14 +13,11 @@ Only this package knows ASGI scopes. Start with :func:`create_app`::
 
 from __future__ import annotations
 
+from ghar_core.asgi.accesslog import AccessLogMiddleware, BufferedAccessLog, LoggingAccessSink
 from ghar_core.asgi.app import App, build_default_resources, create_app
 from ghar_core.asgi.cors import CORSMiddleware
 from ghar_core.asgi.datastructures import Headers, QueryParams, State
-from ghar_core.asgi.middleware import (
-    AccessLogMiddleware,
-    ErrorEnvelopeMiddleware,
-    RequestIDMiddleware,
-)
+from ghar_core.asgi.middleware import ErrorEnvelopeMiddleware, RequestIDMiddleware
 from ghar_core.asgi.requests import ClientDisconnect, Request
 from ghar_core.asgi.responses import (
     JSONResponse,
@@ -33,11 +30,13 @@ from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect
 __all__ = [
     "AccessLogMiddleware",
     "App",
+    "BufferedAccessLog",
     "CORSMiddleware",
     "ClientDisconnect",
     "ErrorEnvelopeMiddleware",
     "Headers",
     "JSONResponse",
+    "LoggingAccessSink",
     "PlainTextResponse",
     "QueryParams",
     "Request",

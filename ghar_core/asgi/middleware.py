@@ -13,10 +13,8 @@ import logging
 import os
 import re
 import secrets
-import time
 from itertools import count
 from typing import TYPE_CHECKING
-from urllib.parse import unquote_plus
 
 from ghar_core.asgi.requests import ClientDisconnect
 from ghar_core.exceptions import BaseAPIException, render_error
@@ -26,12 +24,10 @@ if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
-    "AccessLogMiddleware",
     "ErrorEnvelopeMiddleware",
     "RequestIDMiddleware",
     "is_valid_request_id",
     "new_request_id",
-    "redact_query",
     "safe_for_log",
     "send_error",
 ]
@@ -124,52 +120,6 @@ class RequestIDMiddleware:
             request_id_var.reset(token)
 
 
-# Query keys whose values never reach a log: exact names, then substrings.
-_SECRET_KEYS = frozenset(
-    {
-        "access_token",
-        "api-key",
-        "api_key",
-        "apikey",
-        "auth",
-        "authorization",
-        "client_secret",
-        "code",
-        "id_token",
-        "jwt",
-        "key",
-        "passwd",
-        "password",
-        "pwd",
-        "refresh_token",
-        "secret",
-        "session",
-        "sig",
-        "signature",
-        "token",
-    }
-)
-_SECRET_PARTS = ("token", "secret", "password", "passwd", "apikey", "api_key", "signature")
-REDACTED = "[REDACTED]"
-
-
-def _is_secret_key(key: str) -> bool:
-    k = unquote_plus(key).strip().lower()
-    return k in _SECRET_KEYS or any(part in k for part in _SECRET_PARTS)
-
-
-def redact_query(query: str) -> str:
-    """The query string with the values of secret-looking keys replaced by ``[REDACTED]``."""
-    if not query:
-        return query
-    parts = query.split("&")
-    for i, part in enumerate(parts):
-        key, sep, _value = part.partition("=")
-        if _is_secret_key(key):
-            parts[i] = f"{key}={REDACTED}" if sep else key
-    return "&".join(parts)
-
-
 def safe_for_log(text: str, limit: int = 2048) -> str:
     """``text`` with control characters escaped and length capped (no log injection)."""
     if len(text) > limit:
@@ -177,65 +127,6 @@ def safe_for_log(text: str, limit: int = 2048) -> str:
     if text.isprintable():
         return text
     return text.encode("unicode_escape").decode("ascii")
-
-
-class AccessLogMiddleware:
-    """One log line per HTTP request, written when the request is done.
-
-    The line is ``METHOD path?query STATUS DURATIONms`` on the
-    ``ghar_core.access`` logger at INFO, with ``method``, ``path``,
-    ``status`` and ``duration_ms`` as ``extra`` fields for the JSON
-    formatter; the request id comes from the ContextVar (this middleware
-    runs inside the request-ID one). Secret query values are redacted and
-    control characters escaped. When the logger is not enabled for INFO
-    the request passes straight through at no cost. Status ``0`` means the
-    app never started a response (the client went away first).
-    """
-
-    def __init__(self, app: ASGIApp, *, logger: logging.Logger | None = None) -> None:
-        self.app = app
-        self.logger = logger or logging.getLogger("ghar_core.access")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        logger = self.logger
-        if scope["type"] != "http" or not logger.isEnabledFor(logging.INFO):
-            await self.app(scope, receive, send)
-            return
-        status = 0
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        start = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            duration_ms = (time.perf_counter() - start) * 1000.0
-            raw_path: str = scope["path"]
-            root = scope.get("root_path")
-            if root and not raw_path.startswith(root):
-                raw_path = root + raw_path  # a host that strips the prefix itself
-            path = safe_for_log(raw_path)
-            query = scope.get("query_string")
-            if query:
-                path += "?" + safe_for_log(redact_query(query.decode("latin-1")))
-            method = scope["method"]
-            logger.info(
-                "%s %s %d %.2fms",
-                method,
-                path,
-                status,
-                duration_ms,
-                extra={
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "duration_ms": round(duration_ms, 3),
-                },
-            )
 
 
 class ErrorEnvelopeMiddleware:
