@@ -115,6 +115,7 @@ class LoggingAccessSink:
                 "path": path,
                 "status": status,
                 "duration_ms": round(duration_ms, 3),
+                "request_id": request_id_var.get() or "-",
             },
         )
 
