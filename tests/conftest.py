@@ -11,6 +11,9 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Postgres / PgBouncer fixtures (pg_admin_dsn, pg_database, fresh_database, db, pgbouncer).
+pytest_plugins = ["tests.pg"]
+
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 settings.register_profile(

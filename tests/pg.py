@@ -1,0 +1,284 @@
+"""Postgres and PgBouncer fixtures: a pytest plugin (``pytest_plugins = ["tests.pg"]``).
+
+Real servers only. Postgres is the machine's own at 127.0.0.1:5432 (trust
+auth, user postgres; override with ``GHAR_TEST_PG_DSN``); every database a
+test uses is created with a unique name and dropped afterwards
+(``DROP ... WITH (FORCE)``). PgBouncer is Debian's binary
+(``scripts/ensure-pgbouncer.sh`` installs it), started per session on a free
+loopback port in transaction mode with its own temporary config and auth
+files; it refuses to run as root, so as root it is started with
+``-u postgres``.
+
+Fixtures:
+- ``pg_admin_dsn``: DSN of the maintenance database (skips, or fails in CI).
+- ``pg_database`` (module) / ``fresh_database`` (function): DSN of an empty
+  uniquely named database, dropped afterwards.
+- ``db_settings``: test settings pointing at ``pg_database``.
+- ``db``: a started :class:`~ghar_core.database.Database` on ``pg_database``
+  with the migrations applied; stopped afterwards.
+- ``pgbouncer``: a running :class:`PgBouncer` (``.dsn(database)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from ghar_core.config import Settings, load_settings
+from ghar_core.database import Database
+from ghar_core.migrate import migrate_dsn
+from tests.conftest import require
+
+__all__ = [
+    "PG_ADMIN_DSN",
+    "PgBouncer",
+    "db",
+    "db_settings",
+    "free_port",
+    "fresh_database",
+    "pg_admin_dsn",
+    "pg_database",
+    "pgbouncer",
+    "pgbouncer_binary",
+    "postgres_available",
+    "run_sync",
+    "with_database",
+]
+
+PG_ADMIN_DSN = os.environ.get("GHAR_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion on a private loop in a helper thread.
+
+    Sync fixtures use it so they never touch the loop pytest-asyncio runs.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+_available: bool | None = None
+
+
+def postgres_available() -> bool:
+    """Whether the test Postgres answers (checked once per session)."""
+    global _available
+    if _available is None:
+
+        async def probe() -> bool:
+            try:
+                conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                return False
+            await conn.close()
+            return True
+
+        _available = run_sync(probe())
+    return _available
+
+
+def pgbouncer_binary() -> str | None:
+    """Path of the pgbouncer binary (Debian puts it in /usr/sbin)."""
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    return "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None
+
+
+def with_database(dsn: str, database: str, *, port: int | None = None) -> str:
+    """``dsn`` with its database (and optionally port) replaced."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if port is not None:
+        host = parts.hostname or "127.0.0.1"
+        auth = netloc.rsplit("@", 1)[0] + "@" if "@" in netloc else ""
+        netloc = f"{auth}{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, "/" + database, parts.query, parts.fragment))
+
+
+async def _create(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def _temporary_database(admin_dsn: str) -> Iterator[str]:
+    name = f"ghar_test_{uuid.uuid4().hex[:16]}"
+    run_sync(_create(admin_dsn, name))
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        run_sync(_drop(admin_dsn, name))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> str:
+    """DSN of the maintenance database; the test skips (fails in CI) without Postgres."""
+    require(postgres_available(), "PostgreSQL at 127.0.0.1:5432")
+    return PG_ADMIN_DSN
+
+
+@pytest.fixture(scope="module")
+def pg_database(pg_admin_dsn: str) -> Iterator[str]:
+    """An empty, uniquely named database for this test module (dropped afterwards)."""
+    with _temporary_database(pg_admin_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def fresh_database(pg_admin_dsn: str) -> Iterator[str]:
+    """An empty, uniquely named database for one test (dropped afterwards)."""
+    with _temporary_database(pg_admin_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def db_settings(pg_database: str) -> Settings:
+    """Test settings whose DATABASE_URL is the module's database."""
+    return dataclasses.replace(load_settings(app_env="test"), DATABASE_URL=pg_database)
+
+
+@pytest.fixture(scope="module")
+def _migrated(pg_database: str) -> str:
+    run_sync(migrate_dsn(pg_database))
+    return pg_database
+
+
+@pytest.fixture
+async def db(_migrated: str, db_settings: Settings) -> AsyncIterator[Database]:
+    """A started Database on the module's migrated database; stopped afterwards."""
+    database = Database(db_settings)
+    await database.start()
+    try:
+        yield database
+    finally:
+        await database.stop(grace=2.0)
+
+
+@dataclasses.dataclass
+class PgBouncer:
+    """A private pgbouncer in transaction pooling mode, in front of the test Postgres."""
+
+    host: str
+    port: int
+    directory: str
+    process: subprocess.Popen[bytes]
+
+    def dsn(self, database_dsn: str) -> str:
+        """The DSN reaching ``database_dsn``'s database through this pgbouncer."""
+        name = urlsplit(database_dsn).path.lstrip("/") or "postgres"
+        return with_database(database_dsn, name, port=self.port)
+
+    def log(self) -> str:
+        path = os.path.join(self.directory, "pgbouncer.log")
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
+    """pgbouncer on a free loopback port, transaction mode, 20 server connections."""
+    binary = pgbouncer_binary()
+    require(binary is not None, "the pgbouncer binary (scripts/ensure-pgbouncer.sh)")
+    assert binary is not None
+    admin = urlsplit(pg_admin_dsn)
+    user = admin.username or "postgres"
+    directory = tempfile.mkdtemp(prefix="ghar-pgbouncer-")
+    port = free_port()
+    ini = os.path.join(directory, "pgbouncer.ini")
+    auth = os.path.join(directory, "userlist.txt")
+    with open(auth, "w", encoding="utf-8") as fh:
+        fh.write(f'"{user}" ""\n')
+    with open(ini, "w", encoding="utf-8") as fh:
+        fh.write(
+            "[databases]\n"
+            f"* = host={admin.hostname or '127.0.0.1'} port={admin.port or 5432}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {auth}\n"
+            "pool_mode = transaction\n"
+            "default_pool_size = 20\n"
+            "max_client_conn = 200\n"
+            "server_reset_query =\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {os.path.join(directory, 'pgbouncer.log')}\n"
+        )
+    command = [binary, ini]
+    if os.geteuid() == 0:
+        # pgbouncer refuses to run as root: switch to the postgres user.
+        runas = pwd.getpwnam("postgres")
+        os.chmod(directory, 0o777)
+        for path in (ini, auth):
+            os.chmod(path, 0o644)
+        os.chown(directory, runas.pw_uid, runas.pw_gid)
+        command = [binary, "-u", "postgres", ini]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if not _wait_listening(port, process, 10.0):
+            process.kill()
+            _, err = process.communicate(timeout=5)
+            pytest.fail(f"pgbouncer did not start: {err.decode(errors='replace')}")
+        yield PgBouncer("127.0.0.1", port, directory, process)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if process.stderr is not None:
+            process.stderr.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,466 @@
+"""Database against the real Postgres (and PgBouncer): pools, session-state guard, modes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from ghar_core.config import Settings
+from ghar_core.database import (
+    BACKGROUND_APPLICATION_NAME,
+    MAIN_APPLICATION_NAME,
+    Database,
+    touches_session_state,
+)
+from ghar_core.exceptions import (
+    DatabaseUnavailableException,
+    PoolExhaustedException,
+    render_error,
+)
+from ghar_core.lifecycle import Resource
+from tests.pg import PgBouncer, free_port, run_sync, with_database
+
+# --- the session-state classifier (pure) ---------------------------------------------
+
+# (statement template, leaves session state?)
+SESSION_STATEMENTS = [
+    ("SET statement_timeout = 1234", True),
+    ("set SESSION timezone TO 'UTC'", True),
+    ("RESET statement_timeout", True),
+    ("SELECT set_config('app.user', 'x', false)", True),
+    ("LISTEN ghar_events", True),
+    ("SELECT pg_advisory_lock(42)", True),
+    ("SELECT pg_try_advisory_lock_shared(42)", True),
+    ("CREATE TEMP TABLE t (x int)", True),
+    ("create temporary table t (x int)", True),
+    ("PREPARE p AS SELECT 1", True),
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", True),
+    ("SET ROLE postgres", True),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
+    ("SELECT 1; SET work_mem = '8MB'", True),
+    ("/* hint */ SET search_path = public", True),
+    ("SELECT $1::int", False),
+    ("SET LOCAL statement_timeout = 5", False),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", False),
+    ("SET CONSTRAINTS ALL DEFERRED", False),
+    ("SELECT pg_advisory_xact_lock(42)", False),
+    ("UPDATE users SET email = $1 WHERE id = $2", False),
+    ("INSERT INTO t (settings) VALUES ($1)", False),
+    ("SELECT reset_count FROM stats", False),
+    ("BEGIN ISOLATION LEVEL READ COMMITTED", False),
+    ("DISCARD ALL", False),
+]
+
+
+def _recase(text: str, flips: list[bool]) -> str:
+    return "".join(ch.swapcase() if flips[i % len(flips)] else ch for i, ch in enumerate(text))
+
+
+@given(
+    case=st.sampled_from(SESSION_STATEMENTS),
+    flips=st.lists(st.booleans(), min_size=1, max_size=8),
+    lead=st.sampled_from(["", " ", "\n", "\t  "]),
+)
+def test_classifier_matches_table_under_case_and_whitespace(
+    case: tuple[str, bool], flips: list[bool], lead: str
+) -> None:
+    statement, dirty = case
+    # Keywords are case-insensitive; identifiers in the table are too for this purpose.
+    assert touches_session_state(lead + _recase(statement, flips)) is dirty
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+async def test_is_a_resource_with_both_application_names(db: Database) -> None:
+    assert isinstance(db, Resource)
+    assert db.name == "database"
+    async with db.connection() as conn:
+        assert await conn.fetchval("SHOW application_name") == MAIN_APPLICATION_NAME
+    async with db.background_connection() as conn:
+        assert await conn.fetchval("SHOW application_name") == BACKGROUND_APPLICATION_NAME
+    await db.check()
+
+
+async def test_transaction_commits_and_rolls_back(db: Database) -> None:
+    async with db.connection() as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS tx_probe (v int)")
+        await conn.execute("TRUNCATE tx_probe")
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO tx_probe VALUES (1)")
+
+    async def fail_inside() -> None:
+        async with db.background_transaction() as conn:
+            await conn.execute("INSERT INTO tx_probe VALUES (2)")
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await fail_inside()
+    async with db.connection() as conn:
+        assert await conn.fetch("SELECT v FROM tx_probe") == [(1,)]
+        assert not conn.is_in_transaction()
+
+
+async def test_statement_cache_is_off_and_json_decodes(db: Database) -> None:
+    async with db.connection() as conn:
+        assert conn._config.statement_cache_size == 0
+        assert await conn.fetchval("SELECT $1::jsonb", {"a": [1, 2]}) == {"a": [1, 2]}
+        assert await conn.fetchval("SELECT $1::jsonb", '{"b": 1}') == {"b": 1}
+
+
+async def test_not_started_is_a_clear_error(db_settings: Settings) -> None:
+    with pytest.raises(RuntimeError, match="not started"):
+        Database(db_settings).connection()
+
+
+async def test_stop_is_bounded_and_idempotent(db_settings: Settings) -> None:
+    database = Database(db_settings)
+    await database.start()
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with database.connection() as conn:
+            await conn.fetchval("SELECT 1")
+            held.set()
+            await release.wait()
+
+    task = asyncio.create_task(holder())
+    await held.wait()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await database.stop(grace=0.2)
+    assert loop.time() - started < 2.0
+    release.set()
+    await task
+    await database.stop()
+    database.terminate()
+
+
+async def test_down_at_start_then_503(db_settings: Settings) -> None:
+    dead = with_database(db_settings.DATABASE_URL, "postgres", port=free_port())
+    database = Database(dataclasses.replace(db_settings, DATABASE_URL=dead))
+    await database.start()  # must not raise: the app starts anyway
+    try:
+        with pytest.raises(DatabaseUnavailableException) as info:
+            async with database.connection():
+                pass
+        rendered = render_error(info.value)
+        assert rendered.status_code == 503
+        assert (b"retry-after", b"5") in rendered.headers
+        with pytest.raises(DatabaseUnavailableException):
+            await database.check()
+    finally:
+        await database.stop()
+
+
+# --- pool exhaustion --------------------------------------------------------------------------
+
+
+async def test_exhaustion_is_503_after_the_acquire_timeout(db_settings: Settings) -> None:
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=0, DB_POOL_MAX_SIZE=2, DB_POOL_ACQUIRE_TIMEOUT=0.2
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        release = asyncio.Event()
+        ready = asyncio.Semaphore(0)
+
+        async def hold() -> None:
+            async with database.connection():
+                ready.release()
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        for _ in range(2):
+            await ready.acquire()
+        with pytest.raises(PoolExhaustedException) as info:
+            async with database.connection():
+                pass
+        rendered = render_error(info.value)
+        assert rendered.status_code == 503
+        assert b'"SERVICE_UNAVAILABLE"' in rendered.body
+        assert any(name == b"retry-after" for name, _ in rendered.headers)
+        release.set()
+        await asyncio.gather(*holders)
+        # Capacity is back: the next acquire succeeds on a pooled connection.
+        async with database.connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+        stats = database.stats()["main"]
+        assert stats["exhausted"] == 1
+        assert stats["opened"] == 2
+    finally:
+        await database.stop()
+
+
+async def test_cancelled_waiter_does_not_leak_capacity(db_settings: Settings) -> None:
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=0, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=5
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        async with database.connection():
+            waiter = asyncio.create_task(database.connection().__aenter__())
+            await asyncio.sleep(0.05)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        async with asyncio.timeout(2):
+            async with database.connection() as conn:
+                assert await conn.fetchval("SELECT 2") == 2
+        assert database.stats()["main"]["size"] == 1
+    finally:
+        await database.stop()
+
+
+# --- session state does not leak -----------------------------------------------------------
+
+# (statement leaving state, query that is true while the state is present)
+LEAKS = [
+    ("SET statement_timeout = 1234", "SELECT current_setting('statement_timeout') = '1234ms'"),
+    (
+        "SELECT set_config('app.user_id', 'u1', false)",
+        "SELECT coalesce(current_setting('app.user_id', true), '') = 'u1'",
+    ),
+    ("LISTEN ghar_leak", "SELECT 'ghar_leak' IN (SELECT pg_listening_channels())"),
+    (
+        "SELECT pg_advisory_lock(777)",
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+        " AND pid = pg_backend_pid())",
+    ),
+    ("CREATE TEMP TABLE leak_t (x int)", "SELECT to_regclass('pg_temp.leak_t') IS NOT NULL"),
+    ("PREPARE leak_p AS SELECT 1", "SELECT EXISTS (SELECT 1 FROM pg_prepared_statements)"),
+    (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SELECT current_setting('default_transaction_isolation') = 'serializable'",
+    ),
+]
+
+
+@pytest.fixture
+async def one_conn_db(db: Database, db_settings: Settings) -> Database:
+    settings = dataclasses.replace(db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1)
+    database = Database(settings)
+    await database.start()
+    yield database  # type: ignore[misc]
+    await database.stop()
+
+
+@hsettings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.sampled_from(range(len(LEAKS) + 1)), min_size=1, max_size=4))
+async def test_next_acquirer_never_sees_session_state(
+    one_conn_db: Database, steps: list[int]
+) -> None:
+    """A pool of one: each user's session state is gone for the next user (same backend)."""
+    async with one_conn_db.connection() as conn:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+    for step in steps:
+        if step == len(LEAKS):
+            async with one_conn_db.transaction() as conn:
+                # Transaction-scoped state needs no reset and must not mark the connection.
+                await conn.execute("SET LOCAL statement_timeout = 999")
+                await conn.fetchval("SELECT pg_advisory_xact_lock(778)")
+                assert not conn.session_dirty
+            continue
+        setup, probe = LEAKS[step]
+        async with one_conn_db.connection() as conn:
+            await conn.execute(setup)
+            assert await conn.fetchval(probe) is True
+            assert conn.session_dirty
+        async with one_conn_db.connection() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+            assert await conn.fetchval(probe) is False
+            assert not conn.session_dirty
+    assert one_conn_db.stats()["main"]["opened"] == 1
+
+
+async def test_clean_queries_keep_the_connection_without_reset(one_conn_db: Database) -> None:
+    async with one_conn_db.connection() as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS clean_t (x int)")
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+    for _ in range(3):
+        async with one_conn_db.connection() as conn:
+            assert await conn.fetchval("SELECT $1::int", 1) == 1
+            await conn.execute("UPDATE clean_t SET x = $1", 2)
+            assert not conn.session_dirty
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+
+
+async def test_server_side_state_can_be_declared(one_conn_db: Database) -> None:
+    async with one_conn_db.connection() as conn:
+        await conn.execute(
+            "CREATE OR REPLACE FUNCTION pg_temp.sneaky() RETURNS void LANGUAGE sql AS "
+            "$$ SELECT set_config('app.sneaky', 'yes', false) $$"
+        )
+        conn._ghar_dirty = False  # the CREATE above was flagged; start clean
+        await conn.fetchval("SELECT pg_temp.sneaky()")
+        conn.mark_session_state()
+    async with one_conn_db.connection() as conn:
+        assert await conn.fetchval("SELECT current_setting('app.sneaky', true)") in (None, "")
+
+
+async def test_left_open_transaction_is_rolled_back(one_conn_db: Database) -> None:
+    async with one_conn_db.connection() as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS open_tx (v int)")
+        await conn.execute("TRUNCATE open_tx")
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, _ctx: None)  # asyncpg reports the misuse
+    try:
+        async with one_conn_db.connection() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("INSERT INTO open_tx VALUES (1)")
+    finally:
+        loop.set_exception_handler(previous)
+    async with one_conn_db.connection() as conn:
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT count(*) FROM open_tx") == 0
+
+
+# --- serverless ---------------------------------------------------------------------------------
+
+
+async def _backends(admin_dsn: str, dsn: str) -> int:
+    name = dsn.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def test_serverless_keeps_nothing_connected(
+    pg_admin_dsn: str, fresh_database: str, db_settings: Settings
+) -> None:
+    settings = dataclasses.replace(
+        db_settings, DATABASE_URL=fresh_database, SERVERLESS_ENABLED=True, DB_POOL_MIN_SIZE=3
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        assert await _backends(pg_admin_dsn, fresh_database) == 0
+        async with database.connection() as conn:
+            assert await conn.fetchval("SELECT $1::int", 7) == 7
+            assert await _backends(pg_admin_dsn, fresh_database) == 1
+
+        async def one(i: int) -> int:
+            async with database.transaction() as conn:
+                value: int = await conn.fetchval("SELECT $1::int", i)
+                return value
+
+        assert await asyncio.gather(*(one(i) for i in range(8))) == list(range(8))
+        async with database.background_connection() as conn:
+            await conn.fetchval("SELECT 1")
+        await database.check()
+        # Idle now: nothing may stay connected (closes finish within a moment).
+        for _ in range(40):
+            if await _backends(pg_admin_dsn, fresh_database) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await _backends(pg_admin_dsn, fresh_database) == 0
+        assert database.stats()["main"]["size"] == 0
+    finally:
+        await database.stop()
+
+
+async def test_idle_connections_age_out(
+    pg_admin_dsn: str, fresh_database: str, db_settings: Settings
+) -> None:
+    settings = dataclasses.replace(
+        db_settings,
+        DATABASE_URL=fresh_database,
+        DB_POOL_MIN_SIZE=0,
+        DB_MAX_INACTIVE_LIFETIME=0.1,
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        async with database.connection() as conn:
+            await conn.fetchval("SELECT 1")
+        assert database.stats()["main"]["idle"] == 1
+        for _ in range(40):
+            if database.stats()["main"]["size"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert database.stats()["main"]["size"] == 0
+        for _ in range(40):
+            if await _backends(pg_admin_dsn, fresh_database) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await _backends(pg_admin_dsn, fresh_database) == 0
+    finally:
+        await database.stop()
+
+
+# --- through PgBouncer (transaction mode) --------------------------------------------------
+
+
+async def test_our_pools_work_through_pgbouncer(
+    pgbouncer: PgBouncer, db_settings: Settings, db: Database
+) -> None:
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=2, DB_POOL_MAX_SIZE=8, DB_BG_POOL_MAX_SIZE=4
+    )
+    database = Database(settings, dsn=pgbouncer.dsn(db_settings.DATABASE_URL))
+    await database.start()
+    try:
+        pids: set[int] = set()
+
+        async def query(i: int) -> None:
+            lease = database.transaction() if i % 2 else database.connection()
+            async with lease as conn:
+                value, pid = await conn.fetchrow("SELECT $1::int * 2, pg_backend_pid()", i)
+                assert value == i * 2
+                assert await conn.fetchval("SELECT $1::text || 'x'", str(i)) == f"{i}x"
+                pids.add(pid)
+
+        for _ in range(5):
+            await asyncio.gather(*(query(i) for i in range(40)))
+        async with database.background_transaction() as conn:
+            assert await conn.fetchval("SELECT $1::jsonb", {"k": 1}) == {"k": 1}
+        await database.check()
+        assert len(pids) > 1, "the queries should have crossed several server connections"
+    finally:
+        await database.stop()
+
+
+def test_default_statement_cache_fails_through_pgbouncer(
+    pgbouncer: PgBouncer, pg_database: str
+) -> None:
+    """The failure our statement_cache_size=0 avoids: a cached statement on another server."""
+    dsn = pgbouncer.dsn(pg_database)
+
+    async def scenario(cache_size: int) -> BaseException | None:
+        c1 = await asyncpg.connect(dsn, statement_cache_size=cache_size)
+        c2 = await asyncpg.connect(dsn, statement_cache_size=cache_size)
+        try:
+            # c1 prepares (and, with a cache, names) its statement on server S1.
+            assert await c1.fetchval("SELECT $1::int + 1", 1) == 2
+            # c2 pins S1 inside a transaction, so c1's next query lands on S2.
+            async with c2.transaction():
+                await c2.fetchval("SELECT 1")
+                try:
+                    assert await c1.fetchval("SELECT $1::int + 1", 2) == 3
+                except asyncpg.PostgresError as exc:
+                    return exc
+            return None
+        finally:
+            await c1.close()
+            await c2.close()
+
+    failure = run_sync(scenario(100))
+    assert isinstance(failure, asyncpg.InvalidSQLStatementNameError), failure
+    assert "pgbouncer" in str(failure).lower() or "does not exist" in str(failure)
+    assert run_sync(scenario(0)) is None
