@@ -1,0 +1,85 @@
+"""WebSocket routes: accept, text/JSON round trips, refusal, request id, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from ghar_core.asgi import WebSocketDisconnect, create_app
+from ghar_core.config import Settings
+from ghar_core.testing import TestClient, WebSocketRejected
+
+
+def _app(settings: Settings):
+    app = create_app(settings, resources=[])
+    seen: dict[str, object] = {}
+
+    @app.websocket_route("/ws/{room}")
+    async def room(ws):
+        await ws.accept()
+        seen["room"] = ws.path_params["room"]
+        seen["token"] = ws.query_params.get("token")
+        try:
+            while True:
+                data = await ws.receive_json()
+                await ws.send_json({"echo": data, "room": ws.path_params["room"]})
+        except WebSocketDisconnect as exc:
+            seen["closed"] = exc.code
+
+    @app.websocket_route("/text")
+    async def text(ws):
+        await ws.accept()
+        await ws.send_text((await ws.receive_text()).upper())
+        await ws.close(4000)
+
+    @app.websocket_route("/refuse")
+    async def refuse(ws):
+        await ws.close(4403)
+
+    @app.websocket_route("/crash")
+    async def crash(ws):
+        await ws.accept()
+        raise RuntimeError("bug")
+
+    app.state.seen = seen
+    return app
+
+
+async def test_json_round_trip_and_disconnect(settings: Settings) -> None:
+    app = _app(settings)
+    client = TestClient(app)
+    async with client.websocket_connect(
+        "/ws/lobby?token=t1", headers={"X-Request-ID": "ws-1"}
+    ) as ws:
+        assert (b"x-request-id", b"ws-1") in ws.accepted["headers"]
+        await ws.send_json({"n": 1})
+        assert await ws.receive_json() == {"echo": {"n": 1}, "room": "lobby"}
+    assert app.state.seen == {"room": "lobby", "token": "t1", "closed": 1000}
+
+
+async def test_text_and_server_close(settings: Settings) -> None:
+    async with TestClient(_app(settings)).websocket_connect("/text") as ws:
+        await ws.send_text("hi")
+        assert await ws.receive_text() == "HI"
+        with pytest.raises(ConnectionError):
+            await ws.receive()
+        assert ws.close_code == 4000
+
+
+async def test_refusals(settings: Settings) -> None:
+    client = TestClient(_app(settings))
+    with pytest.raises(WebSocketRejected) as info:
+        async with client.websocket_connect("/refuse"):
+            pass
+    assert info.value.code == 4403
+    with pytest.raises(WebSocketRejected) as missing:
+        async with client.websocket_connect("/nowhere"):
+            pass
+    assert missing.value.code == 1008
+
+
+async def test_handler_error_closes_1011_and_logs(settings: Settings, caplog) -> None:
+    async with TestClient(_app(settings)).websocket_connect("/crash") as ws:
+        with pytest.raises(ConnectionError):
+            await ws.receive()
+        assert ws.close_code == 1011
+    assert any("websocket handler" in rec.getMessage() for rec in caplog.records)
