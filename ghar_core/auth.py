@@ -71,7 +71,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_TIMEOUT: Final = aiohttp.ClientTimeout(total=5.0)
 _MAX_PROVIDER_BODY: Final = 1 << 20
 _MESSAGES: Final = {
     AuthFailureReason.MISSING: "Authentication is required: send `Authorization: Bearer <token>`.",
@@ -211,15 +210,23 @@ class SupabaseAuth:
     """The app's ``"auth"`` resource: token verification and the admin user API.
 
     ``client`` returns the HTTP session for the provider (default: the shared
-    ``supabase_auth`` client). ``stop`` cancels the key-set refresh and drops
-    the caches; it is idempotent. ``check`` never fails: a provider outage is
+    ``supabase_auth`` client); ``timeout`` bounds each provider call, in
+    seconds. ``stop`` cancels the key-set refresh and drops the caches; it is
+    idempotent. ``check`` never fails: a provider outage is
     reported per request as 503, it is no reason to pull the instance.
     """
 
     name = "auth"
 
-    def __init__(self, settings: Settings, *, client: ClientProvider | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: ClientProvider | None = None,
+        timeout: float = 5.0,
+    ) -> None:
         self.settings = settings
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._client: ClientProvider = client or get_supabase_auth_http_client
         self.base_url = f"{settings.SUPABASE_URL}/auth/v1" if settings.SUPABASE_URL else None
         anon = settings.SUPABASE_ANON_KEY
@@ -227,7 +234,7 @@ class SupabaseAuth:
         self._anon_key = anon.get_secret_value() if anon else None
         self._service_key = service.get_secret_value() if service else None
         self.verifier: JWTVerifier[SupabaseUser] = JWTVerifier.from_settings(
-            settings, client=self._client, shape=user_from_claims
+            settings, client=self._client, shape=user_from_claims, timeout=timeout
         )
         self.introspections = 0
 
@@ -326,7 +333,7 @@ class SupabaseAuth:
                 headers=send_headers,
                 data=data,
                 params=params,
-                timeout=_REQUEST_TIMEOUT,
+                timeout=self._timeout,
             ) as resp:
                 body = await resp.content.read(_MAX_PROVIDER_BODY)
                 return resp.status, body, resp.headers

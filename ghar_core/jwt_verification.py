@@ -418,8 +418,12 @@ class JWTVerifier(Generic[T]):
         *,
         client: ClientProvider,
         shape: Callable[[dict[str, Any]], T],
+        timeout: float = 5.0,
     ) -> JWTVerifier[T]:
-        """The verifier the settings describe; without ``SUPABASE_URL`` no key set."""
+        """The verifier the settings describe; without ``SUPABASE_URL`` no key set.
+
+        ``timeout`` bounds one key-set fetch, in seconds.
+        """
         base = settings.SUPABASE_URL
         jwks: JWKSCache | None = None
         headers: dict[str, str] = {}
@@ -431,6 +435,7 @@ class JWTVerifier(Generic[T]):
                 client=client,
                 ttl=settings.JWKS_CACHE_TTL,
                 min_refresh_interval=settings.JWKS_MIN_REFRESH_INTERVAL,
+                timeout=timeout,
                 headers=headers,
             )
         secret = settings.SUPABASE_JWT_SECRET

@@ -24,7 +24,7 @@ from ghar_core.devtools import IdentityProviderServer, LocalIdentityProvider
 def settings_for(server: IdentityProviderServer, **overrides: Any) -> Settings:
     """Test settings pointing at ``server`` (process environment ignored)."""
     base = load_settings(app_env="test", environ={})
-    return dataclasses.replace(base, **server.settings_overrides(), **overrides)
+    return dataclasses.replace(base, **(server.settings_overrides() | overrides))
 
 
 def b64(data: bytes) -> str:

@@ -547,7 +547,7 @@ class IdentityProviderServer:
     async def start(self) -> str:
         if self._runner is not None:
             return self.url
-        runner = web.AppRunner(build_app(self.provider), access_log=None)
+        runner = web.AppRunner(build_app(self.provider), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:

@@ -1,0 +1,318 @@
+"""verify_supabase_token and the admin API against the local provider over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from ghar_core import auth as auth_module
+from ghar_core import http
+from ghar_core.auth import (
+    AuthenticationException,
+    AuthFailureReason,
+    AuthProviderUnavailableException,
+    SupabaseAuth,
+    verify_supabase_token,
+)
+from ghar_core.config import load_settings
+from ghar_core.devtools import IdentityProviderServer
+from ghar_core.exceptions import (
+    BaseAPIException,
+    ExternalServiceError,
+    UserNotFoundException,
+    ValidationException,
+    render_error,
+)
+from tests.idp import forge, hs256, settings_for
+from tests.strategies import token_attacks
+
+USER_KEYS = {
+    "id",
+    "email",
+    "phone",
+    "role",
+    "aud",
+    "app_metadata",
+    "user_metadata",
+    "is_anonymous",
+    "session_id",
+}
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[IdentityProviderServer]:
+    async with IdentityProviderServer() as server:
+        yield server
+    await http.close_all_clients()
+
+
+@pytest.fixture
+async def auth(idp: IdentityProviderServer) -> AsyncIterator[SupabaseAuth]:
+    resource = SupabaseAuth(settings_for(idp))
+    await resource.start()
+    yield resource
+    await resource.stop()
+
+
+def headers_of(exc: BaseException) -> dict[bytes, bytes]:
+    return dict(render_error(exc).headers)
+
+
+def assert_401(exc: BaseException, reason: AuthFailureReason) -> None:
+    rendered = render_error(exc)
+    assert rendered.status_code == 401
+    assert orjson.loads(rendered.body)["error"]["code"] == reason.value
+    challenge = headers_of(exc)[b"www-authenticate"]
+    if reason is AuthFailureReason.MISSING:
+        assert challenge == b"Bearer"
+    else:
+        assert challenge == b'Bearer error="invalid_token"'
+
+
+def assert_503(exc: BaseException) -> None:
+    rendered = render_error(exc)
+    assert rendered.status_code == 503
+    assert headers_of(exc)[b"retry-after"] == b"5"
+    assert orjson.loads(rendered.body)["error"]["code"] == "AUTH_PROVIDER_UNREACHABLE"
+
+
+async def test_local_path_returns_the_user_shape(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    token = idp.provider.mint_token(email="Asha@Example.com", phone="+911234567890")
+    user = await auth.verify_token(token)
+    assert set(user) == USER_KEYS
+    assert user["email"] == "asha@example.com"
+    assert user["phone"] == "+911234567890"
+    assert user["role"] == "authenticated"
+    assert user["aud"] == "authenticated"
+    assert user["is_anonymous"] is False
+    assert user["session_id"]
+    assert auth.introspections == 0
+    assert idp.provider.requests["user"] == 0
+
+
+async def test_cache_hit_does_no_crypto_and_no_io(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    token = idp.provider.mint_token()
+    first = await auth.verify_token(token)
+    checks = auth.verifier.signature_checks
+    for _ in range(1000):
+        assert auth.cached_user(token) is first
+        assert await auth.verify_token(token) is first
+    assert auth.verifier.signature_checks == checks == 1
+    assert idp.provider.requests == {"jwks": 1}
+
+
+async def test_provider_fallback_when_the_kid_is_not_fetchable_yet(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    await auth.verify_token(idp.provider.mint_token())  # key set fetched now
+    idp.provider.rotate_key()
+    token = idp.provider.mint_token(email="new@example.com")
+    user = await auth.verify_token(token)  # refresh rate-limited: the provider decides
+    local_shape = auth.verifier._shape  # same shape whichever path decided
+    assert set(user) == set(local_shape({"sub": "x", "aud": "a"}))
+    assert user["email"] == "new@example.com"
+    assert auth.introspections == 1
+    assert await auth.verify_token(token) is user  # cached after introspection
+    assert auth.introspections == 1
+
+
+async def test_legacy_hs256_without_secret_goes_to_the_provider(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    payload = {
+        "iss": idp.provider.issuer,
+        "aud": "authenticated",
+        "sub": str(uuid.uuid4()),
+        "exp": int(time.time()) + 60,
+    }
+    token = hs256({"alg": "HS256", "typ": "JWT"}, payload, b"legacy")
+    with pytest.raises(AuthenticationException) as info:
+        await auth.verify_token(token)
+    assert_401(info.value, AuthFailureReason.REJECTED)
+    assert info.value.details == {"reason": "provider said bad_jwt"}
+    assert idp.provider.requests["user"] == 1
+
+
+async def test_provider_rejections_are_401(auth: SupabaseAuth, idp: IdentityProviderServer) -> None:
+    await auth.verify_token(idp.provider.mint_token())
+    idp.provider.rotate_key()  # new kid: only the provider can decide for a while
+    gone = idp.provider.mint_token()
+    del idp.provider.users[next(reversed(idp.provider.users))]
+    revoked = idp.provider.mint_token(session_id="s-1")
+    idp.provider.revoked_sessions.add("s-1")
+    for token, code in ((gone, "user_not_found"), (revoked, "session_not_found")):
+        with pytest.raises(AuthenticationException) as info:
+            await auth.verify_token(token)
+        assert_401(info.value, AuthFailureReason.REJECTED)
+        assert info.value.details == {"reason": f"provider said {code}"}
+
+
+async def test_definitely_bad_tokens_never_reach_the_provider(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    expired = idp.provider.mint_token(headers={"kid": "unknown"}, claims={"exp": 1})
+    with pytest.raises(AuthenticationException) as info:
+        await auth.verify_token(expired)
+    assert_401(info.value, AuthFailureReason.EXPIRED)
+    with pytest.raises(AuthenticationException) as info:
+        await auth.verify_token("not-a-jwt")
+    assert_401(info.value, AuthFailureReason.MALFORMED)
+    for missing in (None, ""):
+        with pytest.raises(AuthenticationException) as info:
+            await auth.verify_token(missing)
+        assert_401(info.value, AuthFailureReason.MISSING)
+    assert idp.provider.requests == {}
+
+
+async def test_provider_down_with_keys_cached_still_verifies(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    await auth.verify_token(idp.provider.mint_token())
+    token = idp.provider.mint_token()
+    await idp.stop()
+    assert (await auth.verify_token(token))["id"]
+
+
+@pytest.mark.parametrize("outage", ["down", "500", "429", "slow"])
+async def test_provider_outage_with_nothing_cached_is_503(
+    idp: IdentityProviderServer, outage: str
+) -> None:
+    resource = SupabaseAuth(settings_for(idp), timeout=0.2)
+    token = idp.provider.mint_token()
+    if outage == "down":
+        await idp.stop()
+    elif outage == "slow":
+        idp.provider.delay = 2
+    else:
+        idp.provider.fail_status = int(outage)
+    with pytest.raises(AuthProviderUnavailableException) as info:
+        await resource.verify_token(token)
+    assert_503(info.value)
+    # Recovers by itself once the provider is back (introspection needs no refresh slot).
+    if outage == "down":
+        await idp.start()
+    idp.provider.fail_status = None
+    idp.provider.delay = 0
+    assert (await resource.verify_token(token))["id"]
+    await resource.stop()
+
+
+async def test_unconfigured_provider_is_503() -> None:
+    resource = SupabaseAuth(load_settings(app_env="test", environ={}))
+    with pytest.raises(AuthProviderUnavailableException) as info:
+        await resource.verify_token("a.b.c")
+    assert_503(info.value)
+    with pytest.raises(BaseAPIException) as admin:
+        await resource.get_user(str(uuid.uuid4()))
+    assert admin.value.status_code == 503
+
+
+async def test_module_level_function_uses_the_running_resource(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    assert auth_module.get_auth() is auth
+    user = await verify_supabase_token(idp.provider.mint_token(email="m@example.com"))
+    assert user["email"] == "m@example.com"
+    await auth.stop()
+    assert auth_module._default_auth is None
+
+
+async def test_concurrent_unknown_tokens_fetch_jwks_once(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    tokens = [idp.provider.mint_token() for _ in range(50)]
+    users = await asyncio.gather(*(auth.verify_token(t) for t in tokens))
+    assert len({u["id"] for u in users}) == 50
+    assert idp.provider.requests["jwks"] == 1
+    assert auth.introspections == 0
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(recipe=token_attacks())
+async def test_forged_tokens_get_a_4xx_never_a_user(
+    auth: SupabaseAuth, idp: IdentityProviderServer, recipe: tuple[Any, ...]
+) -> None:
+    token = forge(recipe, idp.provider)
+    with pytest.raises(AuthenticationException) as info:
+        await auth.verify_token(token)
+    rendered = render_error(info.value)
+    assert rendered.status_code == 401
+    assert orjson.loads(rendered.body)["error"]["code"].startswith("AUTH_TOKEN_")
+
+
+# -- admin API -------------------------------------------------------------------
+
+
+async def test_admin_user_lifecycle(auth: SupabaseAuth, idp: IdentityProviderServer) -> None:
+    created = await auth.create_user(
+        {"email": "Owner@Example.com", "password": "pw", "user_metadata": {"name": "Ravi"}}
+    )
+    assert created["email"] == "owner@example.com"
+    fetched = await auth.get_user(created["id"])
+    assert fetched["user_metadata"] == {"name": "Ravi"}
+    updated = await auth.update_user(created["id"], {"user_metadata": {"city": "Pune"}})
+    assert updated["user_metadata"] == {"name": "Ravi", "city": "Pune"}
+    await auth.delete_user(created["id"])
+    with pytest.raises(UserNotFoundException):
+        await auth.get_user(created["id"])
+    with pytest.raises(UserNotFoundException):
+        await auth.delete_user(created["id"])
+
+
+async def test_admin_list_pages(auth: SupabaseAuth) -> None:
+    emails = {f"u{i}@example.com" for i in range(7)}
+    for email in sorted(emails):
+        await auth.create_user({"email": email})
+    seen: list[str] = []
+    page: int | None = 1
+    while page is not None:
+        result = await auth.list_users(page=page, per_page=3)
+        assert result.total == 7
+        assert len(result.users) <= 3
+        seen.extend(u["email"] for u in result.users)
+        page = result.next_page
+    assert sorted(seen) == sorted(emails)
+    with pytest.raises(ValidationException):
+        await auth.list_users(page=0)
+
+
+async def test_admin_errors_map_to_our_exceptions(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    await auth.create_user({"email": "dup@example.com"})
+    with pytest.raises(ValidationException) as dup:
+        await auth.create_user({"email": "dup@example.com"})
+    assert dup.value.details == {"provider_error_code": "email_exists"}
+    with pytest.raises(ValidationException):
+        await auth.create_user({"email": "not an email"})
+    with pytest.raises(ValidationException):
+        await auth.get_user("../../etc/passwd")
+    idp.provider.fail_status = 500
+    with pytest.raises(AuthProviderUnavailableException) as down:
+        await auth.get_user(str(uuid.uuid4()))
+    assert_503(down.value)
+    idp.provider.fail_status = None
+    await idp.stop()
+    with pytest.raises(AuthProviderUnavailableException):
+        await auth.list_users()
+
+
+async def test_admin_with_a_wrong_service_key(idp: IdentityProviderServer) -> None:
+    from ghar_core.config import Secret
+
+    resource = SupabaseAuth(settings_for(idp, SUPABASE_SERVICE_ROLE_KEY=Secret("wrong")))
+    with pytest.raises(ExternalServiceError) as info:
+        await resource.list_users()
+    assert "SUPABASE_SERVICE_ROLE_KEY" in info.value.message
+    await resource.stop()
