@@ -123,3 +123,56 @@ def token_attacks() -> st.SearchStrategy[tuple[Any, ...]]:
             st.text(st.characters(min_codepoint=128), min_size=1, max_size=3),
         ),
     )
+
+
+# --- HTTP request parts (ASGI tests) ---------------------------------------------------
+
+http_methods = st.one_of(
+    st.sampled_from(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
+    st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=10),
+)
+"""Standard methods and made-up upper-case tokens."""
+
+_path_char = st.characters(blacklist_categories=("Cs",))
+request_paths = st.one_of(
+    st.sampled_from(["/", "/items/1", "/items/x", "/echo", "/raw", "/q", "/health", "/items/"]),
+    st.text(_path_char, max_size=40).map(lambda t: "/" + t),
+    st.lists(st.sampled_from(["%2F", "%00", "%", "..", "é", "items", "1", "\r\n", "~"])).map(
+        lambda parts: "/" + "/".join(parts)
+    ),
+    st.integers(1_000, 12_000).map(lambda n: "/" + "a" * n),
+)
+"""ASGI (already decoded) paths: percent signs, unicode, control characters, very long."""
+
+latin1_values = st.one_of(
+    st.text(st.characters(max_codepoint=255), max_size=64),
+    st.integers(1, 10_240).map(lambda n: "v" * n),
+    st.sampled_from(["a\r\nSet-Cookie: x=1", "\n", "\x00", " ", "x" * 129, "ok-id_1.2"]),
+)
+"""Header values as a hostile client could put on the wire (CR/LF, 10 KB, NUL)."""
+
+header_names = st.one_of(
+    st.sampled_from(["x-request-id", "content-type", "origin", "accept", "content-length"]),
+    st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20),
+)
+
+
+def _dump_json(value: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
+
+
+json_bodies = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([b"{", b"[1,", b'{"a":}', b"nul", b"\xff\xfe", b"[" * 2000, b"1e999999", b""]),
+    st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)
+        ),
+        max_leaves=10,
+    ).map(_dump_json),
+    st.integers(3_000, 20_000).map(lambda n: b'{"big": "' + b"x" * n + b'"}'),
+)
+"""Request bodies: random bytes, malformed JSON, valid JSON, and bodies over a small limit."""
