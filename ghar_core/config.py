@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from ghar_core.constants import VALID_VISION_PROVIDERS
+from ghar_core.envfile import EnvSyntaxError, parse_env_text
 
 __all__ = [
     "APP_ENVS",
@@ -45,8 +46,6 @@ __all__ = [
     "format_env_value",
     "get_settings",
     "load_settings",
-    "parse_env_text",
-    "quote_env_text",
     "reset_settings",
     "settings_fields",
 ]
@@ -672,83 +671,6 @@ def format_env_value(name: str, value: Any) -> str:
     return str(value)
 
 
-# --- env files --------------------------------------------------------------------
-
-_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$"}
-
-
-def _unquote_double(body: str) -> str:
-    out: list[str] = []
-    chars = iter(body)
-    for ch in chars:
-        if ch == "\\":
-            nxt = next(chars, "")
-            out.append(_ESCAPES.get(nxt, "\\" + nxt))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def quote_env_text(text: str) -> str:
-    """Quote ``text`` for an env file when it would not survive unquoted."""
-    if text and text == text.strip() and not re.search(r"[\s#\"'\\]", text):
-        return text
-    escaped = (
-        text.replace("\\", "\\\\")
-        .replace('"', '\\"')
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
-        .replace("\t", "\\t")
-    )
-    return f'"{escaped}"'
-
-
-def _parse_line_value(raw: str) -> str:
-    raw = raw.strip()
-    if raw.startswith('"'):
-        match = re.fullmatch(r'"((?:[^"\\]|\\.)*)"\s*(#.*)?', raw, re.DOTALL)
-        if not match:
-            raise ValueError("unterminated double-quoted value")
-        return _unquote_double(match.group(1))
-    if raw.startswith("'"):
-        match = re.fullmatch(r"'([^']*)'\s*(#.*)?", raw)
-        if not match:
-            raise ValueError("unterminated single-quoted value")
-        return match.group(1)
-    # Unquoted: a " #" starts a comment.
-    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
-
-
-def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
-    """Parse dotenv-style text: ``KEY=value`` lines, ``export``, quotes, comments.
-
-    Raises :class:`ConfigError` naming each bad line (file and line number).
-    """
-    values: dict[str, str] = {}
-    problems: list[tuple[str, str]] = []
-    # Split on "\n" only: str.splitlines() would also break on \x0b, \x1c,
-    # \u2028 and friends, which may legitimately sit inside a quoted value.
-    for number, line in enumerate(text.split("\n"), start=1):
-        stripped = line.removesuffix("\r").strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.startswith("export "):
-            stripped = stripped[len("export ") :].lstrip()
-        key, sep, raw = stripped.partition("=")
-        key = key.strip()
-        if not sep or not _KEY_RE.fullmatch(key):
-            problems.append((f"{source}:{number}", "expected KEY=value"))
-            continue
-        try:
-            values[key] = _parse_line_value(raw)
-        except ValueError as exc:
-            problems.append((f"{source}:{number} ({key})", str(exc)))
-    if problems:
-        raise ConfigError(problems)
-    return values
-
-
 # --- loading ------------------------------------------------------------------------
 
 _SPECS: dict[str, _Spec] = {f.name: f.metadata["spec"] for f in dataclasses.fields(Settings)}
@@ -787,7 +709,10 @@ def load_settings(
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError([(str(path), f"cannot read the env file: {exc}")]) from None
-        raw.update(parse_env_text(text, str(path)))
+        try:
+            raw.update(parse_env_text(text, str(path)))
+        except EnvSyntaxError as exc:
+            raise ConfigError(exc.problems) from None
     raw.update({k: v for k, v in env.items() if k in _SPECS})
     raw["APP_ENV"] = chosen
 

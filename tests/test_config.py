@@ -19,11 +19,10 @@ from ghar_core.config import (
     config_table_markdown,
     format_env_value,
     load_settings,
-    parse_env_text,
-    quote_env_text,
     settings_fields,
 )
-from tests.strategies import env_text, setting_value
+from ghar_core.envfile import parse_env_text, quote_env_text
+from tests.strategies import setting_value
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {name: (spec, default) for name, spec, default in settings_fields()}
@@ -53,22 +52,6 @@ def test_every_setting_round_trips_through_env_file_text(
     assert getattr(loaded, name) == value
     if name == "CORS_ORIGINS_STR" and value:
         assert loaded.CORS_ORIGINS == tuple(i.strip() for i in value.split(",") if i.strip())
-
-
-@given(text=env_text())
-def test_env_text_parser_returns_values_or_a_config_error(text: str) -> None:
-    try:
-        values = parse_env_text(text, "f")
-    except ConfigError as exc:
-        assert exc.problems
-        assert all(where.startswith("f:") for where, _ in exc.problems)
-    else:
-        assert all(isinstance(k, str) and isinstance(v, str) for k, v in values.items())
-
-
-@given(value=st.text(st.characters(blacklist_categories=("Cs",))))
-def test_quoting_preserves_any_text(value: str) -> None:
-    assert parse_env_text(f"K={quote_env_text(value)}\n") == {"K": value}
 
 
 TYPED = [n for n, (spec, _) in FIELDS.items() if spec.kind not in ("str", "secret", "list")]

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ghar_core"
 
 LAYERS = {
-    0: {"config", "logging", "exceptions", "utils", "constants", "cache", "lifecycle"},
+    0: {"config", "logging", "exceptions", "utils", "constants", "cache", "lifecycle", "envfile"},
     1: {
         "database",
         "db_resilience",
