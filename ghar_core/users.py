@@ -52,6 +52,14 @@ RETURNING id, supabase_user_id, email, phone, full_name, role, app_metadata,
 """
 
 
+def _utf8_safe(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
+
+
 def _text(data: Mapping[str, Any], key: str, problems: dict[str, str]) -> str | None:
     value = data.get(key)
     if value is None:
@@ -60,8 +68,8 @@ def _text(data: Mapping[str, Any], key: str, problems: dict[str, str]) -> str | 
         problems[key] = "must be a string or null"
         return None
     value = value.strip()
-    if "\x00" in value:
-        problems[key] = "must not contain NUL characters"
+    if "\x00" in value or (not value.isascii() and not _utf8_safe(value)):
+        problems[key] = "must be valid text without NUL characters"
         return None
     if len(value) > _MAX_TEXT:
         problems[key] = f"must be at most {_MAX_TEXT} characters"
