@@ -84,6 +84,43 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_migrate)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ghar_core.config import ConfigError, load_settings
+    from ghar_core.logging import configure_logging
+
+    try:
+        loaded = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure_logging(loaded)
+    # The factory runs in every worker: each builds its own app and resources
+    # from the same settings; lifespan "on" makes a failed start fatal.
+    uvicorn.run(
+        "ghar_core.asgi.app:create_app_for_server",
+        factory=True,
+        host=args.host or loaded.HOST,
+        port=loaded.PORT if args.port is None else args.port,
+        workers=args.workers,
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=int(loaded.SHUTDOWN_STEP_TIMEOUT) or 1,
+    )
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="serve the ASGI app with uvicorn (HOST/PORT from settings)")
+    p.add_argument("--host", default=None, help="address to bind (default: HOST)")
+    p.add_argument("--port", type=int, default=None, help="port to bind (default: PORT)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghar-core",
@@ -93,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
     _add_migrate(sub)
+    _add_serve(sub)
     return parser
 
 

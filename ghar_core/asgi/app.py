@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ghar_core.asgi.accesslog import AccessLogMiddleware, AccessSink, BufferedAccessLog
+from ghar_core.asgi.auth import register_auth_routes
 from ghar_core.asgi.cors import CORSMiddleware
 from ghar_core.asgi.datastructures import State
 from ghar_core.asgi.endpoints import health, ready
@@ -29,11 +30,13 @@ from ghar_core.asgi.requests import Request
 from ghar_core.asgi.responses import dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
+from ghar_core.auth import SupabaseAuth
 from ghar_core.exceptions import (
     BaseAPIException,
     MethodNotAllowedException,
     NotFoundException,
 )
+from ghar_core.http import HTTPClientsResource
 from ghar_core.lifecycle import Resource, Resources
 
 if TYPE_CHECKING:
@@ -59,6 +62,8 @@ def build_default_resources(settings: Settings) -> list[Resource]:
     """
     resources: list[Resource] = []
     # Each service adds its resource here.
+    resources.append(HTTPClientsResource())  # shared outbound sessions; stop closes them
+    resources.append(SupabaseAuth(settings))  # "auth": JWKS and token caches (issue 5)
     return resources
 
 
@@ -89,11 +94,11 @@ class App:
         self.state = State()
         self.router: Router[Handler] = Router()
         self.websocket_router: Router[WebSocketHandler] = Router()
-        self.lifespan_manager = LifespanManager(resources)
         self._access_log = access_log is not False
         self.access_log_sink: AccessSink | None = (
             None if isinstance(access_log, bool) else access_log
         )
+        self.lifespan_manager = LifespanManager(resources, after_shutdown=self._flush_access_log)
         self._cors = cors
         self._user_middleware: list[tuple[Callable[..., ASGIApp], dict[str, Any]]] = []
         self._no_startup: set[int] = set()
@@ -203,12 +208,12 @@ class App:
 
         A buffered access log is flushed afterwards, whatever happened.
         """
-        try:
-            await self.lifespan_manager.shutdown()
-        finally:
-            flush = getattr(self.access_log_sink, "flush", None)
-            if flush is not None:
-                flush()
+        await self.lifespan_manager.shutdown()
+
+    def _flush_access_log(self) -> None:
+        flush = getattr(self.access_log_sink, "flush", None)
+        if flush is not None:
+            flush()
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:
@@ -377,6 +382,7 @@ def create_app(
     if builtin_endpoints:
         app.add_route("/health", health, ("GET",), lazy_start=False)
         app.add_route("/ready", ready, ("GET",))
+        register_auth_routes(app)  # GET {API_V1_STR}/me (issue 5)
     return app
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ghar_core.exceptions import ServiceUnavailableException
@@ -40,8 +41,11 @@ _RETRY_INTERVAL = 1.0  # seconds between lazy start attempts after a failure
 class LifespanManager:
     """Start and stop one :class:`Resources` exactly once per cycle (see the module doc)."""
 
-    def __init__(self, resources: Resources) -> None:
+    def __init__(
+        self, resources: Resources, *, after_shutdown: Callable[[], None] | None = None
+    ) -> None:
         self.resources = resources
+        self.after_shutdown = after_shutdown
         self.started = False  # read on the hot path: a plain attribute
         self.stopped = False
         self._lock: asyncio.Lock | None = None
@@ -68,11 +72,18 @@ class LifespanManager:
             logger.debug("started resources: %s", ", ".join(self.resources.names) or "none")
 
     async def shutdown(self) -> None:
-        """Stop every started resource in reverse; raises ``LifecycleError`` listing failures."""
+        """Stop every started resource in reverse; raises ``LifecycleError`` listing failures.
+
+        ``after_shutdown`` (the app flushes its access log there) runs in any case.
+        """
         async with self._get_lock():
             self.started = False
             self.stopped = True
-            await self.resources.stop()
+            try:
+                await self.resources.stop()
+            finally:
+                if self.after_shutdown is not None:
+                    self.after_shutdown()
 
     async def ensure_started(self) -> None:
         """The lazy start for hosts without lifespan events; 503 while it cannot succeed."""

@@ -46,12 +46,12 @@ def is_json_media_type(content_type: str | None) -> bool:
 
 
 def _too_large(limit: int) -> PayloadTooLargeException:
-    # Connection: close so the server drops the unread rest of the body
-    # instead of parsing it on a kept-alive connection.
+    # No "Connection: close": closing a socket with unread data makes the
+    # kernel send RST, and the client may never see this 413. Servers discard
+    # the unread rest of the body after the response (with bounded buffers).
     return PayloadTooLargeException(
         f"The request body exceeds the limit of {limit} bytes.",
         details={"max_body_size": limit},
-        headers={"Connection": "close"},
     )
 
 

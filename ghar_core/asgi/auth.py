@@ -1,0 +1,144 @@
+"""``await current_user(request)``: the authenticated user of a request.
+
+The token comes from ``Authorization: Bearer <token>``; SSE and WebSocket
+routes (``allow_query_token=True``) may also pass it as the ``access_token``
+query parameter, because browsers cannot set headers on ``EventSource`` or
+``WebSocket`` (the access log redacts that parameter). Verification is the
+app's ``"auth"`` resource (:class:`~ghar_core.auth.SupabaseAuth`), or the
+process default when the app has none; a cached token costs a header scan, a
+hash and a dict lookup.
+
+The users row is synced through :func:`~ghar_core.users.get_or_create_user_from_supabase`
+(one upsert, safe when first requests race) when the app has a ``"database"``
+resource. Rows are remembered per provider user id for ``TOKEN_CACHE_TTL``
+seconds, so a busy user costs one upsert a minute, not one per request;
+profile changes at the provider show up within that time. The result is
+kept on ``request.state`` so several calls within one request verify once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from ghar_core.auth import (
+    AuthenticationException,
+    AuthFailureReason,
+    SupabaseAuth,
+    SupabaseUser,
+    get_auth,
+)
+from ghar_core.lifecycle import ResourceNotFound
+from ghar_core.users import get_or_create_user_from_supabase
+
+if TYPE_CHECKING:
+    from ghar_core.asgi.app import App
+    from ghar_core.asgi.requests import Request
+    from ghar_core.asgi.websocket import WebSocket
+
+__all__ = [
+    "ACCESS_TOKEN_PARAM",
+    "CurrentUser",
+    "bearer_token",
+    "current_user",
+    "me",
+    "register_auth_routes",
+]
+
+ACCESS_TOKEN_PARAM: Final = "access_token"
+_STATE_KEY: Final = "current_user"
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentUser:
+    """Who is calling: the provider's view (``identity``) and our users row.
+
+    ``row`` is ``None`` when the app has no database resource.
+    """
+
+    identity: SupabaseUser
+    row: dict[str, Any] | None
+
+    @property
+    def id(self) -> Any:
+        """Our users-row id when synced, else the provider's user id."""
+        return self.row["id"] if self.row is not None else self.identity["id"]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON the ``/me`` endpoint returns."""
+        identity = self.identity
+        base: dict[str, Any] = dict(self.row) if self.row is not None else {}
+        base.setdefault("supabase_user_id", identity["id"])
+        for key in ("email", "phone", "role", "app_metadata", "user_metadata"):
+            base.setdefault(key, identity[key])
+        base["is_anonymous"] = identity["is_anonymous"]
+        base["session_id"] = identity["session_id"]
+        return base
+
+
+def bearer_token(conn: Request | WebSocket, *, allow_query_token: bool = False) -> str | None:
+    """The token the client sent, or ``None``; a non-Bearer scheme is malformed.
+
+    Scans the raw ASGI headers for ``authorization`` (no header dict is built).
+    """
+    for name, value in conn.scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer":
+                raise AuthenticationException(
+                    AuthFailureReason.MALFORMED, "the Authorization scheme must be Bearer"
+                )
+            return token.strip() or None
+    if allow_query_token:
+        return conn.query_params.get(ACCESS_TOKEN_PARAM) or None
+    return None
+
+
+def _auth_of(app: App) -> SupabaseAuth:
+    try:
+        resource = app.resources.get("auth")
+    except ResourceNotFound:
+        return get_auth()
+    assert isinstance(resource, SupabaseAuth), "the 'auth' resource must be a SupabaseAuth"
+    return resource
+
+
+async def current_user(
+    conn: Request | WebSocket, *, allow_query_token: bool = False
+) -> CurrentUser:
+    """The verified caller of this request or WebSocket; raises 401 or 503.
+
+    ``allow_query_token`` also accepts ``?access_token=`` (SSE and WebSocket
+    routes only: query strings end up in browser history and proxies' logs).
+    """
+    state = conn.state.__dict__
+    known: CurrentUser | None = state.get(_STATE_KEY)
+    if known is not None:
+        return known
+    token = bearer_token(conn, allow_query_token=allow_query_token)
+    auth = _auth_of(conn.app)
+    identity = (auth.cached_user(token) if token else None) or await auth.verify_token(token)
+    row: dict[str, Any] | None = None
+    try:
+        db = conn.app.resources.get("database")
+    except ResourceNotFound:
+        db = None
+    if db is not None:
+        rows = auth.user_rows
+        row = rows.get(identity["id"])
+        if row is None:
+            row = await get_or_create_user_from_supabase(db, identity)  # type: ignore[arg-type]
+            rows.set(identity["id"], row)
+    user = CurrentUser(identity, row)
+    state[_STATE_KEY] = user
+    return user
+
+
+async def me(request: Request) -> dict[str, Any]:
+    """``GET {API_V1_STR}/me``: the authenticated user."""
+    return (await current_user(request)).as_dict()
+
+
+def register_auth_routes(app: App) -> None:
+    """Add ``GET {API_V1_STR}/me`` to ``app`` (``create_app`` does this)."""
+    app.add_route(f"{app.settings.API_V1_STR}/me", me, ("GET",))

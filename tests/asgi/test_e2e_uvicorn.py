@@ -1,0 +1,204 @@
+"""End to end: the app under a real uvicorn on a free loopback port, an aiohttp client.
+
+Also ``ghar-core serve`` as a subprocess: it binds, answers, logs access lines
+and shuts down cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import uvicorn
+
+from ghar_core.asgi import StreamingResponse, create_app
+from ghar_core.asgi.types import ASGIApp
+from tests.asgi.conftest import make_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def serve(app: ASGIApp, **options) -> AsyncIterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        ws="none",
+        http="httptools",
+        **options,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn exited during startup")
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(10):
+            await task
+        sock.close()
+
+
+class Tracked:
+    name = "tracked"
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def start(self) -> None:
+        self.events.append("start")
+
+    async def stop(self) -> None:
+        self.events.append("stop")
+
+    async def check(self) -> None:
+        pass
+
+
+def _app(resource: Tracked):
+    app = create_app(make_settings(MAX_BODY_SIZE=1024), resources=[resource])
+    closed = asyncio.Event()
+    app.state.closed = closed
+
+    @app.get("/items/{id:int}")
+    async def item(request):
+        return {"id": request.path_params["id"], "root": request.root_path}
+
+    @app.post("/upload")
+    async def upload(request):
+        return {"size": len(await request.body())}
+
+    @app.get("/sse")
+    async def sse(request):
+        async def events():
+            try:
+                n = 0
+                while True:
+                    n += 1
+                    yield f"data: {n}\n\n"
+                    await asyncio.sleep(0.02)
+            finally:
+                closed.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+async def test_http_through_uvicorn() -> None:
+    res = Tracked()
+    app = _app(res)
+    async with serve(app) as base, aiohttp.ClientSession() as http:
+        assert res.events == ["start"]
+        async with http.get(f"{base}/items/7", headers={"X-Request-ID": "e2e-1"}) as r:
+            assert r.status == 200
+            assert await r.json() == {"id": 7, "root": ""}
+            assert r.headers["X-Request-ID"] == "e2e-1"
+        async with http.get(f"{base}/items/x", headers={"X-Request-ID": "bad id!"}) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "NOT_FOUND"
+            assert r.headers["X-Request-ID"] != "bad id!"
+        async with http.head(f"{base}/items/7") as r:
+            assert r.status == 200
+            assert await r.read() == b""
+        async with http.post(
+            f"{base}/upload", data=b"x" * 100_000, headers={"content-type": "application/json"}
+        ) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
+        async with http.get(f"{base}/sse") as r:
+            assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+            assert (await r.content.readline()) == b"data: 1\n"
+        # The client went away: the server notices and the generator is closed.
+        async with asyncio.timeout(5):
+            await app.state.closed.wait()
+    assert res.events == ["start", "stop"]
+
+
+async def test_root_path_under_uvicorn() -> None:
+    """``--root-path /core``: a proxy stripped /core; uvicorn puts it back into path."""
+    app = _app(Tracked())
+    async with (
+        serve(app, root_path="/core") as base,
+        aiohttp.ClientSession() as http,
+        http.get(f"{base}/items/3") as r,
+    ):
+        assert r.status == 200
+        assert await r.json() == {"id": 3, "root": "/core"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_cli_serve_subprocess() -> None:
+    port = _free_port()
+    env = {**os.environ, "APP_ENV": "test", "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, reaped in a thread below
+        [sys.executable, "-m", "ghar_core", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = None
+            for _ in range(200):
+                try:
+                    async with http.get(
+                        f"http://127.0.0.1:{port}/health?token=s3cret",
+                        headers={"X-Request-ID": "cli-1"},
+                    ) as r:
+                        body = await r.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            assert body is not None, "ghar-core serve did not come up"
+            assert body["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = await asyncio.to_thread(proc.communicate, timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    log = err.decode()
+    # uvicorn re-raises the signal after its graceful shutdown (exit -15).
+    assert proc.returncode in (0, -signal.SIGTERM), log
+    assert "Application shutdown complete." in log
+    assert '"path":"/health?token=[REDACTED]"' in log
+    assert '"request_id":"cli-1"' in log
+    assert "s3cret" not in log
+
+
+@pytest.mark.parametrize("argv", [["serve", "--help"]])
+def test_serve_help(argv, capsys) -> None:
+    from ghar_core.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert "--workers" in capsys.readouterr().out
