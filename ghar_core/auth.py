@@ -35,6 +35,7 @@ from typing import Any, Final, TypedDict
 import aiohttp
 import orjson
 
+from ghar_core.cache import TTLCache
 from ghar_core.config import Settings, get_settings
 from ghar_core.exceptions import (
     BaseAPIException,
@@ -237,6 +238,10 @@ class SupabaseAuth:
             settings, client=self._client, shape=user_from_claims, timeout=timeout
         )
         self.introspections = 0
+        # Users rows the ASGI layer synced, by provider user id (see asgi/auth.py).
+        self.user_rows: TTLCache[str, dict[str, Any]] = TTLCache(
+            max_size=settings.TOKEN_CACHE_MAX_SIZE, ttl=settings.TOKEN_CACHE_TTL
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -249,6 +254,7 @@ class SupabaseAuth:
             set_default_auth(None)
         await self.verifier.aclose()
         self.verifier.token_cache.clear()
+        self.user_rows.clear()
 
     async def check(self) -> None:
         return None

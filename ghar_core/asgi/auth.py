@@ -18,6 +18,7 @@ kept on ``request.state`` so several calls within one request verify once.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -67,7 +68,10 @@ class CurrentUser:
     def as_dict(self) -> dict[str, Any]:
         """The JSON the ``/me`` endpoint returns."""
         identity = self.identity
-        base: dict[str, Any] = dict(self.row) if self.row is not None else {}
+        base: dict[str, Any] = {}
+        for key, value in (self.row or {}).items():
+            # asyncpg's UUID subclass is not one orjson knows: send the text form.
+            base[key] = str(value) if isinstance(value, uuid.UUID) else value
         base.setdefault("supabase_user_id", identity["id"])
         for key in ("email", "phone", "role", "app_metadata", "user_metadata"):
             base.setdefault(key, identity[key])
