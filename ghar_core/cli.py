@@ -121,6 +121,50 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_serve)
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ghar_core.config import ConfigError, load_settings
+    from ghar_core.devtools.identity_provider import (
+        DEV_PROVIDER_URL,
+        DEV_SERVICE_ROLE_KEY,
+        TokenRequestError,
+        request_token,
+    )
+
+    try:
+        loaded = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    url = args.provider_url or loaded.SUPABASE_URL or DEV_PROVIDER_URL
+    key = loaded.SUPABASE_SERVICE_ROLE_KEY
+    service_key = key.get_secret_value() if key else DEV_SERVICE_ROLE_KEY
+    try:
+        token = asyncio.run(
+            request_token(url, service_key, sub=args.sub, email=args.email, expires_in=args.ttl)
+        )
+    except TokenRequestError as exc:
+        print(f"ghar-core token: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "token", help="print an access token minted by the local identity provider (dev only)"
+    )
+    p.add_argument("--sub", help="user id (UUID); default: the user with --email, else a new one")
+    p.add_argument("--email", help="the user's email (the user is created when new)")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default: 3600)")
+    p.add_argument(
+        "--provider-url",
+        help="the local provider's base URL (default: SUPABASE_URL, else http://127.0.0.1:54321)",
+    )
+    p.set_defaults(func=_cmd_token)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghar-core",
@@ -131,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub)
     _add_migrate(sub)
     _add_serve(sub)
+    _add_token(sub)
     return parser
 
 

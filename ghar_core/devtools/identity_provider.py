@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import aiohttp
 import jwt
 import orjson
 from aiohttp import web
@@ -51,7 +52,9 @@ __all__ = [
     "DEV_SERVICE_ROLE_KEY",
     "IdentityProviderServer",
     "LocalIdentityProvider",
+    "TokenRequestError",
     "build_app",
+    "request_token",
 ]
 
 DEV_PROVIDER_URL: Final = "http://127.0.0.1:54321"
@@ -579,3 +582,47 @@ class IdentityProviderServer:
             "SUPABASE_ANON_KEY": Secret(self.provider.anon_key),
             "SUPABASE_SERVICE_ROLE_KEY": Secret(self.provider.service_role_key),
         }
+
+
+class TokenRequestError(Exception):
+    """The local provider could not be reached or refused to mint a token."""
+
+
+async def request_token(
+    base_url: str,
+    service_role_key: str,
+    *,
+    sub: str | None = None,
+    email: str | None = None,
+    expires_in: int = 3600,
+) -> str:
+    """Ask a running local provider (``POST /auth/v1/dev/token``) for an access token.
+
+    Opens and closes its own short-lived session (a one-off CLI call).
+    """
+    body: dict[str, Any] = {"expires_in": expires_in}
+    if sub:
+        body["sub"] = sub
+    if email:
+        body["email"] = email
+    url = f"{base_url.rstrip('/')}/auth/v1/dev/token"
+    headers = {"Authorization": f"Bearer {service_role_key}", "apikey": service_role_key}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.post(url, data=orjson.dumps(body), headers=headers) as resp,
+        ):
+            raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise TokenRequestError(
+            f"cannot reach the local identity provider at {base_url} ({exc}); "
+            "start it with `ghar-core dev` or pass --provider-url"
+        ) from exc
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if resp.status != 200 or not isinstance(data, dict) or "access_token" not in data:
+        detail = data.get("msg") if isinstance(data, dict) else raw[:200].decode(errors="replace")
+        raise TokenRequestError(f"the provider answered HTTP {resp.status}: {detail}")
+    return str(data["access_token"])
