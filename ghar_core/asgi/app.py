@@ -31,6 +31,7 @@ from ghar_core.asgi.responses import dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.auth import SupabaseAuth
+from ghar_core.database import Database
 from ghar_core.exceptions import (
     BaseAPIException,
     MethodNotAllowedException,
@@ -62,6 +63,7 @@ def build_default_resources(settings: Settings) -> list[Resource]:
     """
     resources: list[Resource] = []
     # Each service adds its resource here.
+    resources.append(Database(settings))  # "database": main + background pools (issue 4)
     resources.append(HTTPClientsResource())  # shared outbound sessions; stop closes them
     resources.append(SupabaseAuth(settings))  # "auth": JWKS and token caches (issue 5)
     return resources
