@@ -29,6 +29,7 @@ from ghar_core.jwt_verification import (
     CannotDecide,
     JWKSCache,
     JWTVerifier,
+    TokenCache,
     TokenRejected,
 )
 from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64
@@ -393,3 +394,27 @@ async def test_forged_tokens_are_never_accepted(
     with pytest.raises((TokenRejected, CannotDecide)):
         await verifier.verify(token)
     await verifier.aclose()
+
+
+def test_token_cache_lifetime_and_keys() -> None:
+    mono, wall = Clock(), Clock()
+    cache: TokenCache[str] = TokenCache(ttl=60, max_size=2, clock=mono, wall_clock=wall)
+    token = "h." + "p" * 40 + ".signature-bytes-0123456789"
+    cache.put(token, "user", wall.now + 10)  # exp in 10 s: lives 10 s, not 60
+    assert cache.get(token) == "user"
+    assert cache.get("x" + token[1:]) is None  # another token, another key
+    mono.now += 10
+    assert cache.get(token) is None
+    cache.put(token, "user", wall.now + 3600)  # lives the cache's 60 s at most
+    mono.now += 59
+    assert cache.get(token) == "user"
+    mono.now += 1
+    assert cache.get(token) is None
+    cache.put(token, "user", wall.now - 1)  # already expired: not stored
+    cache.put("short", "user", wall.now + 60)  # not a JWT: not stored
+    cache.put(token, "user", "soon")  # exp not a number: not stored
+    assert len(cache) == 0
+    for i in range(3):
+        cache.put(f"{i}{token}", "u", wall.now + 60)
+    assert len(cache) == 2  # LRU-bounded
+    assert cache.get(f"0{token}") is None

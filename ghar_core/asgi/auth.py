@@ -87,12 +87,13 @@ def bearer_token(conn: Request | WebSocket, *, allow_query_token: bool = False) 
     """
     for name, value in conn.scope.get("headers", ()):
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer":
-                raise AuthenticationException(
-                    AuthFailureReason.MALFORMED, "the Authorization scheme must be Bearer"
-                )
-            return token.strip() or None
+            if value[:7].lower() == b"bearer ":
+                return value[7:].decode("latin-1").strip() or None
+            if value.strip().lower() == b"bearer":
+                return None
+            raise AuthenticationException(
+                AuthFailureReason.MALFORMED, "the Authorization scheme must be Bearer"
+            )
     if allow_query_token:
         return conn.query_params.get(ACCESS_TOKEN_PARAM) or None
     return None
