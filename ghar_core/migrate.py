@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 
 __all__ = [
     "MIGRATION_LOCK_KEY",
