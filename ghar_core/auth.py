@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
@@ -238,6 +238,9 @@ class SupabaseAuth:
             settings, client=self._client, shape=user_from_claims, timeout=timeout
         )
         self.introspections = 0
+        #: ``cached_user(token)``: the user of an already verified token or ``None``;
+        #: no I/O, no crypto (the token cache's own lookup, bound once: the hot path).
+        self.cached_user: Callable[[str], SupabaseUser | None] = self.verifier.token_cache.get
         # Users rows the ASGI layer synced, by provider user id (see asgi/auth.py).
         self.user_rows: TTLCache[str, dict[str, Any]] = TTLCache(
             max_size=settings.TOKEN_CACHE_MAX_SIZE, ttl=settings.TOKEN_CACHE_TTL
@@ -264,10 +267,6 @@ class SupabaseAuth:
         self.verifier.purge()
 
     # -- verification ----------------------------------------------------------
-
-    def cached_user(self, token: str) -> SupabaseUser | None:
-        """The user of an already verified ``token`` or ``None``: no I/O, no crypto."""
-        return self.verifier.token_cache.get(token)
 
     async def verify_token(self, token: str | None) -> SupabaseUser:
         """The user the token belongs to; raises the 401/503 exceptions above."""

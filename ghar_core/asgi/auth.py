@@ -87,7 +87,8 @@ def bearer_token(conn: Request | WebSocket, *, allow_query_token: bool = False) 
     """
     for name, value in conn.scope.get("headers", ()):
         if name == b"authorization":
-            if value[:7].lower() == b"bearer ":
+            scheme = value[:7]
+            if scheme == b"Bearer " or scheme.lower() == b"bearer ":
                 return value[7:].decode("latin-1").strip() or None
             if value.strip().lower() == b"bearer":
                 return None

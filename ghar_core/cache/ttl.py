@@ -74,18 +74,17 @@ class TTLCache(Generic[K, V]):
 
     def get(self, key: K, default: object = None) -> object:
         """The live value for ``key`` or ``default``; an expired entry is dropped."""
-        entry = self._data.get(key)
-        if entry is None:
-            self.stats.misses += 1
-            return default
-        if entry[0] <= self._clock():
-            del self._data[key]
+        data = self._data
+        entry = data.get(key)
+        if entry is not None:
+            if entry[0] > self._clock():
+                data.move_to_end(key)
+                self.stats.hits += 1
+                return entry[1]
+            del data[key]
             self.stats.expirations += 1
-            self.stats.misses += 1
-            return default
-        self._data.move_to_end(key)
-        self.stats.hits += 1
-        return entry[1]
+        self.stats.misses += 1
+        return default
 
     def set(self, key: K, value: V, ttl: float | None = None) -> None:
         """Store ``value`` for ``ttl`` seconds, capped at the cache's ``ttl``.
