@@ -49,7 +49,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeGuard, TypeVar
 
 import aiohttp
 import orjson
@@ -164,7 +164,7 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return _json_object(header, "header"), _json_object(payload, "payload")
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return type(value) is int or type(value) is float
 
 
@@ -210,7 +210,7 @@ class TokenCache(Generic[T]):
         """Cache ``value`` until ``exp`` (seconds since the epoch) at the latest."""
         if not _is_number(exp) or len(token) < 2 * _TAIL:
             return
-        lifetime = float(exp) - self._wall()  # type: ignore[arg-type]
+        lifetime = float(exp) - self._wall()
         self._cache.set(hash(token), (token[-_TAIL:], value), lifetime)
 
     def clear(self) -> None:

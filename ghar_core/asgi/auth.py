@@ -19,6 +19,7 @@ kept on ``request.state`` so several calls within one request verify once.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -67,7 +68,7 @@ class CurrentUser:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON the ``/me`` endpoint returns."""
-        identity = self.identity
+        identity: Mapping[str, Any] = self.identity
         base: dict[str, Any] = {}
         for key, value in (self.row or {}).items():
             # asyncpg's UUID subclass is not one orjson knows: send the text form.

@@ -128,7 +128,7 @@ class TTLCache(Generic[K, V]):
         self.stats = CacheStats()
 
     def __contains__(self, key: object) -> bool:
-        entry = self._data.get(key)  # type: ignore[call-overload]
+        entry = self._data.get(key)  # type: ignore[arg-type]
         return entry is not None and entry[0] > self._clock()
 
     def __len__(self) -> int:

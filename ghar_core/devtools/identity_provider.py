@@ -189,7 +189,7 @@ class LocalIdentityProvider:
         now = _now_iso()
         confirmed = now if attributes.get("email_confirm") and email else None
         provider = "email" if email else "phone" if phone else "anonymous"
-        user = {
+        user: dict[str, Any] = {
             "id": user_id,
             "aud": self.audience,
             "role": attributes.get("role") or "authenticated",
