@@ -464,3 +464,35 @@ def test_default_statement_cache_fails_through_pgbouncer(
     assert isinstance(failure, asyncpg.InvalidSQLStatementNameError), failure
     assert "pgbouncer" in str(failure).lower() or "does not exist" in str(failure)
     assert run_sync(scenario(0)) is None
+
+
+# --- through the app ------------------------------------------------------------------------
+
+
+async def test_app_owns_a_database_and_renders_503_on_exhaustion(db_settings: Settings) -> None:
+    from ghar_core.asgi.app import create_app
+    from ghar_core.testing import TestClient
+
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=0, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=0.1
+    )
+    app = create_app(settings, access_log=False)
+
+    @app.get("/count")
+    async def count(request: object) -> dict[str, int]:
+        database = request.resources.get("database")  # type: ignore[attr-defined]
+        async with database.connection() as conn:
+            return {"one": await conn.fetchval("SELECT 1")}
+
+    async with TestClient(app) as client:
+        ok = await client.get("/count")
+        assert ok.status_code == 200
+        assert ok.json() == {"one": 1}
+        assert (await client.get("/ready")).status_code == 200
+        database = app.resources.get("database")
+        assert isinstance(database, Database)
+        async with database.connection():  # the only connection is busy
+            busy = await client.get("/count")
+        assert busy.status_code == 503
+        assert busy.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert busy.headers.get("retry-after") == "1"
