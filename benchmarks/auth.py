@@ -339,6 +339,17 @@ def render(rows: list[Row], meta: dict[str, Any], rounds: int, command: str) -> 
             f"**{ours / bare:.2f}x** ({'met' if ours / bare <= 1.1 else 'missed'})."
         )
     lines.append(
+        "- Why ours beats bare PyJWT: PyJWT 2.15 checks every base64url character of each "
+        "segment in a Python generator and decodes JSON with the stdlib; we validate the whole "
+        "token with one regex and parse with orjson. The signature check itself is the same "
+        "PyJWT algorithm object on the same cached key object."
+    )
+    lines.append(
+        "- The cache-hit path sits close to its 1 µs target on this loaded box: read the spread "
+        "of the rounds, not only the median. Most of it is hashing the ~800-byte token and "
+        "decoding the header; SHA-256 alone would take most of the budget (floor row 2)."
+    )
+    lines.append(
         "- Introspection is a floor: the provider here is in-process on loopback; a real one adds "
         "a network round trip (milliseconds) and its own load, which is why it is the fallback."
     )
