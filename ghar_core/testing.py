@@ -148,7 +148,7 @@ class TestWebSocket:
         await self.send_text(orjson.dumps(data).decode())
 
     async def receive(self) -> Message:
-        """The next message from the app; a close raises ``ConnectionError`` (see ``close_code``)."""
+        """The next message from the app; a close raises ``ConnectionError``."""
         message = await self._from_app.get()
         if message["type"] == "websocket.close":
             self.close_code = message.get("code", 1000)
@@ -457,7 +457,11 @@ class TestClient:
         to_app: asyncio.Queue[Message] = asyncio.Queue()
         from_app: asyncio.Queue[Message] = asyncio.Queue()
         await to_app.put({"type": "websocket.connect"})
-        task = asyncio.create_task(self.app(scope, to_app.get, from_app.put))
+
+        async def run() -> None:
+            await self.app(scope, to_app.get, from_app.put)
+
+        task = asyncio.create_task(run())
         try:
             async with asyncio.timeout(self.timeout):
                 first = await from_app.get()

@@ -167,7 +167,7 @@ json_bodies = st.one_of(
     st.binary(max_size=64),
     st.sampled_from([b"{", b"[1,", b'{"a":}', b"nul", b"\xff\xfe", b"[" * 2000, b"1e999999", b""]),
     st.recursive(
-        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)),
+        st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=10)),
         lambda inner: st.one_of(
             st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)
         ),

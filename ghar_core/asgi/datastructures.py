@@ -51,7 +51,7 @@ class Headers(Mapping[str, str]):
     def __getitem__(self, key: str) -> str:
         return self._lookup()[key.lower()]
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return self._lookup().get(key.lower(), default)
 
     def __contains__(self, key: object) -> bool:
