@@ -100,6 +100,8 @@ class TestStreamResponse:
         """Body chunks as the app sends them, until the last one."""
         while not self.complete:
             message = await self._messages.get()
+            if message["type"] == "ghar.test.app-returned":
+                return  # the app stopped mid-body: ``complete`` stays False
             if message["type"] != "http.response.body":
                 raise ASGIProtocolError(f"expected a body message, got {message['type']!r}")
             if not message.get("more_body", False):

@@ -98,3 +98,13 @@ async def test_hung_app_fails_instead_of_hanging() -> None:
 
     with pytest.raises(TimeoutError):
         await TestClient(hung, timeout=0.05).get("/")
+
+
+async def test_stream_of_an_app_that_stops_mid_body_is_incomplete() -> None:
+    async def truncating(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+
+    async with TestClient(truncating).stream("GET", "/") as r:
+        assert await r.read() == b"part"
+    assert not r.complete
