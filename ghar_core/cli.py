@@ -139,7 +139,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
         return 2
     url = args.provider_url or loaded.SUPABASE_URL or DEV_PROVIDER_URL
     key = loaded.SUPABASE_SERVICE_ROLE_KEY
-    service_key = key.get_secret_value() if key else DEV_SERVICE_ROLE_KEY
+    service_key = args.service_role_key or (key.get_secret_value() if key else DEV_SERVICE_ROLE_KEY)
     try:
         token = asyncio.run(
             request_token(url, service_key, sub=args.sub, email=args.email, expires_in=args.ttl)
@@ -161,6 +161,10 @@ def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--provider-url",
         help="the local provider's base URL (default: SUPABASE_URL, else http://127.0.0.1:54321)",
+    )
+    p.add_argument(
+        "--service-role-key",
+        help="service-role key (default: SUPABASE_SERVICE_ROLE_KEY, else the dev key)",
     )
     p.set_defaults(func=_cmd_token)
 

@@ -182,6 +182,7 @@ async def test_request_token_and_the_cli(idp: IdentityProviderServer, capsys: An
     with pytest.raises(TokenRequestError, match="HTTP 400"):
         await request_token(idp.url, DEV_SERVICE_ROLE_KEY, sub="not-a-uuid")
     argv = ["token", "--provider-url", idp.url, "--email", "cli@example.com", "--ttl", "120"]
+    argv += ["--service-role-key", DEV_SERVICE_ROLE_KEY]
     code = await asyncio.to_thread(cli.main, argv)
     out = capsys.readouterr().out.strip()
     assert code == 0
