@@ -160,30 +160,29 @@ class BufferedAccessLog:
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        self._plain_infix = f"Z INFO     {logger_name} ["
         self._closed = False
         self._reported = False
         _open_buffers.add(self)
 
-    def _timestamp(self, now: float) -> str:
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
-
     def __call__(self, method: str, path: str, status: int, duration_ms: float) -> None:
         if self._closed:
             return
-        ts = self._timestamp(time.time())
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            # The date part changes once a second; format it only then.
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        millis = int((now - second) * 1000)
         rid = request_id_var.get() or "-"
-        message = f"{method} {path} {status} {duration_ms:.2f}ms"
         if self.json:
             line = orjson.dumps(
                 {
-                    "ts": ts,
+                    "ts": f"{self._stamp}{millis:03d}Z",
                     "level": "INFO",
                     "logger": self.logger_name,
-                    "message": message,
+                    "message": f"{method} {path} {status} {duration_ms:.2f}ms",
                     "request_id": rid,
                     "method": method,
                     "path": path,
@@ -192,7 +191,10 @@ class BufferedAccessLog:
                 }
             ).decode()
         else:
-            line = f"{ts} INFO     {self.logger_name} [{rid}] {message}"
+            line = (
+                f"{self._stamp}{millis:03d}{self._plain_infix}{rid}] "
+                f"{method} {path} {status} {duration_ms:.2f}ms"
+            )
         lines = self._lines
         lines.append(line)
         if len(lines) >= self.max_lines:
