@@ -42,7 +42,7 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     from ghar_core.config import ConfigError, load_settings
     from ghar_core.migrate import MigrationError, migrate_dsn, migration_status

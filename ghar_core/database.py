@@ -70,7 +70,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import orjson
 
 from ghar_core.config import Settings

@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 __all__ = [
     "MIGRATION_LOCK_KEY",

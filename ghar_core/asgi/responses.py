@@ -8,7 +8,8 @@ without building an object at all (the hot path).
 JSON: orjson serialises ``str``/numbers/``bool``/``None``, ``dict``/``list``,
 ``uuid.UUID``, ``datetime``/``date``/``time`` (ISO 8601), dataclasses and
 enums natively; :func:`json_default` adds ``Decimal`` (as a string, so money
-keeps its digits) and ``set``/``frozenset`` (as lists). Anything else is a
+keeps its digits), ``set``/``frozenset`` (as lists) and ``UUID`` subclasses
+such as asyncpg's (orjson only knows the exact ``uuid.UUID`` type). Anything else is a
 ``TypeError`` -- a programming error, so it becomes a 500.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterable, Iterable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -45,7 +47,9 @@ _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
 def json_default(value: Any) -> Any:
-    """orjson ``default``: ``Decimal`` as a string, sets as lists."""
+    """orjson ``default``: ``Decimal`` as a string, sets as lists, UUID subclasses as text."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, set | frozenset):

@@ -189,3 +189,15 @@ async def test_error_mid_stream_truncates_and_logs(settings: Settings, caplog) -
     errors = [rec for rec in caplog.records if rec.name == "ghar_core.errors"]
     assert len(errors) == 1
     assert "after the response started" in errors[0].getMessage()
+
+
+def test_uuid_subclasses_serialise_as_text() -> None:
+    # asyncpg returns its own UUID subclass, which orjson does not know natively.
+    from ghar_core.asgi.responses import dump_json
+
+    class DriverUUID(uuid.UUID):
+        pass
+
+    value = DriverUUID("12345678-1234-5678-1234-567812345678")
+    assert dump_json({"id": value}) == b'{"id":"12345678-1234-5678-1234-567812345678"}'
+    assert dump_json({"n": Decimal("1.10"), "s": {1}}) == b'{"n":"1.10","s":[1]}'
