@@ -12,10 +12,12 @@ credentials), ``Allow-Credentials`` when configured, ``Vary: Origin`` and
 A request from another origin passes through without CORS headers, and the
 browser withholds the answer.
 
-The middleware sits inside the error envelope, so errors raised by
-handlers as :class:`~ghar_core.exceptions.BaseAPIException` (rendered by the
-router) carry the CORS headers; the last-resort 500 rendered by the
-envelope middleware does not.
+The middleware sits inside the error envelope. Errors raised by handlers
+as :class:`~ghar_core.exceptions.BaseAPIException` are rendered by the
+router and pass through here; for the last-resort 500, rendered by the
+envelope middleware outside us, we leave the headers in the scope under
+``CORS_SCOPE_KEY`` and the envelope middleware adds them, so a browser can
+read every error (and its request id).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ghar_core.asgi.middleware import send_error
+from ghar_core.asgi.middleware import CORS_SCOPE_KEY, send_error
 from ghar_core.asgi.routing import HTTP_METHODS
 from ghar_core.exceptions import ForbiddenException
 
@@ -99,6 +101,7 @@ class CORSMiddleware:
             await self.app(scope, receive, send)
             return
         extra = ((b"access-control-allow-origin", self._allow_origin_value(origin)), *self._tail)
+        scope[CORS_SCOPE_KEY] = extra
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":

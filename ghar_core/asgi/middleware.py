@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "CORS_SCOPE_KEY",
     "ErrorEnvelopeMiddleware",
     "RequestIDMiddleware",
     "is_valid_request_id",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 _REQUEST_ID_HEADER = b"x-request-id"
+#: Where the CORS middleware leaves the headers an allowed origin gets, so the
+#: last-resort 500 (sent from outside CORS) is readable by the browser too.
+CORS_SCOPE_KEY = "ghar.cors_headers"
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 
 
@@ -175,14 +179,19 @@ class ErrorEnvelopeMiddleware:
                 self.logger.error("unhandled error in %s", where, exc_info=exc)
             elif exc.status_code >= 500:
                 self.logger.warning("%s answered %d: %s", where, exc.status_code, exc.message)
-            await send_error(scope, send, exc)
+            await send_error(scope, send, exc, extra_headers=scope.get(CORS_SCOPE_KEY, ()))
 
 
-async def send_error(scope: Scope, send: Send, exc: BaseException) -> None:
+async def send_error(
+    scope: Scope,
+    send: Send,
+    exc: BaseException,
+    *,
+    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
     """Send ``exc`` rendered as the envelope (headers only for HEAD)."""
     rendered = render_error(exc)
-    await send(
-        {"type": "http.response.start", "status": rendered.status_code, "headers": rendered.headers}
-    )
+    headers = [*rendered.headers, *extra_headers] if extra_headers else rendered.headers
+    await send({"type": "http.response.start", "status": rendered.status_code, "headers": headers})
     body = b"" if scope.get("method") == "HEAD" else rendered.body
     await send({"type": "http.response.body", "body": body})

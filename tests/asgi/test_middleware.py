@@ -176,6 +176,20 @@ async def test_cors_preflight_and_actual(settings: Settings) -> None:
     assert "access-control-allow-origin" not in plain.headers
 
 
+async def test_cors_headers_reach_the_last_resort_500() -> None:
+    app = _app(make_settings(CORS_ORIGINS=("https://app.example",), CORS_ALLOW_CREDENTIALS=True))
+    client = TestClient(app)
+    r = await client.get("/boom", headers={"Origin": "https://app.example"})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "INTERNAL_ERROR"
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    assert r.headers["access-control-expose-headers"] == "X-Request-ID"
+    assert "x-request-id" in r.headers
+    other = await client.get("/boom", headers={"Origin": "https://evil.example"})
+    assert other.status_code == 500
+    assert "access-control-allow-origin" not in other.headers
+
+
 async def test_cors_wildcard_without_credentials(settings: Settings) -> None:
     app = _app(make_settings(CORS_ORIGINS=("*",), CORS_ALLOW_CREDENTIALS=False))
     r = await TestClient(app).get("/ok", headers={"Origin": "https://any.example"})
