@@ -169,6 +169,47 @@ def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_token)
 
 
+def _cmd_identity_provider(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from ghar_core.devtools.identity_provider import IdentityProviderServer
+
+    async def run() -> None:
+        server = IdentityProviderServer(host=args.host, port=args.port)
+        await server.start()
+        provider = server.provider
+        print(f"local identity provider on {server.url} (Ctrl-C stops it); for your env file:")
+        print(f"SUPABASE_URL={server.url}")
+        print(f"SUPABASE_ANON_KEY={provider.anon_key}")
+        print(f"SUPABASE_SERVICE_ROLE_KEY={provider.service_role_key}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"ghar-core identity-provider: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_identity_provider(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "identity-provider",
+        help="run the local identity provider (dev/test only; keys and users in memory)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=54321, help="port to bind (default: 54321)")
+    p.set_defaults(func=_cmd_identity_provider)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghar-core",
@@ -177,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ghar-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
+    _add_identity_provider(sub)
     _add_migrate(sub)
     _add_serve(sub)
     _add_token(sub)

@@ -198,3 +198,42 @@ async def test_cli_token_without_a_provider(capsys: Any) -> None:
     code = await asyncio.to_thread(cli.main, ["token", "--provider-url", url, "--email", "a@b.co"])
     assert code == 1
     assert "cannot reach the local identity provider" in capsys.readouterr().err
+
+
+def test_identity_provider_command_serves_until_sigterm(tmp_path: Any) -> None:
+    """`ghar-core identity-provider` runs the provider; `ghar-core token` mints from it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ghar_core", "identity-provider", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert url in banner
+        assert proc.stdout.readline().strip() == f"SUPABASE_URL={url}"
+        proc.stdout.readline()  # the anon key
+        key = proc.stdout.readline().strip().removeprefix("SUPABASE_SERVICE_ROLE_KEY=")
+        argv = ["token", "--provider-url", url, "--service-role-key", key, "--email", "c@d.io"]
+        token = subprocess.run(
+            [sys.executable, "-m", "ghar_core", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        assert jwt.decode(token, options={"verify_signature": False})["email"] == "c@d.io"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0

@@ -1,7 +1,7 @@
 """Development tools that sit on top of every layer: the local identity provider.
 
-Nothing in the request path imports this package; ``ghar-core dev``, ``ghar-core
-token`` and the tests do.
+Nothing in the request path imports this package; ``ghar-core
+identity-provider``, ``ghar-core token`` and the tests do.
 """
 
 from __future__ import annotations

@@ -616,7 +616,7 @@ async def request_token(
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise TokenRequestError(
             f"cannot reach the local identity provider at {base_url} ({exc}); "
-            "start it with `ghar-core dev` or pass --provider-url"
+            "start it with `ghar-core identity-provider` or pass --provider-url"
         ) from exc
     try:
         data = orjson.loads(raw)
