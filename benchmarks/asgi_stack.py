@@ -516,9 +516,9 @@ def _markdown(
         f"Load average before / after: {' '.join(f'{x:.2f}' for x in before)} / "
         f"{' '.join(f'{x:.2f}' for x in after)}.",
         "",
-        "**These numbers come from a shared, noisy 2-core machine** (other engineers were "
-        "running test suites at the same time; server and load generator share the two "
-        "cores): read the ratios, not the absolute numbers. Each cell is the median of "
+        "**These numbers come from a shared, noisy 2-core machine** (other work may run "
+        "beside it, and server and load generator share the two cores): read the ratios, "
+        "not the absolute numbers. Each cell is the median of "
         f"{args.rounds} rounds, the order of the variants rotated between rounds. "
         "In-process: each app called directly in a loop (no sockets), median of 5 samples "
         f"of {args.requests} calls in a fresh interpreter per round, uvloop.",

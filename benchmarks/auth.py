@@ -298,7 +298,7 @@ def render(rows: list[Row], meta: dict[str, Any], rounds: int, command: str) -> 
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, "
         f"PyJWT {jwt.__version__}, load average at the end {os.getloadavg()[0]:.2f}. "
-        "**A shared, noisy 2-core box: other engineers ran tests at the same time; "
+        "**A shared, noisy 2-core box (see the load average): "
         "read the ratios, not the absolute numbers.**  ",
         f"Median over {rounds} interleaved rounds of the mean per call. "
         "Local verification is compared with a bare `jwt.decode` of the same token "

@@ -227,7 +227,7 @@ def render(table: dict[str, Any], args: argparse.Namespace) -> str:
         f"--queries {args.queries} --serverless-queries {args.serverless_queries}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, asyncpg {asyncpg.__version__}, Postgres on 127.0.0.1. "
-        "**A shared, noisy 2-core box: other engineers ran tests at the same time; read "
+        "**A shared, noisy 2-core box: other work may run beside it; read "
         "ratios, not absolute numbers.**  ",
         f"Median over {args.rounds} interleaved rounds of wall time per query; ratio to the "
         "floor (a held connection with the statement cache off, the same wire protocol as "

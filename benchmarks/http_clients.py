@@ -373,8 +373,8 @@ def render(rows: list[Row], pairs: Pairs, args: argparse.Namespace, load: tuple[
         "loop, the server (a tiny aiohttp app) in a separate process on uvloop. "
         f"Load average before / after: {load[0]} / {load[1]}.",
         "",
-        "**These numbers come from a shared, noisy 2-core machine** (other engineers were "
-        "running test suites at the same time); read the ratios, not the absolute times. "
+        "**These numbers come from a shared, noisy 2-core machine** (other work may run "
+        "beside it); read the ratios, not the absolute times. "
         f"Each cell is the median over runs: {args.rounds} interleaved rounds, and in each "
         f"round ours and bare aiohttp ran {args.repeats} times, alternating (they differ by "
         "less than the noise of a single run). "

@@ -149,7 +149,7 @@ async def get_or_create_user_from_supabase(
     """Upsert the provider's user and return our row as a dict.
 
     Values are native (``uuid.UUID``, ``datetime``, dicts for the jsonb
-    columns), all of which orjson serialises as they are.
+    columns); our JSON responses serialise them as they are.
     """
     fields = parse_supabase_user(user_data)
     args = (
