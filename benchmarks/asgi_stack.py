@@ -67,6 +67,7 @@ VARIANTS = {
     "b-logging": "b ours, access log via logging",
     "b-off": "b ours, access log off",
     "c": "c starlette + pure ASGI middleware",
+    "c-own": "c starlette, its own middleware style",
     "d": "d fastapi + BaseHTTPMiddleware",
     "e": "e fastapi + pure ASGI middleware",
 }
@@ -183,6 +184,8 @@ def build(name: str) -> Any:
             routes=[Route("/json", star)],
             middleware=[Middleware(cls, **opts) for cls, opts in _pure_middleware(settings)],
         )
+    if name == "c-own":
+        return _starlette_own_style(settings)
     if name in ("d", "e"):
         from fastapi import FastAPI, Request
         from fastapi.responses import Response as FastResponse
@@ -221,6 +224,103 @@ def build(name: str) -> Any:
 
         return fast
     raise SystemExit(f"unknown variant {name!r}")
+
+
+def _starlette_own_style(settings: Any) -> Any:
+    """Starlette as its users write it: its CORS middleware and exception handling,
+    request id and access log as pure ASGI in the style of its documentation
+    (``MutableHeaders`` on ``http.response.start``, one ``logger.info`` per request)."""
+    from starlette.applications import Starlette
+    from starlette.datastructures import MutableHeaders
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware as StarletteCORS
+    from starlette.requests import Request as StarRequest
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from ghar_core.asgi.middleware import is_valid_request_id, new_request_id
+    from ghar_core.logging import RequestIDFilter, request_id_var
+
+    handler = logging.StreamHandler(_log_file())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(RequestIDFilter())
+    access = logging.getLogger("bench.starlette.access")
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    access.addHandler(handler)
+
+    class RequestID:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            incoming = dict(scope["headers"]).get(b"x-request-id", b"")
+            rid = incoming.decode() if is_valid_request_id(incoming) else new_request_id()
+
+            async def send_with_id(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message).append("X-Request-ID", rid)
+                await send(message)
+
+            token = request_id_var.set(rid)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                request_id_var.reset(token)
+
+    class AccessLog:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            start = time.perf_counter()
+            status = 500
+
+            async def send_noting_status(message: Any) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_noting_status)
+            finally:
+                access.info(
+                    "%s %s %d %.1fms",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    (time.perf_counter() - start) * 1000,
+                )
+
+    async def on_error(request: StarRequest, exc: Exception) -> Response:
+        body = orjson.dumps({"error": {"code": "INTERNAL_ERROR", "message": "error"}})
+        return Response(body, status_code=500, media_type="application/json")
+
+    async def star(request: StarRequest) -> Response:
+        return Response(orjson.dumps(PAYLOAD), media_type="application/json")
+
+    return Starlette(
+        routes=[Route("/json", star)],
+        middleware=[
+            Middleware(RequestID),
+            Middleware(AccessLog),
+            Middleware(
+                StarletteCORS,
+                allow_origins=list(settings.CORS_ORIGINS),
+                allow_credentials=settings.CORS_ALLOW_CREDENTIALS,
+                expose_headers=["X-Request-ID"],
+                max_age=settings.CORS_MAX_AGE,
+            ),
+        ],
+        exception_handlers={Exception: on_error},
+    )
 
 
 def _starlette_middleware(cls: Any, options: dict[str, Any]) -> Any:
@@ -491,6 +591,10 @@ def main() -> None:
         )
 
 
+def _ratio(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _markdown(
     rows: list[dict[str, Any]],
     tool: str,
@@ -528,8 +632,9 @@ def _markdown(
     ]
     for row in rows:
         lines.append(
-            f"| {row['label']} | {row['rps']:,.0f} | {row['x_rps']:.2f} | {row['p50_ms']:.2f} "
-            f"| {row['p99_ms']:.2f} | {row['inprocess_us']:.2f} | {row['x_us']:.1f} |"
+            f"| {row['label']} | {row['rps']:,.0f} | {_ratio(row['x_rps'], 2)} "
+            f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['inprocess_us']:.2f} "
+            f"| {_ratio(row['x_us'], 1)} |"
         )
     if {"a", "b", "c", "d"} <= by.keys():
         b, c, d = by["b"], by["c"], by["d"]
@@ -548,6 +653,22 @@ def _markdown(
             "throughput ratios, so the in-process column is the one that isolates the stacks "
             f"((c) / (b) = {c['inprocess_us'] / b['inprocess_us']:.1f}x, (d) / (b) = "
             f"{d['inprocess_us'] / b['inprocess_us']:.0f}x).",
+        ]
+    if {"b", "b-logging", "c-own"} <= by.keys():
+        b, bl, own = by["b"], by["b-logging"], by["c-own"]
+        lines += [
+            "",
+            "Two readings of (c): `c starlette + pure ASGI middleware` runs *our* four "
+            "middleware classes inside Starlette, so it measures only Starlette's router, "
+            "request and response against ours; `c starlette, its own middleware style` is "
+            "what a Starlette user writes (its CORS middleware and exception handlers, request "
+            "id and access log as pure ASGI in the style of its documentation, the access log "
+            "through the stdlib logger). Against the latter: (b) is "
+            f"**{b['rps'] / own['rps']:.2f}x** its throughput and "
+            f"{own['inprocess_us'] / b['inprocess_us']:.1f}x cheaper in-process; with the same "
+            f"stdlib-logger access log on both sides (b via logging) it is "
+            f"**{bl['rps'] / own['rps']:.2f}x** and "
+            f"{own['inprocess_us'] / bl['inprocess_us']:.1f}x cheaper in-process.",
         ]
     return "\n".join(lines) + "\n"
 

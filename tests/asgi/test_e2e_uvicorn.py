@@ -33,12 +33,14 @@ async def serve(app: ASGIApp, **options) -> AsyncIterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # No WebSockets unless a test asks: the legacy websockets implementation
+    # warns, and warnings are errors here; the sans-I/O one does not.
+    options = {"ws": "none", **options}
     config = uvicorn.Config(
         app,
         lifespan="on",
         log_level="warning",
         access_log=False,
-        ws="none",
         http="httptools",
         **options,
     )
@@ -202,3 +204,30 @@ def test_serve_help(argv, capsys) -> None:
         main(argv)
     assert info.value.code == 0
     assert "--workers" in capsys.readouterr().out
+
+
+async def test_websocket_through_uvicorn() -> None:
+    """A real WebSocket handshake and echo through uvicorn (the sans-I/O websockets impl)."""
+    from ghar_core.logging import get_request_id
+
+    app = create_app(make_settings(), resources=[])
+
+    @app.websocket_route("/ws/echo")
+    async def echo(ws) -> None:
+        await ws.accept()
+        message = await ws.receive_json()
+        await ws.send_json({"echo": message, "rid": get_request_id()})
+        await ws.close()
+
+    async with (
+        serve(app, ws="websockets-sansio") as base,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            f"{base.replace('http', 'ws', 1)}/ws/echo", headers={"X-Request-ID": "ws-e2e-1"}
+        ) as ws,
+    ):
+        await ws.send_json({"hello": "world"})
+        reply = await ws.receive_json(timeout=5)
+        assert reply == {"echo": {"hello": "world"}, "rid": "ws-e2e-1"}
+        closing = await ws.receive(timeout=5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
