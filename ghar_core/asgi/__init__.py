@@ -16,6 +16,7 @@ from __future__ import annotations
 from ghar_core.asgi.accesslog import AccessLogMiddleware, BufferedAccessLog, LoggingAccessSink
 from ghar_core.asgi.app import App, build_default_resources, create_app
 from ghar_core.asgi.auth import CurrentUser, current_user, register_auth_routes
+from ghar_core.asgi.connection import HTTPConnection
 from ghar_core.asgi.cors import CORSMiddleware
 from ghar_core.asgi.datastructures import Headers, QueryParams, State
 from ghar_core.asgi.middleware import ErrorEnvelopeMiddleware, RequestIDMiddleware
@@ -36,6 +37,7 @@ __all__ = [
     "ClientDisconnect",
     "CurrentUser",
     "ErrorEnvelopeMiddleware",
+    "HTTPConnection",
     "Headers",
     "JSONResponse",
     "LoggingAccessSink",

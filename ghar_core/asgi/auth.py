@@ -35,8 +35,8 @@ from ghar_core.users import get_or_create_user_from_supabase
 
 if TYPE_CHECKING:
     from ghar_core.asgi.app import App
+    from ghar_core.asgi.connection import HTTPConnection
     from ghar_core.asgi.requests import Request
-    from ghar_core.asgi.websocket import WebSocket
 
 __all__ = [
     "ACCESS_TOKEN_PARAM",
@@ -81,7 +81,7 @@ class CurrentUser:
         return base
 
 
-def bearer_token(conn: Request | WebSocket, *, allow_query_token: bool = False) -> str | None:
+def bearer_token(conn: HTTPConnection, *, allow_query_token: bool = False) -> str | None:
     """The token the client sent, or ``None``; a non-Bearer scheme is malformed.
 
     Scans the raw ASGI headers for ``authorization`` (no header dict is built).
@@ -110,9 +110,7 @@ def _auth_of(app: App) -> SupabaseAuth:
     return resource
 
 
-async def current_user(
-    conn: Request | WebSocket, *, allow_query_token: bool = False
-) -> CurrentUser:
+async def current_user(conn: HTTPConnection, *, allow_query_token: bool = False) -> CurrentUser:
     """The verified caller of this request or WebSocket; raises 401 or 503.
 
     ``allow_query_token`` also accepts ``?access_token=`` (SSE and WebSocket

@@ -14,19 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ghar_core.asgi.datastructures import Headers, QueryParams, State
+from ghar_core.asgi.connection import HTTPConnection
 from ghar_core.exceptions import (
     BadRequestException,
     PayloadTooLargeException,
     UnsupportedMediaTypeException,
 )
-from ghar_core.logging import get_request_id
 
 if TYPE_CHECKING:
     from ghar_core.asgi.app import App
     from ghar_core.asgi.types import Receive, Scope
-    from ghar_core.config import Settings
-    from ghar_core.lifecycle import Resources
 
 __all__ = ["ClientDisconnect", "Request", "is_json_media_type"]
 
@@ -55,28 +52,14 @@ def _too_large(limit: int) -> PayloadTooLargeException:
     )
 
 
-class Request:
-    """One HTTP request, as handlers see it.
+class Request(HTTPConnection):
+    """One HTTP request, as handlers see it (see :class:`HTTPConnection`).
 
-    ``path`` is the path inside this app (``root_path`` removed when the app
-    is mounted under a prefix); ``path_params`` hold converted values
-    (``int``, ``uuid.UUID`` or ``str``). ``app``, ``settings`` and
-    ``resources`` reach the app's shared parts; ``state`` is per request.
-    The request owns nothing that needs closing.
+    The request owns nothing that needs closing; its body can be read once
+    (``body()`` caches it).
     """
 
-    __slots__ = (
-        "_body",
-        "_headers",
-        "_query",
-        "_state",
-        "_stream_consumed",
-        "app",
-        "path",
-        "path_params",
-        "receive",
-        "scope",
-    )
+    __slots__ = ("_body", "_stream_consumed", "receive")
 
     def __init__(
         self,
@@ -86,14 +69,16 @@ class Request:
         path: str | None = None,
         path_params: dict[str, Any] | None = None,
     ) -> None:
+        # The attributes are set here rather than through super().__init__():
+        # a request is built on every call and this is the hot path.
         self.scope = scope
         self.receive = receive
         self.app = app
-        self.path: str = scope["path"] if path is None else path
-        self.path_params: dict[str, Any] = {} if path_params is None else path_params
-        self._headers: Headers | None = None
-        self._query: QueryParams | None = None
-        self._state: State | None = None
+        self.path = scope["path"] if path is None else path
+        self.path_params = {} if path_params is None else path_params
+        self._headers = None
+        self._query = None
+        self._state = None
         self._body: bytes | None = None
         self._stream_consumed = False
 
@@ -102,54 +87,6 @@ class Request:
         """Upper-case HTTP method."""
         method: str = self.scope["method"]
         return method
-
-    @property
-    def root_path(self) -> str:
-        """The prefix this app is mounted under ("" at the top level)."""
-        root: str = self.scope.get("root_path", "")
-        return root
-
-    @property
-    def headers(self) -> Headers:
-        """Case-insensitive request headers."""
-        if self._headers is None:
-            self._headers = Headers(self.scope["headers"])
-        return self._headers
-
-    @property
-    def query_params(self) -> QueryParams:
-        """Decoded query parameters (first value wins; ``getlist`` for all)."""
-        if self._query is None:
-            self._query = QueryParams(self.scope.get("query_string", b""))
-        return self._query
-
-    @property
-    def client(self) -> tuple[str, int] | None:
-        """``(host, port)`` of the peer, or ``None`` when the server does not know."""
-        client = self.scope.get("client")
-        return (client[0], client[1]) if client else None
-
-    @property
-    def state(self) -> State:
-        """Per-request attributes, shared by middleware-free helpers and the handler."""
-        if self._state is None:
-            self._state = State()
-        return self._state
-
-    @property
-    def settings(self) -> Settings:
-        """The app's settings."""
-        return self.app.settings
-
-    @property
-    def resources(self) -> Resources:
-        """The app's resources (``request.resources.get("database")``)."""
-        return self.app.resources
-
-    @property
-    def request_id(self) -> str | None:
-        """The id the request-ID middleware bound for this request."""
-        return get_request_id()
 
     @property
     def content_length(self) -> int | None:

@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ghar_core.asgi.datastructures import Headers, QueryParams, State
+from ghar_core.asgi.connection import HTTPConnection
 from ghar_core.asgi.responses import dump_json
 
 if TYPE_CHECKING:
     from ghar_core.asgi.app import App
     from ghar_core.asgi.types import Message, Receive, Scope, Send
-    from ghar_core.config import Settings
-    from ghar_core.lifecycle import Resources
 
 __all__ = ["WebSocket", "WebSocketDisconnect", "WebSocketState"]
 
@@ -44,12 +42,10 @@ class WebSocketState(enum.Enum):
     CLOSED = "closed"
 
 
-class WebSocket:
-    """One WebSocket connection, as handlers see it.
+class WebSocket(HTTPConnection):
+    """One WebSocket connection, as handlers see it (see :class:`HTTPConnection`)."""
 
-    ``path_params``, ``headers``, ``query_params``, ``state``, ``app``,
-    ``settings`` and ``resources`` work as on :class:`~ghar_core.asgi.Request`.
-    """
+    __slots__ = ("_receive", "_send", "application_state", "client_state")
 
     def __init__(
         self,
@@ -60,40 +56,11 @@ class WebSocket:
         path: str | None = None,
         path_params: dict[str, Any] | None = None,
     ) -> None:
-        self.scope = scope
+        super().__init__(scope, app, path, path_params)
         self._receive = receive
         self._send = send
-        self.app = app
-        self.path: str = scope["path"] if path is None else path
-        self.path_params: dict[str, Any] = path_params or {}
-        self.headers = Headers(scope.get("headers", ()))
-        self.state = State()
         self.client_state = WebSocketState.CONNECTING
         self.application_state = WebSocketState.CONNECTING
-        self._query: QueryParams | None = None
-
-    @property
-    def query_params(self) -> QueryParams:
-        """Decoded query parameters (a token may ride here: browsers cannot set headers)."""
-        if self._query is None:
-            self._query = QueryParams(self.scope.get("query_string", b""))
-        return self._query
-
-    @property
-    def client(self) -> tuple[str, int] | None:
-        """``(host, port)`` of the peer, when known."""
-        client = self.scope.get("client")
-        return (client[0], client[1]) if client else None
-
-    @property
-    def settings(self) -> Settings:
-        """The app's settings."""
-        return self.app.settings
-
-    @property
-    def resources(self) -> Resources:
-        """The app's resources."""
-        return self.app.resources
 
     async def accept(
         self, subprotocol: str | None = None, headers: list[tuple[bytes, bytes]] | None = None
