@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import re
 import sys
 import time
 import weakref
@@ -76,12 +77,33 @@ _SECRET_KEYS = frozenset(
         "token",
     }
 )
-_SECRET_PARTS = ("token", "secret", "password", "passwd", "apikey", "api_key", "signature")
+_SECRET_PARTS = (
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "apikey",
+    "api_key",
+    "signature",
+    "session",
+    "credential",
+)
 REDACTED = "[REDACTED]"
+# Both separators: some parsers (proxies, older frameworks) split on ";" too, and a
+# value we would log whole could be a secret to them.
+_QUERY_SEPARATORS = re.compile(r"([&;])")
 
 
 def _is_secret_key(key: str) -> bool:
-    k = unquote_plus(key).strip().lower()
+    k = key
+    # Decode until stable (bounded): a double-encoded key (%2561ccess_token) is
+    # still the secret's name to a layer that decodes twice.
+    for _ in range(3):
+        decoded = unquote_plus(k)
+        if decoded == k:
+            break
+        k = decoded
+    k = k.strip().lower()
     return k in _SECRET_KEYS or any(part in k for part in _SECRET_PARTS)
 
 
@@ -89,12 +111,12 @@ def redact_query(query: str) -> str:
     """The query string with the values of secret-looking keys replaced by ``[REDACTED]``."""
     if not query:
         return query
-    parts = query.split("&")
-    for i, part in enumerate(parts):
-        key, sep, _value = part.partition("=")
+    parts = _QUERY_SEPARATORS.split(query)  # separators kept at the odd indexes
+    for i in range(0, len(parts), 2):
+        key, sep, _value = parts[i].partition("=")
         if _is_secret_key(key):
             parts[i] = f"{key}={REDACTED}" if sep else key
-    return "&".join(parts)
+    return "".join(parts)
 
 
 class LoggingAccessSink:
@@ -276,4 +298,8 @@ class AccessLogMiddleware:
             query = scope.get("query_string")
             if query:
                 path += "?" + safe_for_log(redact_query(query.decode("latin-1")))
-            self.sink(scope["method"], path, status, duration_ms)
+            method: str = scope["method"]
+            if len(method) > 16 or not method.isalpha():
+                # Servers validate the method; a host that does not could pass CR/LF.
+                method = safe_for_log(method, 32)
+            self.sink(method, path, status, duration_ms)

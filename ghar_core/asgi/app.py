@@ -27,7 +27,7 @@ from ghar_core.asgi.middleware import (
     send_error,
 )
 from ghar_core.asgi.requests import Request
-from ghar_core.asgi.responses import dump_json
+from ghar_core.asgi.responses import JSONResponse, dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.auth import SupabaseAuth
@@ -282,7 +282,14 @@ class App:
             result = await handler(request)
         except BaseAPIException as exc:
             if exc.status_code >= 500:
-                logger.warning("%s %s answered %d: %s", method, path, exc.status_code, exc.message)
+                # Escaped: the method and path come from the client (no log injection).
+                logger.warning(
+                    "%s %s answered %d: %s",
+                    safe_for_log(method, 32),
+                    safe_for_log(path),
+                    exc.status_code,
+                    exc.message,
+                )
             await send_error(scope, send, exc)
             return
         cls = type(result)
@@ -302,6 +309,10 @@ class App:
             await send({"type": "http.response.body", "body": b""})
         elif callable(result):
             await result(scope, receive, send)
+        elif isinstance(result, dict | list):
+            # Subclasses (defaultdict, OrderedDict) are dicts too; checked only here,
+            # off the exact-type hot path above.
+            await JSONResponse(result)(scope, receive, send)
         else:
             raise TypeError(
                 f"handler for {route.path!r} returned {cls.__name__}; return a dict, a list, "

@@ -65,11 +65,23 @@ class LifespanManager:
         async with self._get_lock():
             if self.started:
                 return
-            await self.resources.start()
-            self.started = True
-            self.stopped = False
-            self._failed_at = None
-            logger.debug("started resources: %s", ", ".join(self.resources.names) or "none")
+            await self._start_locked()
+
+    async def _start_locked(self) -> None:
+        await self.resources.start()
+        self.started = True
+        self.stopped = False
+        self._failed_at = None
+        logger.debug("started resources: %s", ", ".join(self.resources.names) or "none")
+
+    def _refuse_lazy_start(self) -> None:
+        if self.stopped:
+            raise ServiceUnavailableException("The service is shutting down.")
+        failed_at = self._failed_at
+        if failed_at is not None and time.monotonic() - failed_at < _RETRY_INTERVAL:
+            raise ServiceUnavailableException(
+                "The service is starting and cannot serve yet.", headers={"Retry-After": "1"}
+            )
 
     async def shutdown(self) -> None:
         """Stop every started resource in reverse; raises ``LifecycleError`` listing failures.
@@ -89,13 +101,19 @@ class LifespanManager:
         """The lazy start for hosts without lifespan events; 503 while it cannot succeed."""
         if self.started:
             return
-        if self.stopped:
-            raise ServiceUnavailableException("The service is shutting down.")
-        failed_at = self._failed_at
-        if failed_at is not None and time.monotonic() - failed_at < _RETRY_INTERVAL:
-            raise ServiceUnavailableException(headers={"Retry-After": "1"})
+        self._refuse_lazy_start()
         try:
-            await self.startup()
+            async with self._get_lock():
+                # Re-check under the lock: requests queued behind a start that just
+                # failed share its outcome instead of retrying one by one (each retry
+                # may take a whole step timeout), and a request queued behind a
+                # shutdown must not start the resources again after it.
+                if self.started:
+                    return
+                self._refuse_lazy_start()
+                await self._start_locked()
+        except ServiceUnavailableException:
+            raise
         except Exception as exc:
             self._failed_at = time.monotonic()
             logger.error("lazy start failed: %s", exc, exc_info=exc)

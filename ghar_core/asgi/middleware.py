@@ -167,7 +167,9 @@ class ErrorEnvelopeMiddleware:
         except ClientDisconnect:
             self.logger.debug("client disconnected before the request was read")
         except Exception as exc:
-            where = f"{scope.get('method')} {safe_for_log(scope.get('path', ''))}"
+            # Escaped: method and path come from the client (no log injection).
+            method = safe_for_log(str(scope.get("method")), 32)
+            where = f"{method} {safe_for_log(scope.get('path', ''))}"
             if started:
                 self.logger.error(
                     "error after the response started for %s; closing the connection",

@@ -200,3 +200,44 @@ async def test_settings_default_from_process(monkeypatch) -> None:
     monkeypatch.setattr(config, "_cached", make_settings(PROJECT_NAME="Mine"))
     app = create_app(resources=[])
     assert (await TestClient(app).get("/health")).json()["name"] == "Mine"
+
+
+# --- review: lazy start under concurrency and against shutdown ---------------------
+
+
+async def test_failed_lazy_start_is_attempted_once_under_concurrency(settings: Settings) -> None:
+    # Requests queued behind a failing start must share its outcome, not retry one by
+    # one (20 serial attempts of a slow, failing dependency would hold them for minutes).
+    res = Counting(start_delay=0.05)
+    res.fail_start = True
+    attempts = 0
+    original = res.start
+
+    async def counting_start() -> None:
+        nonlocal attempts
+        attempts += 1
+        await original()
+
+    res.start = counting_start  # type: ignore[method-assign]
+    client = TestClient(_app(settings, res))
+    replies = await asyncio.gather(*(client.get("/use") for _ in range(20)))
+    assert {r.status_code for r in replies} == {503}
+    assert all(r.headers["retry-after"] == "1" for r in replies)
+    assert attempts == 1
+
+
+async def test_lazy_start_waiting_behind_shutdown_does_not_restart(settings: Settings) -> None:
+    # startup in progress -> shutdown queued -> a request queued behind both: once the
+    # shutdown has run, the request must get 503, not start the resources again.
+    res = Counting(start_delay=0.1)
+    app = _app(settings, res)
+    client = TestClient(app)
+    starting = asyncio.create_task(app.startup())
+    await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(app.shutdown())
+    await asyncio.sleep(0.01)
+    reply = await client.get("/use")
+    await asyncio.gather(starting, stopping)
+    assert reply.status_code == 503
+    assert (res.starts, res.stops) == (1, 1)
+    assert app.resources.started == ()

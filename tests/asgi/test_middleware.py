@@ -224,3 +224,61 @@ async def test_middleware_passes_lifespan_through(factory) -> None:
     await factory(inner)({"type": "lifespan"}, receive, send)
     assert seen == ["lifespan"]
     assert sent == [{"type": "lifespan.startup.complete"}]
+
+
+# --- review: redaction in every encoding, log injection, CORS Vary -----------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _spell(key: str, data: st.DataObject) -> str:
+    """``key`` with random case and some characters percent-encoded (once or twice)."""
+    out = []
+    for ch in key:
+        ch = ch.upper() if data.draw(st.booleans()) else ch
+        how = data.draw(st.sampled_from(["plain", "plain", "once", "twice"]))
+        if how == "once":
+            ch = f"%{ord(ch):02X}"
+        elif how == "twice":
+            ch = f"%25{ord(ch):02X}"
+        out.append(ch)
+    return "".join(out)
+
+
+@given(
+    key=st.sampled_from(["access_token", "password", "api_key", "session_id", "client_secret"]),
+    sep=st.sampled_from(["&", ";"]),
+    repeats=st.integers(1, 3),
+    data=st.data(),
+)
+def test_redaction_survives_case_encoding_repeats_and_separators(key, sep, repeats, data) -> None:
+    secret = "S3CR3TVALUE"
+    pairs = ["page=1"] + [f"{_spell(key, data)}={secret}{i}" for i in range(repeats)]
+    line = redact_query(sep.join(pairs))
+    assert secret not in line, line
+    assert line.startswith("page=1")
+
+
+async def test_method_and_path_cannot_inject_log_lines(settings: Settings, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    app = _app(settings)
+    client = TestClient(app)
+    # A host that does not validate the request line hands us CR/LF in the method.
+    await client.request("GET\nFAKE", "/ok")
+    await client.get("/down\nFAKE 200")  # a 5xx raised by a handler is logged with the path
+    r = await client.request("GE\rT", "/boom")
+    assert r.status_code in (405, 500)
+    for rec in caplog.records:
+        assert "\n" not in rec.getMessage(), rec.getMessage()
+        assert "\r" not in rec.getMessage(), rec.getMessage()
+
+
+async def test_cors_vary_origin_also_for_disallowed_origins() -> None:
+    # The answer depends on Origin whenever the origin list is explicit; without
+    # Vary a shared cache may serve the no-CORS answer to an allowed origin.
+    app = _app(make_settings(CORS_ORIGINS=("https://app.example",), CORS_ALLOW_CREDENTIALS=True))
+    r = await TestClient(app).get("/ok", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200
+    assert "access-control-allow-origin" not in r.headers
+    assert "Origin" in r.headers.getlist("vary")

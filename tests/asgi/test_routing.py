@@ -126,3 +126,35 @@ def test_router_newline_does_not_match_end() -> None:
     router.add("/a/{x:int}", "h", ["GET"])
     assert router.match("/a/1\n") is None
     assert router.match("/a/1") is not None
+
+
+async def test_dict_and_list_subclasses_are_json(settings: Settings) -> None:
+    # "may return a dict or list": a defaultdict/OrderedDict is one; it used to be a 500.
+    import collections
+
+    app = create_app(settings, resources=[])
+
+    @app.get("/dd")
+    async def dd(request):
+        d: collections.defaultdict[str, int] = collections.defaultdict(int)
+        d["a"] += 1
+        return d
+
+    @app.get("/od")
+    async def od(request):
+        return collections.OrderedDict(b=2)
+
+    class Items(list):
+        pass
+
+    @app.get("/li")
+    async def li(request):
+        return Items([1])
+
+    client = TestClient(app)
+    assert (await client.get("/dd")).json() == {"a": 1}
+    assert (await client.get("/od")).json() == {"b": 2}
+    r = await client.get("/li")
+    assert (r.status_code, r.json(), r.headers["content-type"]) == (200, [1], "application/json")
+    h = await client.head("/dd")
+    assert (h.status_code, h.content) == (200, b"")
