@@ -53,6 +53,7 @@ from ghar_core.jwt_verification import (
     JWTVerifier,
     TokenRejected,
     decode_unverified,
+    read_limited,
     resolve_session,
 )
 
@@ -300,9 +301,18 @@ class SupabaseAuth:
         self.introspections += 1
         status, body, _ = await self._call("GET", "/user", headers=headers)
         if status == 200:
-            data = self._json(body)
-            if not isinstance(data, dict):
-                raise ExternalServiceError("The identity provider returned a malformed user.")
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                data = None
+            if not isinstance(data, dict) or not _text(data.get("id")):
+                # The provider misbehaves (a proxy's HTML page, a truncated or
+                # odd body); the token may be fine. Same answer as an outage,
+                # so clients retry instead of logging the user out (401) or
+                # seeing a third kind of failure (502).
+                raise AuthProviderUnavailableException(
+                    details={"reason": "the provider answered 200 without a user"}
+                )
             user = _user_from_provider(data, claims)
             self.verifier.token_cache.put(token, user, claims.get("exp"))
             return user
@@ -340,8 +350,11 @@ class SupabaseAuth:
                 params=params,
                 timeout=self._timeout,
             ) as resp:
-                body = await resp.content.read(_MAX_PROVIDER_BODY)
+                # The whole body: `content.read(n)` would stop at what is buffered.
+                body = await read_limited(resp, _MAX_PROVIDER_BODY)
                 return resp.status, body, resp.headers
+        except ValueError as exc:  # over the limit: not an answer we can use
+            raise AuthProviderUnavailableException(details={"reason": str(exc)}) from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             logger.warning("identity provider %s %s failed: %r", method, path, exc)
             raise AuthProviderUnavailableException(

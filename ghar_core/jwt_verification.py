@@ -74,6 +74,7 @@ __all__ = [
     "TokenRejected",
     "VerificationKey",
     "decode_unverified",
+    "read_limited",
     "resolve_session",
 ]
 
@@ -232,6 +233,24 @@ async def resolve_session(client: ClientProvider) -> aiohttp.ClientSession:
     return session
 
 
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body of ``response``; :class:`ValueError` once it passes ``limit`` bytes.
+
+    Why not ``response.content.read(limit)``: that returns what is buffered so
+    far, so a body that arrives in several TCP reads or HTTP chunks is cut short.
+    """
+    if response.content_length is not None and response.content_length > limit:
+        raise ValueError(f"the response body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"the response body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse_jwks(body: bytes) -> dict[str, VerificationKey]:
     """Usable signing keys of a JWKS document; unusable entries are skipped."""
     document = orjson.loads(body)
@@ -345,9 +364,10 @@ class JWKSCache:
             async with session.get(self.url, headers=self._headers, timeout=self._timeout) as resp:
                 if resp.status != 200:
                     raise ValueError(f"the provider answered HTTP {resp.status}")
-                body = await resp.content.read(_MAX_JWKS_BYTES + 1)
-                if len(body) > _MAX_JWKS_BYTES:
-                    raise ValueError("the JWKS document is larger than 1 MiB")
+                try:
+                    body = await read_limited(resp, _MAX_JWKS_BYTES)
+                except ValueError:
+                    raise ValueError("the JWKS document is larger than 1 MiB") from None
             keys = _parse_jwks(body)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             self._failed(f"{type(exc).__name__}: {exc}")
@@ -488,7 +508,9 @@ class JWTVerifier(Generic[T]):
         header = _json_object(header_b64, "header")
         alg = header.get("alg")
         kid = header.get("kid")
-        if alg != _HS256 and alg not in ASYMMETRIC_ALGORITHMS:
+        # `type(...) is str` first: a list or object `alg` is unhashable and the
+        # set lookup would raise TypeError (a 500) instead of refusing the token.
+        if type(alg) is not str or (alg != _HS256 and alg not in ASYMMETRIC_ALGORITHMS):
             raise TokenRejected(
                 AuthFailureReason.INVALID_SIGNATURE,
                 f"the token's algorithm {str(alg)[:20]!r} is not accepted",
@@ -507,6 +529,13 @@ class JWTVerifier(Generic[T]):
             raise TokenRejected(
                 AuthFailureReason.MALFORMED, "the signature is not base64url"
             ) from None
+        # Canonical encoding only (RFC 4648 §3.5): the decoder ignores the unused
+        # low bits of the last character, so one signature has several spellings;
+        # each would be another cache entry, and a denylist by token string misses them.
+        if base64.urlsafe_b64encode(signature).rstrip(b"=") != signature_b64.encode():
+            raise TokenRejected(
+                AuthFailureReason.MALFORMED, "the signature is not canonical base64url"
+            )
         signing_input = f"{header_b64}.{payload_b64}".encode()
         if alg == _HS256:
             ok = self._verify_hs256(kid, signing_input, signature)

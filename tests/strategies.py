@@ -176,3 +176,22 @@ json_bodies = st.one_of(
     st.integers(3_000, 20_000).map(lambda n: b'{"big": "' + b"x" * n + b'"}'),
 )
 """Request bodies: random bytes, malformed JSON, valid JSON, and bodies over a small limit."""
+
+
+# --- JWT header/claim values of every JSON type (adversarial review of auth) ---------
+
+json_values: st.SearchStrategy[Any] = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=12),
+        st.sampled_from(["ES256", "RS256", "EdDSA", "HS256", "none", "es256", "Es256"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+"""Any JSON value orjson can write: what a forged header or claim may carry."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 
 from ghar_core import auth as auth_module
@@ -316,3 +320,101 @@ async def test_admin_with_a_wrong_service_key(idp: IdentityProviderServer) -> No
         await resource.list_users()
     assert "SUPABASE_SERVICE_ROLE_KEY" in info.value.message
     await resource.stop()
+
+
+# --- adversarial review ------------------------------------------------------------
+
+
+async def test_admin_list_of_a_large_page_is_read_whole(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    # Regression: the body was read with one `content.read(n)`, which returns
+    # what is buffered so far: a page of a few hundred KB arrived cut short
+    # and became a 502 "invalid JSON".
+    for i in range(1200):
+        idp.provider.create_user({"email": f"bulk{i}@example.com", "user_metadata": {"i": i}})
+    page = await auth.list_users(page=1, per_page=1000)
+    assert len(page.users) == 1000
+    assert page.total == 1200
+    assert page.next_page == 2
+    assert len((await auth.list_users(page=2, per_page=1000)).users) == 200
+
+
+class OddProvider:
+    """A provider on loopback whose ``/user`` answers 200 with ``body``; no keys."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def user(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.body, content_type="application/json")
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        return web.json_response({"keys": []})
+
+    async def __aenter__(self) -> OddProvider:
+        app = web.Application()
+        app.router.add_get("/auth/v1/user", self.user)
+        app.router.add_get("/auth/v1/.well-known/jwks.json", self.jwks)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+        await http.close_all_clients()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"<html>bad gateway</html>", b"[]", b"null", b'{"id": 5}', b'{"email": "a@b.c"}'],
+)
+async def test_a_provider_200_with_a_malformed_user_is_an_outage_not_a_502(body: bytes) -> None:
+    # The token may be fine, the provider is misbehaving: clients must see the
+    # same 503 + Retry-After as for an outage (and never a 401 that logs them out).
+    async with OddProvider(body) as odd:
+        base = load_settings(app_env="test", environ={})
+        resource = SupabaseAuth(replace(base, SUPABASE_URL=odd.url))
+        payload = {
+            "iss": f"{odd.url}/auth/v1",
+            "aud": "authenticated",
+            "sub": str(uuid.uuid4()),
+            "exp": int(time.time()) + 60,
+        }
+        token = hs256({"alg": "HS256"}, payload, b"legacy")  # no secret: provider decides
+        with pytest.raises(AuthProviderUnavailableException) as info:
+            await resource.verify_token(token)
+        assert_503(info.value)
+        assert resource.cached_user(token) is None
+        await resource.stop()
+
+
+async def test_tokens_and_keys_never_reach_the_logs(
+    auth: SupabaseAuth, idp: IdentityProviderServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await auth.verify_token(idp.provider.mint_token())
+    idp.provider.rotate_key()
+    tokens = [idp.provider.mint_token() for _ in range(3)]
+    with contextlib.suppress(BaseAPIException):
+        await auth.verify_token(tokens[0])  # introspected
+    idp.provider.fail_status = 500
+    with contextlib.suppress(BaseAPIException):
+        await auth.verify_token(tokens[1])
+    idp.provider.fail_status = None
+    await idp.stop()
+    with contextlib.suppress(BaseAPIException):
+        await auth.verify_token(tokens[2])
+    with contextlib.suppress(BaseAPIException):
+        await auth.list_users()
+    secrets = [*tokens, idp.provider.anon_key, idp.provider.service_role_key]
+    text = "\n".join(r.getMessage() + repr(r.args) for r in caplog.records)
+    assert caplog.records  # something was logged, and none of it is a credential
+    for secret in secrets:
+        assert secret not in text
+        assert secret.split(".")[-1] not in text

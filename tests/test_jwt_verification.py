@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from ghar_core import http
@@ -33,7 +34,7 @@ from ghar_core.jwt_verification import (
     TokenRejected,
 )
 from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64
-from tests.strategies import token_attacks
+from tests.strategies import json_values, token_attacks
 
 ISSUER_PATH = "/auth/v1"
 
@@ -418,3 +419,136 @@ def test_token_cache_lifetime_and_keys() -> None:
         cache.put(f"{i}{token}", "u", wall.now + 60)
     assert len(cache) == 2  # LRU-bounded
     assert cache.get(f"0{token}") is None
+
+
+# --- adversarial review: inputs a forger controls -------------------------------------
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(["alg", "kid", "crit", "typ", "b64"]),
+    value=json_values,
+)
+async def test_header_values_of_any_json_type_are_refused_cleanly(
+    idp: IdentityProviderServer, name: str, value: Any
+) -> None:
+    # Regression: `alg` as a list or object made `alg not in frozenset` raise
+    # TypeError (unhashable), a 500 instead of a 401.
+    verifier = make_verifier(idp.url)
+    valid = idp.provider.mint_token()
+    head_b64, body_b64, sig_b64 = valid.split(".")
+    header = orjson.loads(unb64(head_b64))
+    if header.get(name) == value:
+        return  # unchanged header: that is the valid token
+    header[name] = value
+    token = f"{encode_json(header)}.{body_b64}.{sig_b64}"
+    with pytest.raises((TokenRejected, CannotDecide)):
+        await verifier.verify(token)
+    await verifier.aclose()
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["exp", "nbf", "iat", "aud", "iss", "sub"]), value=json_values)
+async def test_claim_values_of_any_json_type_never_raise_anything_else(
+    idp: IdentityProviderServer, name: str, value: Any
+) -> None:
+    verifier = make_verifier(idp.url)
+    valid = idp.provider.mint_token()
+    claims = orjson.loads(unb64(valid.split(".")[1])) | {name: value}
+    # Signed with the provider's real key (PyJWT's encode would refuse odd claims).
+    token = jwt.PyJWS().encode(
+        orjson.dumps(claims),
+        idp.provider.signing_key(),
+        algorithm="ES256",
+        headers={"kid": idp.provider.signing_kid},
+    )
+    try:
+        await verifier.verify(token)
+    except (TokenRejected, CannotDecide):
+        pass
+    else:  # accepted: then the claim was acceptable by the rules, check them here
+        claims = orjson.loads(unb64(token.split(".")[1]))
+        assert type(claims["exp"]) in (int, float)
+        assert claims["exp"] > time.time() - 10
+        assert isinstance(claims["sub"], str)
+        assert claims["sub"]
+        assert claims["iss"] == verifier.issuer
+        aud = claims["aud"]
+        assert aud == "authenticated" or (isinstance(aud, list) and "authenticated" in aud)
+    await verifier.aclose()
+
+
+@given(tail=st.integers(1, 15))
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+async def test_non_canonical_signature_encodings_are_refused(
+    idp: IdentityProviderServer, tail: int
+) -> None:
+    # base64url of a 64-byte ES256 signature is 86 characters carrying 516 bits:
+    # the last character has 4 unused bits. A lenient decoder ignores them, so
+    # one valid token would have 16 spellings, each its own cache entry and
+    # signature check, and a denylist keyed by the token string is bypassed.
+    verifier = make_verifier(idp.url)
+    valid = idp.provider.mint_token()
+    head_b64, body_b64, sig_b64 = valid.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(sig_b64[-1])
+    variant = sig_b64[:-1] + alphabet[last ^ tail]  # flips only the unused low bits
+    assert unb64(variant) == unb64(sig_b64)
+    assert (await verifier.verify(valid))["sub"]
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(f"{head_b64}.{body_b64}.{variant}")
+    assert info.value.reason is AuthFailureReason.MALFORMED
+    await verifier.aclose()
+
+
+class ChunkedJWKSServer:
+    """Serves a JWKS (or any body) in small chunks with pauses: a real proxy does that."""
+
+    def __init__(self, body: bytes, *, chunk: int = 64) -> None:
+        self.body = body
+        self.chunk = chunk
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(self.body), self.chunk):
+            await resp.write(self.body[i : i + self.chunk])
+            await asyncio.sleep(0.002)
+        await resp.write_eof()
+        return resp
+
+    async def __aenter__(self) -> ChunkedJWKSServer:
+        app = web.Application()
+        app.router.add_get(f"{ISSUER_PATH}/.well-known/jwks.json", self.handler)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+        await http.close_all_clients()
+
+
+async def test_a_jwks_sent_in_several_chunks_is_read_whole() -> None:
+    # Regression: `resp.content.read(n)` returns what is buffered, not n bytes:
+    # a chunked JWKS was cut after its first chunk and every refresh "failed".
+    keys = JWKSServer()
+    async with ChunkedJWKSServer(orjson.dumps(keys.jwks())) as server:
+        verifier = make_verifier(server.url)
+        assert await verifier.jwks.refresh(), verifier.jwks.last_error  # type: ignore[union-attr]
+        assert set(verifier.jwks.keys) == {"ec", "rsa", "ed"}  # type: ignore[union-attr]
+        await verifier.aclose()
+
+
+async def test_a_jwks_over_one_mib_is_refused_even_in_chunks() -> None:
+    body = b'{"keys": [], "pad": "' + b"x" * (1 << 20) + b'"}'
+    async with ChunkedJWKSServer(body, chunk=256 * 1024) as server:
+        verifier = make_verifier(server.url)
+        assert not await verifier.jwks.refresh()  # type: ignore[union-attr]
+        assert "larger than 1 MiB" in (verifier.jwks.last_error or "")  # type: ignore[union-attr]
+        await verifier.aclose()
