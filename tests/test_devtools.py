@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import pytest
 
 from ghar_core import cli
@@ -237,3 +238,29 @@ def test_identity_provider_command_serves_until_sigterm(tmp_path: Any) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+async def test_admin_bodies_sent_in_chunks_are_read_whole(
+    idp: IdentityProviderServer, session: aiohttp.ClientSession
+) -> None:
+    # Regression: the provider read its request body with one `content.read(n)`,
+    # which returns what has arrived so far: a chunked body was cut and answered
+    # 400 bad_json.
+    body = orjson.dumps({"email": "chunks@example.com", "user_metadata": {"bio": "x" * 20_000}})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+            await asyncio.sleep(0.001)
+
+    url = f"{idp.url}/auth/v1/admin/users"
+    status, created, _ = await call(session, "POST", url, data=chunks(), headers=ADMIN)
+    assert status == 200, created
+    assert created["user_metadata"]["bio"] == "x" * 20_000
+
+    async def too_big() -> AsyncIterator[bytes]:
+        for _ in range(70):
+            yield b" " * 1000
+
+    status, error, _ = await call(session, "POST", url, data=too_big(), headers=ADMIN)
+    assert_gotrue_error(status, error, 413, "request_timeout")

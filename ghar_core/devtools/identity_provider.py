@@ -393,9 +393,15 @@ def _require_admin(request: web.Request) -> None:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.content.read(_MAX_BODY + 1)
-    if len(raw) > _MAX_BODY:
-        raise _Problem(413, "request_timeout", "Request body too large")
+    # Read to the end: `content.read(n)` returns only what has arrived so far.
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            raise _Problem(413, "request_timeout", "Request body too large")
+        parts.append(chunk)
+    raw = b"".join(parts)
     try:
         data = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
