@@ -429,12 +429,21 @@ class SupabaseAuth:
 
     async def update_user(self, user_id: str, attributes: Mapping[str, Any]) -> dict[str, Any]:
         """Change a user (``PUT /admin/users/{id}``) and return the new record."""
-        data, _ = await self._admin("PUT", f"/users/{_user_id(user_id)}", json=dict(attributes))
+        key = _user_id(user_id)
+        data, _ = await self._admin("PUT", f"/users/{key}", json=dict(attributes))
+        # Our own write: drop the synced users row now instead of serving it stale for a TTL.
+        self.user_rows.pop(key)
         return self._user(data)
 
     async def delete_user(self, user_id: str) -> None:
-        """Delete a user; tokens already cached stay valid until they leave the cache."""
-        await self._admin("DELETE", f"/users/{_user_id(user_id)}")
+        """Delete a user; its users row is forgotten here at once.
+
+        Tokens already issued stay valid until their ``exp`` (they are verified
+        locally, statelessly), so the ASGI layer may sync the row again until then.
+        """
+        key = _user_id(user_id)
+        await self._admin("DELETE", f"/users/{key}")
+        self.user_rows.pop(key)
 
     async def list_users(self, *, page: int = 1, per_page: int = 50) -> UserPage:
         """One page of users (1-based ``page``, ``per_page`` 1..1000)."""

@@ -418,3 +418,17 @@ async def test_tokens_and_keys_never_reach_the_logs(
     for secret in secrets:
         assert secret not in text
         assert secret.split(".")[-1] not in text
+
+
+async def test_admin_writes_drop_the_cached_users_row(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    # The ASGI layer keeps synced users rows per provider id for TOKEN_CACHE_TTL;
+    # a change made through our own admin API must not be served stale from it.
+    created = await auth.create_user({"email": "row@example.com"})
+    auth.user_rows.set(created["id"], {"id": 1, "email": "row@example.com"})
+    await auth.update_user(created["id"], {"email": "new-row@example.com"})
+    assert auth.user_rows.get(created["id"]) is None
+    auth.user_rows.set(created["id"], {"id": 1, "email": "new-row@example.com"})
+    await auth.delete_user(created["id"].upper())  # any spelling of the id
+    assert auth.user_rows.get(created["id"]) is None
