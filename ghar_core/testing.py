@@ -51,12 +51,32 @@ class ASGIProtocolError(AssertionError):
 
 
 class WebSocketRejected(Exception):
-    """The app closed the WebSocket before accepting it; ``code`` is the close code."""
+    """The app refused the WebSocket handshake.
 
-    def __init__(self, code: int, reason: str = "") -> None:
+    A close before accept: ``code`` is its close code and ``status_code`` is
+    403 (what servers answer). A denial response (the ``websocket.http.response``
+    extension, which the client offers like uvicorn does): ``status_code``,
+    ``headers`` and ``body`` are that HTTP answer and ``code`` is 1008.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        reason: str = "",
+        *,
+        status_code: int = 403,
+        headers: Headers | None = None,
+        body: bytes = b"",
+    ) -> None:
         self.code = code
         self.reason = reason
-        super().__init__(f"websocket rejected with code {code}" + (f": {reason}" if reason else ""))
+        self.status_code = status_code
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        super().__init__(
+            f"websocket rejected with code {code} (HTTP {status_code})"
+            + (f": {reason}" if reason else "")
+        )
 
 
 class TestResponse:
@@ -239,8 +259,13 @@ class TestClient:
             try:
                 await self.app(scope, to_app.get, from_app.put)
             except Exception as exc:
-                # An app without lifespan support may raise; that means "unsupported".
-                await from_app.put({"type": "lifespan.unsupported", "message": str(exc)})
+                # Before startup completes this means "unsupported"; after it, it is
+                # an error that stop_lifespan raises (a server would log it).
+                await from_app.put(
+                    {"type": "lifespan.unsupported", "message": str(exc), "exc": exc}
+                )
+            else:
+                await from_app.put({"type": "ghar.test.app-returned"})
 
         self._lifespan_task = asyncio.create_task(run())
         await to_app.put({"type": "lifespan.startup"})
@@ -250,20 +275,29 @@ class TestClient:
             await self._lifespan_task
             self._lifespan_task = None
             raise RuntimeError(f"lifespan startup failed: {reply.get('message', '')}")
+        if reply["type"] != "lifespan.startup.complete":
+            # Unsupported (raised or returned at once): no shutdown to send later.
+            await self._lifespan_task
+            self._lifespan_task = None
 
     async def stop_lifespan(self) -> None:
         """Send ``lifespan.shutdown``; raise when the app reports a failure."""
         task, self._lifespan_task = self._lifespan_task, None
         if task is None or self._lifespan_in is None or self._lifespan_out is None:
             return
-        if task.done():
-            return
-        await self._lifespan_in.put({"type": "lifespan.shutdown"})
+        if not task.done():
+            await self._lifespan_in.put({"type": "lifespan.shutdown"})
         async with asyncio.timeout(self.timeout):
             reply = await self._lifespan_out.get()
             await task
         if reply["type"] == "lifespan.shutdown.failed":
             raise RuntimeError(f"lifespan shutdown failed: {reply.get('message', '')}")
+        # After a completed startup, raising or returning without an answer is an
+        # app bug; a test must see it rather than pass quietly.
+        if reply["type"] == "lifespan.unsupported":
+            raise RuntimeError(f"lifespan raised: {reply['message']}") from reply["exc"]
+        if reply["type"] != "lifespan.shutdown.complete":
+            raise ASGIProtocolError("the app ended the lifespan without answering shutdown")
 
     # --- HTTP ------------------------------------------------------------------
 
@@ -456,6 +490,7 @@ class TestClient:
         """
         scope = self._scope("websocket", "GET", path, params, headers)
         scope["subprotocols"] = list(subprotocols)
+        scope["extensions"] = {"websocket.http.response": {}}  # as uvicorn offers
         to_app: asyncio.Queue[Message] = asyncio.Queue()
         from_app: asyncio.Queue[Message] = asyncio.Queue()
         await to_app.put({"type": "websocket.connect"})
@@ -469,6 +504,22 @@ class TestClient:
                 first = await from_app.get()
             if first["type"] == "websocket.close":
                 raise WebSocketRejected(first.get("code", 1000), first.get("reason") or "")
+            if first["type"] == "websocket.http.response.start":
+                body = b""
+                async with asyncio.timeout(self.timeout):
+                    while True:
+                        part = await from_app.get()
+                        if part["type"] != "websocket.http.response.body":
+                            raise ASGIProtocolError(f"expected a denial body, got {part['type']!r}")
+                        body += part.get("body", b"")
+                        if not part.get("more_body", False):
+                            break
+                raise WebSocketRejected(
+                    1008,
+                    status_code=first["status"],
+                    headers=Headers(list(first.get("headers", []))),
+                    body=body,
+                )
             if first["type"] != "websocket.accept":
                 raise ASGIProtocolError(f"expected websocket.accept, got {first['type']!r}")
             ws = TestWebSocket(to_app, from_app)

@@ -108,3 +108,25 @@ async def test_stream_of_an_app_that_stops_mid_body_is_incomplete() -> None:
     async with TestClient(truncating).stream("GET", "/") as r:
         assert await r.read() == b"part"
     assert not r.complete
+
+
+async def test_lifespan_errors_after_startup_are_surfaced() -> None:
+    async def breaks_on_shutdown(scope, receive, send):
+        assert scope["type"] == "lifespan"
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        raise RuntimeError("pool close exploded")
+
+    with pytest.raises(RuntimeError, match="pool close exploded"):
+        async with TestClient(breaks_on_shutdown, timeout=2):
+            pass
+
+    async def returns_silently(scope, receive, send):
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # shutdown: returns without answering
+
+    with pytest.raises(ASGIProtocolError, match="shutdown"):
+        async with TestClient(returns_silently, timeout=2):
+            pass

@@ -27,7 +27,7 @@ from ghar_core.asgi.middleware import (
     send_error,
 )
 from ghar_core.asgi.requests import Request
-from ghar_core.asgi.responses import JSONResponse, dump_json
+from ghar_core.asgi.responses import Response, dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.auth import SupabaseAuth
@@ -36,6 +36,7 @@ from ghar_core.exceptions import (
     BaseAPIException,
     MethodNotAllowedException,
     NotFoundException,
+    render_error,
 )
 from ghar_core.http import HTTPClientsResource
 from ghar_core.lifecycle import Resource, Resources
@@ -312,7 +313,7 @@ class App:
         elif isinstance(result, dict | list):
             # Subclasses (defaultdict, OrderedDict) are dicts too; checked only here,
             # off the exact-type hot path above.
-            await JSONResponse(result)(scope, receive, send)
+            await Response(dump_json(result), media_type="application/json")(scope, receive, send)
         else:
             raise TypeError(
                 f"handler for {route.path!r} returned {cls.__name__}; return a dict, a list, "
@@ -323,13 +324,16 @@ class App:
         path = self._route_path(scope) if scope.get("root_path") else scope["path"]
         found = self.websocket_router.match(path)
         if found is None:
-            await send({"type": "websocket.close", "code": 1008, "reason": "no such route"})
+            details = {"path": safe_for_log(path, 256)}
+            await _deny_websocket(
+                scope, send, NotFoundException(details=details), 1008, "no such route"
+            )
             return
         route, params = found
         try:
             await self.lifespan_manager.ensure_started()
-        except BaseAPIException:
-            await send({"type": "websocket.close", "code": 1011, "reason": "not ready"})
+        except BaseAPIException as exc:
+            await _deny_websocket(scope, send, exc, 1011, "not ready")
             return
         ws = WebSocket(scope, receive, send, self, path, params)
         try:
@@ -339,11 +343,39 @@ class App:
         except Exception as exc:
             logger.error("websocket handler for %s failed", safe_for_log(path), exc_info=exc)
             with contextlib.suppress(Exception):
-                await ws.close(1011, "internal error")
+                if ws.application_state is WebSocketState.CONNECTING:
+                    ws.application_state = WebSocketState.CLOSED
+                    await _deny_websocket(scope, send, exc, 1011, "internal error")
+                else:
+                    await ws.close(1011, "internal error")
         finally:
             if ws.application_state is not WebSocketState.CLOSED:
                 with contextlib.suppress(Exception):
                     await ws.close()
+
+
+async def _deny_websocket(
+    scope: Scope, send: Send, exc: BaseException, code: int, reason: str
+) -> None:
+    """Refuse a handshake: the error envelope as an HTTP answer when the server can.
+
+    With the ``websocket.http.response`` extension (uvicorn offers it) the client
+    gets the real status, the envelope and ``X-Request-ID`` (the request-ID
+    middleware stamps ``websocket.http.response.start``); otherwise a close
+    before accept, which servers turn into a bare 403.
+    """
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        rendered = render_error(exc)
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": rendered.status_code,
+                "headers": rendered.headers,
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": rendered.body})
+        return
+    await send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 def create_app(

@@ -38,6 +38,7 @@ __all__ = ["CORSMiddleware"]
 _ORIGIN = b"origin"
 _REQUEST_METHOD = b"access-control-request-method"
 _REQUEST_HEADERS = b"access-control-request-headers"
+_VARY_ORIGIN = (b"vary", b"Origin")
 _TOKEN_LIST = re.compile(
     rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+(?:[ \t]*,[ \t]*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*"
 )
@@ -68,7 +69,7 @@ class CORSMiddleware:
         exposed = ", ".join(expose_headers)
         if exposed:
             tail.append((b"access-control-expose-headers", exposed.encode("latin-1")))
-        tail.append((b"vary", b"Origin"))
+        tail.append(_VARY_ORIGIN)
         self._tail = tuple(tail)
         self._preflight = (
             (b"access-control-allow-methods", b", ".join(sorted(self.methods))),
@@ -98,7 +99,14 @@ class CORSMiddleware:
                 await self._answer_preflight(scope, send, origin, allowed, requested)
                 return
         if not allowed:
-            await self.app(scope, receive, send)
+            # No CORS headers, but the answer still depends on Origin: without Vary a
+            # shared cache could serve this header-less answer to an allowed origin.
+            async def send_with_vary(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), _VARY_ORIGIN]
+                await send(message)
+
+            await self.app(scope, receive, send_with_vary)
             return
         extra = ((b"access-control-allow-origin", self._allow_origin_value(origin)), *self._tail)
         scope[CORS_SCOPE_KEY] = extra

@@ -216,9 +216,19 @@ class StreamingResponse:
                 return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+        except BaseException:
+            # The client is gone before the first byte: the iterator is ours to close
+            # all the same (it may hold a subscription or a connection).
+            await self._close()
+            raise
         if scope.get("method") == "HEAD":
             await self._close()
             await send({"type": "http.response.body", "body": b""})

@@ -201,3 +201,29 @@ def test_uuid_subclasses_serialise_as_text() -> None:
     value = DriverUUID("12345678-1234-5678-1234-567812345678")
     assert dump_json({"id": value}) == b'{"id":"12345678-1234-5678-1234-567812345678"}'
     assert dump_json({"n": Decimal("1.10"), "s": {1}}) == b'{"n":"1.10","s":[1]}'
+
+
+async def test_streaming_iterator_closed_when_the_start_cannot_be_sent() -> None:
+    # "The response owns the iterator and closes it in every case": also when the
+    # very first send fails because the client is already gone.
+    closed = []
+
+    class Source:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self) -> bytes:
+            raise StopAsyncIteration
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async def send(message):
+        raise OSError("client gone")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(OSError, match="client gone"):
+        await StreamingResponse(Source())({"type": "http", "method": "GET"}, receive, send)
+    assert closed == [True]

@@ -83,3 +83,15 @@ async def test_handler_error_closes_1011_and_logs(settings: Settings, caplog) ->
             await ws.receive()
         assert ws.close_code == 1011
     assert any("websocket handler" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_denials_carry_request_id_and_envelope_when_the_server_can(settings) -> None:
+    # uvicorn offers the websocket.http.response extension: a refusal by the app
+    # (no route) is then a real 404 envelope with X-Request-ID, not a bare 403.
+    client = TestClient(_app(settings))
+    with pytest.raises(WebSocketRejected) as missing:
+        async with client.websocket_connect("/nowhere", headers={"X-Request-ID": "ws-404"}):
+            pass
+    assert missing.value.status_code == 404
+    assert missing.value.headers["x-request-id"] == "ws-404"
+    assert b'"NOT_FOUND"' in missing.value.body
