@@ -231,3 +231,21 @@ async def test_websocket_through_uvicorn() -> None:
         assert reply == {"echo": {"hello": "world"}, "rid": "ws-e2e-1"}
         closing = await ws.receive(timeout=5)
         assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_websocket_denial_through_uvicorn_is_an_envelope_with_request_id() -> None:
+    """uvicorn offers websocket.http.response: an unknown route is a real 404 envelope."""
+    app = create_app(make_settings(), resources=[])
+    async with (
+        serve(app, ws="websockets-sansio") as base,
+        aiohttp.ClientSession() as http,
+    ):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            async with http.ws_connect(
+                f"{base.replace('http', 'ws', 1)}/ws/nowhere",
+                headers={"X-Request-ID": "ws-e2e-404"},
+            ):
+                pass
+        assert info.value.status == 404
+        assert info.value.headers is not None
+        assert info.value.headers["X-Request-ID"] == "ws-e2e-404"
