@@ -99,18 +99,24 @@ _RESET_TIMEOUT: Final = 5.0
 # Statements whose effect outlives the transaction. Over-matching only costs a
 # reset round trip; under-matching would leak state, so the patterns are broad
 # (a statement start is the beginning, a ';', a newline or the end of a comment).
+# Tokens may be separated by comments as well as whitespace (Postgres accepts
+# ``SET/**/work_mem``), and ``DO`` blocks count as dirty: their body can run
+# ``SET``/``EXECUTE 'SET ...'`` where no statement-start pattern can see it.
+_GAP: Final = r"(?:\s|/\*.*?\*/|--[^\n]*(?:\n|$))"
 _SESSION_STATE_RE: Final = re.compile(
-    r"""
-    (?:^|;|\n|\*/)\s*
-      (?:SET\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)
+    rf"""
+    (?:^|;|\n|\*/){_GAP}*
+      (?:SET{_GAP}+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)
         |RESET\b|LISTEN\b|PREPARE\b|LOAD\b
-        |CREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?TEMP(?:ORARY)?\b)
-    | \bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(
-    | \bset_config\s*\(
-    | \bWITH\s+HOLD\b
-    | \bCREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?TEMP(?:ORARY)?\s
+        |DO\b(?!{_GAP}+(?:UPDATE|NOTHING)\b))
+    | \bpg_(?:try_)?advisory_lock(?:_shared)?"?{_GAP}*\(
+    | \bset_config"?{_GAP}*\(
+    | \bWITH{_GAP}+HOLD\b
+    | \bCREATE{_GAP}+(?:OR{_GAP}+REPLACE{_GAP}+)?(?:(?:GLOBAL|LOCAL){_GAP}+)?TEMP(?:ORARY)?\b
+    | \bINTO{_GAP}+(?:TEMP|TEMPORARY)\b
+    | \bCREATE\b[^;]*?\bpg_temp\b
     """,
-    re.IGNORECASE | re.VERBOSE,
+    re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _VERDICTS: dict[str, bool] = {}
 _VERDICTS_MAX: Final = 4096
@@ -191,6 +197,10 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
 
     async def prepare(self, query: str, **kwargs: Any) -> Any:
         self._note(query)
+        if kwargs.get("name"):
+            # An explicitly named statement outlives the lease (the unnamed
+            # one our cache-off default uses does not): DISCARD ALL drops it.
+            self._ghar_dirty = True
         return await super().prepare(query, **kwargs)
 
     def cursor(self, query: str, *args: Any, **kwargs: Any) -> Any:
@@ -510,7 +520,7 @@ class _Lease:
                 await tx.start()
             except BaseException as exc:
                 await pool.release(conn, discard=True)
-                if not _should_translate(exc):
+                if not (_should_translate(exc) or _lost(conn, exc)):
                     raise
                 # An idle connection died while pooled (server restart, idle
                 # kill): nothing ran yet, so one fresh connection is safe to try.
@@ -520,7 +530,9 @@ class _Lease:
                     await tx.start()
                 except BaseException as again:
                     await pool.release(conn, discard=True)
-                    raise _translate(again) from again
+                    if not (_should_translate(again) or _lost(conn, again)):
+                        raise
+                    raise _unavailable(again) from again
             self._tx = tx
         self._conn = conn
         return conn
@@ -536,8 +548,12 @@ class _Lease:
         self._conn = None
         tx, self._tx = self._tx, None
         # A cancelled or transiently failed connection may be mid-protocol: drop it.
+        # An error from a connection that is closed now is a lost connection
+        # whatever asyncpg called it: a backend killed just before a query
+        # surfaces as InternalClientError("cannot switch to state ...").
+        lost = isinstance(exc, Exception) and _lost(conn, exc)
         discard = exc is not None and (
-            isinstance(exc, asyncio.CancelledError) or is_transient_error(exc)
+            lost or isinstance(exc, asyncio.CancelledError) or is_transient_error(exc)
         )
         failure: BaseException | None = None
         try:
@@ -558,9 +574,21 @@ class _Lease:
         finally:
             await self._pool.release(conn, discard=discard)
         if failure is not None:
-            raise _translate(failure) from failure
-        if exc is not None and _should_translate(exc):
-            raise _translate(exc) from exc
+            if _should_translate(failure) or _lost(conn, failure):
+                raise _unavailable(failure) from failure
+            raise failure
+        if exc is not None and (lost or _should_translate(exc)):
+            raise _unavailable(exc) from exc
+
+
+def _lost(conn: GharConnection, exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and not isinstance(exc, BaseAPIException) and conn.is_closed()
+
+
+def _unavailable(exc: BaseException) -> DatabaseUnavailableException:
+    return DatabaseUnavailableException(
+        f"The database connection failed ({type(exc).__name__}); please retry.",
+    )
 
 
 def _should_translate(exc: BaseException) -> bool:
@@ -569,15 +597,6 @@ def _should_translate(exc: BaseException) -> bool:
         and not isinstance(exc, BaseAPIException)
         and is_transient_error(exc)
     )
-
-
-def _translate(exc: BaseException) -> BaseException:
-    """Driver outage errors become a 503 envelope; everything else is unchanged."""
-    if _should_translate(exc):
-        return DatabaseUnavailableException(
-            f"The database connection failed ({type(exc).__name__}); please retry.",
-        )
-    return exc
 
 
 class Database:
