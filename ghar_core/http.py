@@ -11,6 +11,8 @@ getters are synchronous, so no other task can interleave between the check
 and the creation), and created anew after it was closed or when called from
 another loop. Callers use the session and never close it; the app's lifespan
 closes all of them through :class:`HTTPClientsResource` (``close_all_clients``).
+Outside an app, a loop run by ``asyncio.run()`` closes its own sessions when it
+finishes (see ``_ensure_loop_finalizer``), so scripts need no cleanup call.
 
 Adding a client domain is one row in :data:`CLIENT_SPECS` plus a one-line
 getter.
@@ -56,7 +58,8 @@ import contextlib
 import logging
 import ssl
 import sys
-from collections.abc import Coroutine, Mapping
+import weakref
+from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -184,6 +187,7 @@ class SharedClient:
             return session
         # Rare path: first use, use after close, or first use in a new loop.
         self._retire_dead_loops(loop)
+        _ensure_loop_finalizer(loop)
         session = self._new_session()
         self._sessions[loop] = session
         return session
@@ -252,6 +256,42 @@ async def _close_quietly(session: aiohttp.ClientSession, name: str) -> None:
 
 
 _clients: dict[str, SharedClient] = {n: SharedClient(spec) for n, spec in CLIENT_SPECS.items()}
+
+# One started async generator per loop that has sessions. asyncio.run() (and
+# uvicorn, and asyncio.Runner) call loop.shutdown_asyncgens() before closing
+# the loop, which runs the generator's ``finally``: the loop's sessions close
+# while the loop can still do I/O. Without this, a script that runs
+# asyncio.run() per job and never calls close_all_clients() would leave the
+# sockets of each finished loop open until garbage collection. The loop only
+# holds async generators weakly, so we keep them here (weak on the loop).
+_finalizers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _close_sessions_of(loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        for client in _clients.values():
+            session = client._sessions.pop(loop, None)
+            if session is not None and not session.closed:
+                await _close_quietly(session, client.spec.name)
+
+
+def _ensure_loop_finalizer(loop: asyncio.AbstractEventLoop) -> None:
+    if loop in _finalizers:
+        return
+    finalizer = _close_sessions_of(loop)
+    # Advance to the first ``yield`` synchronously: this registers the generator
+    # with the running loop (its firstiter hook) without scheduling anything.
+    step = finalizer.asend(None)
+    try:
+        step.send(None)
+    except StopIteration:
+        _finalizers[loop] = finalizer
+    else:  # pragma: no cover - the generator yields before any await
+        raise AssertionError("the loop finalizer awaited before its first yield")
 
 
 def get_scraper_client() -> aiohttp.ClientSession:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -232,8 +234,50 @@ def test_new_loop_gets_a_new_session_and_the_old_one_is_closed() -> None:
             assert new.closed
 
     old = asyncio.run(first_loop())
-    assert not old.closed  # its loop is gone; the next getter call retires it
+    assert old.closed  # asyncio.run() closed it before closing its loop
     asyncio.run(second_loop(old))
+
+
+@contextlib.contextmanager
+def _server_in_a_thread() -> Iterator[str]:
+    """A loopback server on its own loop and thread, so the test may run asyncio.run() twice."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(make_app(Recorder()))
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def test_a_finished_asyncio_run_closes_its_sessions_and_sockets() -> None:
+    """A script that runs asyncio.run() per job, never calling close_all_clients()."""
+
+    async def job(base_url: str) -> aiohttp.ClientSession:
+        session = get_blog_client()
+        assert await fetch(session, f"{base_url}/ok") == "ok"  # a pooled keep-alive socket
+        return session
+
+    with _server_in_a_thread() as base_url:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = asyncio.run(job(base_url))
+            second = asyncio.run(job(base_url))
+            assert first is not second
+            assert first.closed
+            assert second.closed
+            del first, second
+            gc.collect()
+        leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not leaks, [str(w.message) for w in leaks]
 
 
 # -- over the wire -----------------------------------------------------------
