@@ -617,6 +617,7 @@ class Database:
         self._bg: _Pool | None = None
         self._migrations_pending = settings.DB_MIGRATE_ON_STARTUP
         self._last_connect_warning = 0.0
+        self._stopped = False
 
     # --- connections ----------------------------------------------------------------
 
@@ -668,6 +669,10 @@ class Database:
     def _pool(self, background: bool) -> _Pool:
         pool = self._bg if background else self._main
         if pool is None:
+            if self._stopped:
+                # Work racing shutdown (a background task, a late request) gets
+                # the same 503 as a closing pool's waiters, not a 500.
+                raise DatabaseUnavailableException("The database is shutting down.")
             raise RuntimeError("Database is not started: the app's lifespan starts it")
         return pool
 
@@ -693,6 +698,7 @@ class Database:
         """Create both pools and warm them; Postgres being down is logged, not fatal."""
         if self._main is not None:
             return
+        self._stopped = False
         self._main = self._make_pool(False)
         self._bg = self._make_pool(True)
         await asyncio.gather(self._main.prewarm(), self._bg.prewarm())
@@ -716,6 +722,7 @@ class Database:
         """Close both pools; busy connections get ``grace`` seconds, then are terminated."""
         main, bg = self._main, self._bg
         self._main = self._bg = None
+        self._stopped = True
         bound = self.settings.SHUTDOWN_STEP_TIMEOUT * 0.8 if grace is None else grace
         await asyncio.gather(*(p.close(bound) for p in (main, bg) if p is not None))
 
@@ -725,6 +732,7 @@ class Database:
             if pool is not None:
                 pool.terminate()
         self._main = self._bg = None
+        self._stopped = True
 
     async def check(self) -> None:
         """Readiness: ``SELECT 1`` on each pool; pending startup migrations are retried."""

@@ -142,6 +142,27 @@ def test_classifier_sees_state_through_comments_case_and_whitespace(
     assert touches_session_state(statement), statement
 
 
+# --- use after stop ---------------------------------------------------------------------------
+
+
+async def test_use_after_stop_is_a_503_not_a_500(db_settings: Settings) -> None:
+    database = Database(db_settings)
+    await database.start()
+    await database.stop()
+    with pytest.raises(DatabaseUnavailableException):
+        database.connection()
+    with pytest.raises(DatabaseUnavailableException):
+        await database.check()
+    await database.start()  # a stopped Database can be started again
+    try:
+        async with database.connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        database.terminate()
+    with pytest.raises(DatabaseUnavailableException):
+        database.background_transaction()
+
+
 # --- a backend killed just before a query ------------------------------------------------
 
 KILL_DELAYS = [0.0, 0.0005, 0.001, 0.001, 0.001, 0.0015, 0.002, 0.005]
