@@ -97,15 +97,17 @@ _RESET_QUERY: Final = "DISCARD ALL"
 _RESET_TIMEOUT: Final = 5.0
 
 # Statements whose effect outlives the transaction. Over-matching only costs a
-# reset round trip; under-matching would leak state, so the patterns are broad
-# (a statement start is the beginning, a ';', a newline or the end of a comment).
+# reset round trip; under-matching would leak state, so the patterns are broad.
+# A statement starts at the beginning or after a ';' (then any whitespace and
+# comments): not after a bare newline, or every ``UPDATE t\nSET x = 1`` would
+# pay a needless ``DISCARD ALL``.
 # Tokens may be separated by comments as well as whitespace (Postgres accepts
 # ``SET/**/work_mem``), and ``DO`` blocks count as dirty: their body can run
 # ``SET``/``EXECUTE 'SET ...'`` where no statement-start pattern can see it.
 _GAP: Final = r"(?:\s|/\*.*?\*/|--[^\n]*(?:\n|$))"
 _SESSION_STATE_RE: Final = re.compile(
     rf"""
-    (?:^|;|\n|\*/){_GAP}*
+    (?:^|;){_GAP}*
       (?:SET{_GAP}+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)
         |RESET\b|LISTEN\b|PREPARE\b|LOAD\b
         |DO\b(?!{_GAP}+(?:UPDATE|NOTHING)\b))
