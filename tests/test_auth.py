@@ -36,6 +36,7 @@ from ghar_core.exceptions import (
 )
 from tests.idp import forge, hs256, settings_for
 from tests.strategies import token_attacks
+from tests.tls import serve
 
 USER_KEYS = {
     "id",
@@ -340,34 +341,24 @@ async def test_admin_list_of_a_large_page_is_read_whole(
     assert len((await auth.list_users(page=2, per_page=1000)).users) == 200
 
 
-class OddProvider:
+@contextlib.asynccontextmanager
+async def odd_provider(body: bytes) -> AsyncIterator[str]:
     """A provider on loopback whose ``/user`` answers 200 with ``body``; no keys."""
 
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.runner: web.AppRunner | None = None
-        self.url = ""
+    async def user(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
 
-    async def user(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.body, content_type="application/json")
-
-    async def jwks(self, request: web.Request) -> web.Response:
+    async def jwks(request: web.Request) -> web.Response:
         return web.json_response({"keys": []})
 
-    async def __aenter__(self) -> OddProvider:
-        app = web.Application()
-        app.router.add_get("/auth/v1/user", self.user)
-        app.router.add_get("/auth/v1/.well-known/jwks.json", self.jwks)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.runner is not None
-        await self.runner.cleanup()
-        await http.close_all_clients()
+    app = web.Application()
+    app.router.add_get("/auth/v1/user", user)
+    app.router.add_get("/auth/v1/.well-known/jwks.json", jwks)
+    async with serve(app) as url:
+        try:
+            yield url
+        finally:
+            await http.close_all_clients()
 
 
 @pytest.mark.parametrize(
@@ -377,11 +368,11 @@ class OddProvider:
 async def test_a_provider_200_with_a_malformed_user_is_an_outage_not_a_502(body: bytes) -> None:
     # The token may be fine, the provider is misbehaving: clients must see the
     # same 503 + Retry-After as for an outage (and never a 401 that logs them out).
-    async with OddProvider(body) as odd:
+    async with odd_provider(body) as url:
         base = load_settings(app_env="test", environ={})
-        resource = SupabaseAuth(replace(base, SUPABASE_URL=odd.url))
+        resource = SupabaseAuth(replace(base, SUPABASE_URL=url))
         payload = {
-            "iss": f"{odd.url}/auth/v1",
+            "iss": f"{url}/auth/v1",
             "aud": "authenticated",
             "sub": str(uuid.uuid4()),
             "exp": int(time.time()) + 60,

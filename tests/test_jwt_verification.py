@@ -8,6 +8,7 @@ fetches are counted by the servers themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from ghar_core.jwt_verification import (
 )
 from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64
 from tests.strategies import json_values, token_attacks
+from tests.tls import serve
 
 ISSUER_PATH = "/auth/v1"
 
@@ -501,45 +503,34 @@ async def test_non_canonical_signature_encodings_are_refused(
     await verifier.aclose()
 
 
-class ChunkedJWKSServer:
+@contextlib.asynccontextmanager
+async def chunked_server(body: bytes, *, chunk: int = 64) -> AsyncIterator[str]:
     """Serves a JWKS (or any body) in small chunks with pauses: a real proxy does that."""
 
-    def __init__(self, body: bytes, *, chunk: int = 64) -> None:
-        self.body = body
-        self.chunk = chunk
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def handler(self, request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
-        for i in range(0, len(self.body), self.chunk):
-            await resp.write(self.body[i : i + self.chunk])
+        for i in range(0, len(body), chunk):
+            await resp.write(body[i : i + chunk])
             await asyncio.sleep(0.002)
         await resp.write_eof()
         return resp
 
-    async def __aenter__(self) -> ChunkedJWKSServer:
-        app = web.Application()
-        app.router.add_get(f"{ISSUER_PATH}/.well-known/jwks.json", self.handler)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.runner is not None
-        await self.runner.cleanup()
-        await http.close_all_clients()
+    app = web.Application()
+    app.router.add_get(f"{ISSUER_PATH}/.well-known/jwks.json", handler)
+    async with serve(app) as url:
+        try:
+            yield url
+        finally:
+            await http.close_all_clients()
 
 
 async def test_a_jwks_sent_in_several_chunks_is_read_whole() -> None:
     # Regression: `resp.content.read(n)` returns what is buffered, not n bytes:
     # a chunked JWKS was cut after its first chunk and every refresh "failed".
     keys = JWKSServer()
-    async with ChunkedJWKSServer(orjson.dumps(keys.jwks())) as server:
-        verifier = make_verifier(server.url)
+    async with chunked_server(orjson.dumps(keys.jwks())) as url:
+        verifier = make_verifier(url)
         assert await verifier.jwks.refresh(), verifier.jwks.last_error  # type: ignore[union-attr]
         assert set(verifier.jwks.keys) == {"ec", "rsa", "ed"}  # type: ignore[union-attr]
         await verifier.aclose()
@@ -547,8 +538,8 @@ async def test_a_jwks_sent_in_several_chunks_is_read_whole() -> None:
 
 async def test_a_jwks_over_one_mib_is_refused_even_in_chunks() -> None:
     body = b'{"keys": [], "pad": "' + b"x" * (1 << 20) + b'"}'
-    async with ChunkedJWKSServer(body, chunk=256 * 1024) as server:
-        verifier = make_verifier(server.url)
+    async with chunked_server(body, chunk=256 * 1024) as url:
+        verifier = make_verifier(url)
         assert not await verifier.jwks.refresh()  # type: ignore[union-attr]
         assert "larger than 1 MiB" in (verifier.jwks.last_error or "")  # type: ignore[union-attr]
         await verifier.aclose()
