@@ -282,3 +282,24 @@ def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
         if process.stderr is not None:
             process.stderr.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def holding(database: Any, count: int) -> AsyncIterator[None]:
+    """Hold ``count`` main-pool connections of ``database`` until the block ends."""
+    release = asyncio.Event()
+    ready = asyncio.Semaphore(0)
+
+    async def hold() -> None:
+        async with database.connection():
+            ready.release()
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(count)]
+    try:
+        for _ in range(count):
+            await ready.acquire()
+        yield
+    finally:
+        release.set()
+        await asyncio.gather(*holders)

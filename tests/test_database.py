@@ -24,7 +24,7 @@ from ghar_core.exceptions import (
     render_error,
 )
 from ghar_core.lifecycle import Resource
-from tests.pg import PgBouncer, free_port, run_sync, with_database
+from tests.pg import PgBouncer, free_port, holding, run_sync, with_database
 
 # --- the session-state classifier (pure) ---------------------------------------------
 
@@ -175,26 +175,14 @@ async def test_exhaustion_is_503_after_the_acquire_timeout(db_settings: Settings
     database = Database(settings)
     await database.start()
     try:
-        release = asyncio.Event()
-        ready = asyncio.Semaphore(0)
-
-        async def hold() -> None:
-            async with database.connection():
-                ready.release()
-                await release.wait()
-
-        holders = [asyncio.create_task(hold()) for _ in range(2)]
-        for _ in range(2):
-            await ready.acquire()
-        with pytest.raises(PoolExhaustedException) as info:
-            async with database.connection():
-                pass
+        async with holding(database, 2):
+            with pytest.raises(PoolExhaustedException) as info:
+                async with database.connection():
+                    pass
         rendered = render_error(info.value)
         assert rendered.status_code == 503
         assert b'"SERVICE_UNAVAILABLE"' in rendered.body
         assert any(name == b"retry-after" for name, _ in rendered.headers)
-        release.set()
-        await asyncio.gather(*holders)
         # Capacity is back: the next acquire succeeds on a pooled connection.
         async with database.connection() as conn:
             assert await conn.fetchval("SELECT 1") == 1

@@ -21,7 +21,7 @@ from ghar_core.exceptions import (
     PoolExhaustedException,
     render_error,
 )
-from tests.pg import free_port, with_database
+from tests.pg import free_port, holding, with_database
 
 
 async def test_terminated_backend_mid_operation_is_retried_on_a_fresh_connection(
@@ -80,29 +80,19 @@ async def test_exhaustion_fails_fast_and_is_never_retried(
     )
     database = Database(settings)
     await database.start()
-    release = asyncio.Event()
-    ready = asyncio.Semaphore(0)
-
-    async def hold() -> None:
-        async with database.connection():
-            ready.release()
-            await release.wait()
-
-    holders = [asyncio.create_task(hold()) for _ in range(3)]
     try:
-        for _ in range(3):
-            await ready.acquire()
-        calls = 0
+        async with holding(database, 3):
+            calls = 0
 
-        async def op(conn: asyncpg.Connection) -> None:
-            nonlocal calls
-            calls += 1
+            async def op(conn: asyncpg.Connection) -> None:
+                nonlocal calls
+                calls += 1
 
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(PoolExhaustedException) as info:
-            await execute_with_transient_retry(database, op, operation_name="one_too_many")
-        elapsed = loop.time() - started
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(PoolExhaustedException) as info:
+                await execute_with_transient_retry(database, op, operation_name="one_too_many")
+            elapsed = loop.time() - started
         assert timeout * 0.9 <= elapsed <= timeout + 0.05
         # Exactly one acquire timed out (no retry) and the operation never ran.
         assert database.stats()["main"]["exhausted"] == 1
@@ -112,8 +102,6 @@ async def test_exhaustion_fails_fast_and_is_never_retried(
         assert b"SERVICE_UNAVAILABLE" in rendered.body
         assert any(name == b"retry-after" for name, _ in rendered.headers)
     finally:
-        release.set()
-        await asyncio.gather(*holders)
         await database.stop()
 
 

@@ -326,11 +326,11 @@ class PoolMachine(RuleBasedStateMachine):
     def wait_out_the_acquire_timeout(self) -> None:
         async def go() -> None:
             for holder in [h for h in self.holders if not h.held.is_set()]:
+                held = asyncio.ensure_future(holder.held.wait())
                 await asyncio.wait(
-                    [holder.task, asyncio.ensure_future(holder.held.wait())],
-                    return_when=asyncio.FIRST_COMPLETED,
-                    timeout=2,
+                    [holder.task, held], return_when=asyncio.FIRST_COMPLETED, timeout=2
                 )
+                held.cancel()  # never leave the helper task pending
                 if holder.task.done():
                     self.holders.remove(holder)
                     await self._outcome(holder)
