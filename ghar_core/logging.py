@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -26,11 +28,15 @@ if TYPE_CHECKING:
     from ghar_core.config import Settings
 
 __all__ = [
+    "REDACTED",
     "ColourFormatter",
     "JSONFormatter",
+    "RedactingFilter",
     "RequestIDFilter",
     "configure_logging",
     "get_request_id",
+    "redact_query",
+    "redact_text",
     "request_id_var",
     "reset_logging",
     "reset_request_id",
@@ -61,6 +67,104 @@ class RequestIDFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id_var.get() or "-"
+        return True
+
+
+# Query keys whose values never reach a log: exact names, then substrings.
+_SECRET_KEYS = frozenset(
+    {
+        "access_token",
+        "api-key",
+        "api_key",
+        "apikey",
+        "auth",
+        "authorization",
+        "client_secret",
+        "code",
+        "id_token",
+        "jwt",
+        "key",
+        "passwd",
+        "password",
+        "pwd",
+        "refresh_token",
+        "secret",
+        "session",
+        "sig",
+        "signature",
+        "token",
+    }
+)
+_SECRET_PARTS = (
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "apikey",
+    "api_key",
+    "signature",
+    "session",
+    "credential",
+)
+#: What a redacted value reads as, in the access log and every other log line.
+REDACTED = "[REDACTED]"
+# Both separators: some parsers (proxies, older frameworks) split on ";" too, and a
+# value we would log whole could be a secret to them.
+_QUERY_SEPARATORS = re.compile(r"([&;])")
+
+
+def _is_secret_key(key: str) -> bool:
+    k = key
+    # Decode until stable (bounded): a double-encoded key (%2561ccess_token) is
+    # still the secret's name to a layer that decodes twice.
+    for _ in range(3):
+        decoded = unquote_plus(k)
+        if decoded == k:
+            break
+        k = decoded
+    k = k.strip().lower()
+    return k in _SECRET_KEYS or any(part in k for part in _SECRET_PARTS)
+
+
+def redact_query(query: str) -> str:
+    """The query string with the values of secret-looking keys replaced by ``[REDACTED]``."""
+    if not query:
+        return query
+    parts = _QUERY_SEPARATORS.split(query)  # separators kept at the odd indexes
+    for i in range(0, len(parts), 2):
+        key, sep, _value = parts[i].partition("=")
+        if _is_secret_key(key):
+            parts[i] = f"{key}={REDACTED}" if sep else key
+    return "".join(parts)
+
+
+# A query string inside free text (a URL, a request line): from "?" to the end
+# of the URL (whitespace, a quote or a fragment ends it).
+_QUERY_IN_TEXT = re.compile(r"\?([^\s\"'#]*)")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every query string in it passed through :func:`redact_query`."""
+    if "?" not in text:
+        return text
+    return _QUERY_IN_TEXT.sub(lambda m: "?" + redact_query(m.group(1)), text)
+
+
+class RedactingFilter(logging.Filter):
+    """Redact secret query values (``?access_token=...``) in any record's text.
+
+    Servers log request lines we do not format ourselves -- uvicorn writes
+    ``"WebSocket /ws?access_token=..."`` on ``uvicorn.error`` -- so
+    :func:`configure_logging` puts this filter on its handler, where it sees
+    every record from every logger. Only strings containing ``?`` are touched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "?" in record.msg:
+            record.msg = redact_text(record.msg)
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and "?" in a for a in args):
+            record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in args)
         return True
 
 
@@ -155,6 +259,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> lo
     formatter = JSONFormatter() if fmt == "json" else ColourFormatter(colour=fmt == "colour")
     handler.setFormatter(formatter)
     handler.addFilter(RequestIDFilter())
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)

@@ -18,6 +18,7 @@ from ghar_core.logging import (
     RequestIDFilter,
     configure_logging,
     get_request_id,
+    redact_text,
     reset_logging,
     reset_request_id,
     set_request_id,
@@ -153,3 +154,44 @@ def test_configure_logging_picks_the_format(app_env: str, fmt: str, expect_json:
         assert orjson.loads(out)["request_id"] == "req-9"
     else:
         assert "[req-9] ping" in out
+
+
+# A marker no other part of the log line contains, so "not in the output" means redacted.
+secret_values = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.", min_size=4
+).map(lambda v: "zq9" + v)
+
+
+@given(
+    value=secret_values,
+    key=st.sampled_from(["access_token", "Access_Token", "token", "apikey", "password", "jwt"]),
+    prefix=st.sampled_from(["", "page=2&", "q=x;"]),
+)
+def test_server_request_lines_never_carry_secret_query_values(
+    value: str, key: str, prefix: str
+) -> None:
+    # What uvicorn logs on `uvicorn.error` for a WebSocket: we never format it,
+    # so the handler's filter must redact it.
+    settings = load_settings(app_env="test", environ={"LOG_FORMAT": "plain"})
+    stream = io.StringIO()
+    server = logging.getLogger("uvicorn.error")
+    level = server.level
+    server.setLevel(logging.INFO)
+    try:
+        configure_logging(settings, stream=stream)
+        path = f"/ws/events?{prefix}{key}={value}&after=1"
+        server.info('%s - "WebSocket %s" %d', "127.0.0.1:5000", path, 403)
+        server.info(f"GET {path} HTTP/1.1")  # already formatted text, no args
+    finally:
+        reset_logging()
+        server.setLevel(level)
+    out = stream.getvalue()
+    assert value not in out
+    assert out.count(f"{key}=[REDACTED]") == 2
+    assert "after=1" in out
+
+
+def test_redact_text_leaves_text_without_queries_alone() -> None:
+    assert redact_text("no query here = fine") == "no query here = fine"
+    line = '"GET /a?token=s3cret HTTP/1.1" 200'
+    assert redact_text(line) == '"GET /a?token=[REDACTED] HTTP/1.1" 200'

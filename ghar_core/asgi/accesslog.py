@@ -24,18 +24,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import re
 import sys
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
-from urllib.parse import unquote_plus
 
 import orjson
 
 from ghar_core.asgi.middleware import safe_for_log
-from ghar_core.logging import request_id_var
+from ghar_core.logging import REDACTED, redact_query, request_id_var
 
 if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,72 +49,6 @@ __all__ = [
 
 AccessSink = Callable[[str, str, int, float], None]
 """``sink(method, path, status, duration_ms)``; must not raise or block."""
-
-# Query keys whose values never reach a log: exact names, then substrings.
-_SECRET_KEYS = frozenset(
-    {
-        "access_token",
-        "api-key",
-        "api_key",
-        "apikey",
-        "auth",
-        "authorization",
-        "client_secret",
-        "code",
-        "id_token",
-        "jwt",
-        "key",
-        "passwd",
-        "password",
-        "pwd",
-        "refresh_token",
-        "secret",
-        "session",
-        "sig",
-        "signature",
-        "token",
-    }
-)
-_SECRET_PARTS = (
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "apikey",
-    "api_key",
-    "signature",
-    "session",
-    "credential",
-)
-REDACTED = "[REDACTED]"
-# Both separators: some parsers (proxies, older frameworks) split on ";" too, and a
-# value we would log whole could be a secret to them.
-_QUERY_SEPARATORS = re.compile(r"([&;])")
-
-
-def _is_secret_key(key: str) -> bool:
-    k = key
-    # Decode until stable (bounded): a double-encoded key (%2561ccess_token) is
-    # still the secret's name to a layer that decodes twice.
-    for _ in range(3):
-        decoded = unquote_plus(k)
-        if decoded == k:
-            break
-        k = decoded
-    k = k.strip().lower()
-    return k in _SECRET_KEYS or any(part in k for part in _SECRET_PARTS)
-
-
-def redact_query(query: str) -> str:
-    """The query string with the values of secret-looking keys replaced by ``[REDACTED]``."""
-    if not query:
-        return query
-    parts = _QUERY_SEPARATORS.split(query)  # separators kept at the odd indexes
-    for i in range(0, len(parts), 2):
-        key, sep, _value = parts[i].partition("=")
-        if _is_secret_key(key):
-            parts[i] = f"{key}={REDACTED}" if sep else key
-    return "".join(parts)
 
 
 class LoggingAccessSink:
