@@ -340,18 +340,34 @@ class App:
             await route.handlers["WS"](ws)
         except WebSocketDisconnect:
             ws.application_state = WebSocketState.CLOSED
+        except BaseAPIException as exc:
+            # An expected refusal (current_user's 401, a missing object's 404):
+            # one log line, no traceback, and the client learns the code.
+            status = exc.status_code
+            (logger.warning if status >= 500 else logger.info)(
+                "websocket %s refused: %d %s", safe_for_log(path), status, exc.error_code
+            )
+            close_code = 1013 if status == 503 else 1011 if status >= 500 else 1008
+            await _refuse(ws, scope, send, exc, close_code, exc.error_code[:120])
         except Exception as exc:
             logger.error("websocket handler for %s failed", safe_for_log(path), exc_info=exc)
-            with contextlib.suppress(Exception):
-                if ws.application_state is WebSocketState.CONNECTING:
-                    ws.application_state = WebSocketState.CLOSED
-                    await _deny_websocket(scope, send, exc, 1011, "internal error")
-                else:
-                    await ws.close(1011, "internal error")
+            await _refuse(ws, scope, send, exc, 1011, "internal error")
         finally:
             if ws.application_state is not WebSocketState.CLOSED:
                 with contextlib.suppress(Exception):
                     await ws.close()
+
+
+async def _refuse(
+    ws: WebSocket, scope: Scope, send: Send, exc: BaseException, code: int, reason: str
+) -> None:
+    """End a failed WebSocket call: deny the handshake, or close an accepted socket."""
+    with contextlib.suppress(Exception):
+        if ws.application_state is WebSocketState.CONNECTING:
+            ws.application_state = WebSocketState.CLOSED
+            await _deny_websocket(scope, send, exc, code, reason)
+        else:
+            await ws.close(code, reason)
 
 
 async def _deny_websocket(

@@ -95,3 +95,37 @@ async def test_denials_carry_request_id_and_envelope_when_the_server_can(setting
     assert missing.value.status_code == 404
     assert missing.value.headers["x-request-id"] == "ws-404"
     assert b'"NOT_FOUND"' in missing.value.body
+
+
+async def test_api_exceptions_are_expected_refusals_not_errors(settings, caplog) -> None:
+    import logging
+
+    from ghar_core.exceptions import NotFoundException, UnauthorizedException
+
+    app = create_app(settings, resources=[])
+
+    @app.websocket_route("/private")
+    async def private(ws):
+        raise UnauthorizedException(error_code="AUTH_TOKEN_MISSING")  # before accept
+
+    @app.websocket_route("/gone")
+    async def gone(ws):
+        await ws.accept()
+        raise NotFoundException(error_code="PROPERTY_NOT_FOUND")  # after accept
+
+    client = TestClient(app)
+    caplog.set_level(logging.INFO, logger="ghar_core.asgi")
+    with pytest.raises(WebSocketRejected) as refused:
+        async with client.websocket_connect("/private"):
+            pass
+    assert refused.value.status_code == 401
+    assert b'"AUTH_TOKEN_MISSING"' in refused.value.body
+    assert refused.value.headers["www-authenticate"] == "Bearer"
+    async with client.websocket_connect("/gone") as ws:
+        with pytest.raises(ConnectionError):
+            await ws.receive()
+        assert ws.close_code == 1008
+    refusals = [r for r in caplog.records if r.name == "ghar_core.asgi"]
+    assert [r.levelno for r in refusals] == [logging.INFO, logging.INFO]
+    assert all(r.exc_info is None for r in refusals)
+    assert "401 AUTH_TOKEN_MISSING" in refusals[0].getMessage()
