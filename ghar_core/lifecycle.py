@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 
 __all__ = ["LifecycleError", "Resource", "ResourceNotFound", "Resources"]
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 
 @runtime_checkable
@@ -95,16 +97,31 @@ class Resources:
         self._items.append(resource)
         self._by_name[name] = resource
 
-    def get(self, name: str) -> Resource:
-        """The resource called ``name``; :class:`ResourceNotFound` lists the known ones."""
+    @overload
+    def get(self, name: str) -> Resource: ...
+
+    @overload
+    def get(self, name: str, kind: type[R]) -> R: ...
+
+    def get(self, name: str, kind: type[Any] | None = None) -> Any:
+        """The resource called ``name``; :class:`ResourceNotFound` lists the known ones.
+
+        With ``kind`` (``get("database", Database)``) the result is checked and
+        typed as that class, so handlers get a typed object without a cast.
+        """
         try:
-            return self._by_name[name]
+            resource = self._by_name[name]
         except KeyError:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise ResourceNotFound(
                 f"no resource named {name!r} (known: {known}); "
                 "add it in build_default_resources() or pass it to create_app(resources=...)"
             ) from None
+        if kind is not None and not isinstance(resource, kind):
+            raise TypeError(
+                f"resource {name!r} is a {type(resource).__name__}, not a {kind.__name__}"
+            )
+        return resource
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name

@@ -89,6 +89,10 @@ async def test_steps_are_time_bounded() -> None:
 def test_get_names_and_duplicates() -> None:
     res = Resources([Probe("db", []), Probe("http", [])])
     assert res.get("db").name == "db"
+    probe: Probe = res.get("db", Probe)  # typed without a cast
+    assert probe.name == "db"
+    with pytest.raises(TypeError, match="resource 'db' is a Probe, not a Resources"):
+        res.get("db", Resources)
     assert "http" in res
     assert res.names == ("db", "http")
     with pytest.raises(ResourceNotFound, match="no resource named 'cache' \\(known: db, http\\)"):
