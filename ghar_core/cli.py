@@ -45,11 +45,16 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     import asyncpg
 
     from ghar_core.config import ConfigError, load_settings
-    from ghar_core.migrate import MigrationError, migrate_dsn, migration_status
+    from ghar_core.migrate import MigrationError, MigrationSet, migrate_dsn, migration_status
 
+    dirs, namespaces = args.dir or [], args.namespace or []
+    if len(dirs) != len(namespaces):
+        print("give --dir and --namespace in pairs, one --namespace per --dir", file=sys.stderr)
+        return 2
     try:
+        sets = [MigrationSet(ns, d) for d, ns in zip(dirs, namespaces, strict=True)]
         dsn = args.dsn or load_settings().DATABASE_URL
-    except ConfigError as exc:
+    except (ConfigError, MigrationError) as exc:
         print(exc, file=sys.stderr)
         return 2
 
@@ -57,14 +62,17 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         if args.status:
             conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
             try:
-                for migration, applied_at in await migration_status(conn):
-                    state = applied_at.isoformat() if applied_at else "pending"
-                    print(f"{migration.version}_{migration.name}\t{state}")
+                print("namespace\tversion\tname\tapplied")
+                for s in await migration_status(conn, sets):
+                    state = s.applied_at.isoformat() if s.applied_at else "pending"
+                    note = "" if s.has_file else " (recorded, no file)"
+                    print(f"{s.namespace}\t{s.version}\t{s.name}\t{state}{note}")
             finally:
                 await conn.close()
             return 0
-        applied = await migrate_dsn(dsn)
-        print("applied: " + ", ".join(applied) if applied else "database is up to date")
+        applied = await migrate_dsn(dsn, sets)
+        labels = ", ".join(m.label for m in applied)
+        print("applied: " + labels if applied else "database is up to date")
         return 0
 
     try:
@@ -78,9 +86,28 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("migrate", help="apply pending database migrations (advisory-locked)")
+    p = sub.add_parser(
+        "migrate",
+        help="apply pending database migrations (advisory-locked): the core's, then the app's",
+    )
     p.add_argument("--dsn", help="Postgres DSN (default: DATABASE_URL from the settings)")
-    p.add_argument("--status", action="store_true", help="list migrations and when applied")
+    p.add_argument(
+        "--dir",
+        action="append",
+        metavar="PATH",
+        help="an app's migration directory (repeatable; pair each with --namespace)",
+    )
+    p.add_argument(
+        "--namespace",
+        action="append",
+        metavar="NAME",
+        help="the namespace of the --dir at the same position (e.g. marketplace)",
+    )
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="list namespace, version, name and when applied (or pending)",
+    )
     p.set_defaults(func=_cmd_migrate)
 
 

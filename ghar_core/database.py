@@ -66,9 +66,9 @@ import re
 import time
 import warnings
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 import orjson
@@ -80,6 +80,9 @@ from ghar_core.exceptions import (
     DatabaseUnavailableException,
     PoolExhaustedException,
 )
+
+if TYPE_CHECKING:
+    from ghar_core.migrate import MigrationSet
 
 __all__ = [
     "BACKGROUND_APPLICATION_NAME",
@@ -606,13 +609,21 @@ class Database:
 
     Implements the lifecycle ``Resource`` protocol; see the module docstring
     for usage and design. ``dsn`` overrides ``settings.DATABASE_URL`` (tests,
-    PgBouncer).
+    PgBouncer). ``migrations``: the app's own migration sets, applied after
+    the core's when ``DB_MIGRATE_ON_STARTUP`` is true (see ``ghar_core.migrate``).
     """
 
     name = "database"
 
-    def __init__(self, settings: Settings, *, dsn: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        dsn: str | None = None,
+        migrations: Sequence[MigrationSet] = (),
+    ) -> None:
         self.settings = settings
+        self.migrations = tuple(migrations)
         self.dsn = dsn or settings.DATABASE_URL
         self.serverless = settings.SERVERLESS_ENABLED
         self._main: _Pool | None = None
@@ -712,13 +723,13 @@ class Database:
 
         try:
             async with self.background_connection() as conn:
-                applied = await apply_migrations(conn)
+                applied = await apply_migrations(conn, self.migrations)
         except DatabaseUnavailableException as exc:
             logger.warning("migrations postponed until Postgres is reachable: %s", exc)
             return
         self._migrations_pending = False
         if applied:
-            logger.info("applied migrations: %s", ", ".join(applied))
+            logger.info("applied migrations: %s", ", ".join(m.label for m in applied))
 
     async def stop(self, grace: float | None = None) -> None:
         """Close both pools; busy connections get ``grace`` seconds, then are terminated."""

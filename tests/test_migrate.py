@@ -1,22 +1,30 @@
-"""Migrations against the real Postgres: once each, concurrent instances, PgBouncer, CLI."""
+"""Migrations against the real Postgres: namespaced sets, once each, concurrent instances,
+the upgrade of the old single-key table, the error messages, PgBouncer and the CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
+import tempfile
 from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ghar_core.cli import main
 from ghar_core.config import Settings
 from ghar_core.database import Database
 from ghar_core.migrate import (
+    CORE_NAMESPACE,
     MigrationError,
+    MigrationSet,
     apply_migrations,
     load_migrations,
     migrate_dsn,
+    migration_status,
 )
 from tests.pg import PgBouncer, free_port, run_sync, with_database
 
@@ -33,62 +41,291 @@ USERS_COLUMNS = {
     "updated_at": "timestamp with time zone",
     "last_seen_at": "timestamp with time zone",
 }
+CORE = [(CORE_NAMESPACE, m.version) for m in load_migrations()]
+_OLD_TABLE = """
+CREATE TABLE schema_migrations (
+    version    text        PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
 
 
-def test_package_ships_ordered_migrations() -> None:
-    migrations = load_migrations()
-    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
-    assert migrations[0].version == "0001"
-    assert migrations[0].name == "users"
+def _app_set(root: Path, namespace: str = "marketplace") -> MigrationSet:
+    """An app's set whose 0001 reuses the core's version number."""
+    directory = root / namespace
+    directory.mkdir()
+    (directory / "0001_listings.sql").write_text(
+        "CREATE TABLE listings (id bigint PRIMARY KEY, owner uuid REFERENCES users (id));"
+    )
+    (directory / "0002_listing_title.sql").write_text("ALTER TABLE listings ADD COLUMN title text;")
+    return MigrationSet(namespace, directory)
 
 
-def test_bad_file_names_and_duplicates_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "1_users.sql").write_text("SELECT 1")
-    with pytest.raises(MigrationError, match="NNNN"):
-        load_migrations(tmp_path)
-    (tmp_path / "1_users.sql").unlink()
-    (tmp_path / "0001_a.sql").write_text("SELECT 1")
-    (tmp_path / "0001_b.sql").write_text("SELECT 2")
-    with pytest.raises(MigrationError, match="twice"):
-        load_migrations(tmp_path)
+async def _recorded(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    rows = await conn.fetch("SELECT namespace, version FROM schema_migrations")
+    return sorted((r["namespace"], r["version"]) for r in rows)
 
 
-async def _columns(dsn: str) -> dict[str, str]:
+async def _columns(dsn: str, table: str = "users") -> dict[str, str]:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT column_name, data_type FROM information_schema.columns"
-            " WHERE table_name = 'users'"
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1",
+            table,
         )
         return {r["column_name"]: r["data_type"] for r in rows}
     finally:
         await conn.close()
 
 
-async def test_concurrent_instances_apply_each_once(fresh_database: str) -> None:
-    """Six instances start together: every migration applied once, none fails."""
+# --- loading: file names, namespaces, duplicates ------------------------------------------
+
+
+def test_package_ships_ordered_migrations() -> None:
+    migrations = load_migrations()
+    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+    assert migrations[0].label == "ghar_core/0001_users"
+    assert migrations[0].filename == "0001_users.sql"
+    assert MigrationSet.core() == migrations
+
+
+def test_bad_file_name_names_the_file_and_the_pattern(tmp_path: Path) -> None:
+    (tmp_path / "1_users.sql").write_text("SELECT 1")
+    with pytest.raises(MigrationError, match=r"1_users\.sql: migration files are named NNNN_"):
+        load_migrations(tmp_path, namespace="app")
+
+
+def test_duplicate_versions_name_both_files(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text("SELECT 1")
+    (tmp_path / "0001_b.sql").write_text("SELECT 2")
+    with pytest.raises(MigrationError) as info:
+        load_migrations(tmp_path, namespace="app")
+    assert "version 0001 of 'app' is used twice (0001_a.sql and 0001_b.sql)" in str(info.value)
+
+
+def test_an_app_directory_needs_its_own_namespace(tmp_path: Path) -> None:
+    (tmp_path / "0001_listings.sql").write_text("SELECT 1")
+    # The reported failure: an app's 0001 loaded without a namespace.
+    with pytest.raises(MigrationError, match="need a namespace of their own"):
+        load_migrations(tmp_path)
+    with pytest.raises(MigrationError, match="core's own"):
+        MigrationSet(CORE_NAMESPACE, tmp_path)
+    with pytest.raises(MigrationError, match="'ghar_core' namespace"):
+        load_migrations(namespace="app")
+    with pytest.raises(MigrationError, match="does not exist"):
+        MigrationSet("app", tmp_path / "missing").load()
+    assert [m.label for m in MigrationSet("app", tmp_path).load()] == ["app/0001_listings"]
+
+
+def test_the_same_version_given_twice_is_refused(tmp_path: Path) -> None:
+    app = _app_set(tmp_path)
+    with pytest.raises(MigrationError, match="0001 of 'marketplace' is given twice"):
+        run_sync(apply_migrations(None, [app, app]))  # type: ignore[arg-type]
+
+
+_FILE_CHARS = st.sampled_from("0123456789abcz_-.AZ é")
+file_names = st.one_of(
+    st.builds(
+        lambda v, n, ext: f"{v}_{n}{ext}",
+        st.integers(0, 12).map(lambda i: f"{i:04d}"),
+        st.text("abz09_", min_size=1, max_size=8),
+        st.sampled_from([".sql", ".SQL", ".txt", ""]),
+    ),
+    st.text(_FILE_CHARS, min_size=1, max_size=16).filter(lambda n: n not in (".", "..")),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    names=st.lists(file_names, max_size=6, unique=True),
+    undecodable=st.booleans(),
+)
+def test_any_directory_loads_or_fails_clearly(names: list[str], undecodable: bool) -> None:
+    """File names → the right migrations, or a MigrationError naming the file; nothing else."""
+    pattern = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names):
+            body = b"SELECT \xff" if undecodable and i == 0 else f"SELECT {i};".encode()
+            (Path(tmp) / name).write_bytes(body)
+        sql_files = [n for n in names if n.lower().endswith(".sql")]
+        bad = [n for n in sql_files if not pattern.match(n)]
+        versions = [n[:4] for n in sql_files if pattern.match(n)]
+        unreadable = undecodable and bool(names) and pattern.match(names[0]) is not None
+        refused = bool(bad) or len(set(versions)) < len(versions) or unreadable
+        try:
+            loaded = load_migrations(tmp, namespace="app")
+        except MigrationError as exc:
+            message = str(exc)
+            assert refused, message
+            assert any(n in message for n in sql_files)
+            assert any(
+                part in message for part in ("NNNN_lower_name.sql", "used twice", "cannot read")
+            )
+            return
+        assert not refused
+        assert [m.filename for m in loaded] == sorted(sql_files)
+        assert all(m.namespace == "app" for m in loaded)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=70))
+def test_namespaces_are_accepted_or_refused_clearly(namespace: str) -> None:
+    valid = re.fullmatch(r"[a-z][a-z0-9_]{0,62}", namespace) and namespace != CORE_NAMESPACE
+    try:
+        made = MigrationSet(namespace, "migrations")
+    except MigrationError as exc:
+        assert not valid
+        assert repr(namespace) in str(exc) or "core's own" in str(exc)
+    else:
+        assert valid
+        assert made.namespace == namespace
+
+
+# --- applying against the real Postgres -------------------------------------------------
+
+
+async def test_core_and_app_sets_apply_once_each(fresh_database: str, tmp_path: Path) -> None:
+    app = _app_set(tmp_path)
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        applied = await apply_migrations(conn, [app])
+        assert [m.label for m in applied] == [
+            *(m.label for m in load_migrations()),
+            "marketplace/0001_listings",
+            "marketplace/0002_listing_title",
+        ]
+        assert await apply_migrations(conn, [app]) == []
+        expected = sorted([*CORE, ("marketplace", "0001"), ("marketplace", "0002")])
+        assert await _recorded(conn) == expected
+        # A second app reusing version 0001 again is independent of both.
+        other = tmp_path / "crm"
+        other.mkdir()
+        (other / "0001_leads.sql").write_text("CREATE TABLE leads (id int);")
+        applied = await apply_migrations(conn, [app, MigrationSet("crm", other)])
+        assert [m.label for m in applied] == ["crm/0001_leads"]
+    finally:
+        await conn.close()
+    assert await _columns(fresh_database) == USERS_COLUMNS
+    assert await _columns(fresh_database, "listings") == {
+        "id": "bigint",
+        "owner": "uuid",
+        "title": "text",
+    }
+
+
+async def test_concurrent_instances_apply_both_sets_once(
+    fresh_database: str, tmp_path: Path
+) -> None:
+    """Six instances start together: every migration of both sets applied once, none fails."""
+    app = _app_set(tmp_path)
     conns = [await asyncpg.connect(fresh_database, statement_cache_size=0) for _ in range(6)]
     try:
-        results = await asyncio.gather(*(apply_migrations(c) for c in conns))
-        expected = [m.version for m in load_migrations()]
-        assert sorted(v for r in results for v in r) == expected
-        rows = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [r["version"] for r in rows] == expected
-        assert await apply_migrations(conns[0]) == []
+        results = await asyncio.gather(*(apply_migrations(c, [app]) for c in conns))
+        applied = sorted((m.namespace, m.version) for r in results for m in r)
+        expected = sorted([*CORE, ("marketplace", "0001"), ("marketplace", "0002")])
+        assert applied == expected
+        assert await _recorded(conns[0]) == expected
     finally:
         for c in conns:
             await c.close()
-    assert await _columns(fresh_database) == USERS_COLUMNS
+
+
+async def test_old_single_key_table_is_upgraded_in_place(
+    fresh_database: str, tmp_path: Path
+) -> None:
+    """A database migrated by the previous code: version PRIMARY KEY, no namespace."""
+    core = load_migrations()
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        async with conn.transaction():
+            await conn.execute(_OLD_TABLE)
+            for m in core:
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    m.version,
+                    m.name,
+                    m.checksum,
+                )
+        before = await conn.fetchval("SELECT applied_at FROM schema_migrations LIMIT 1")
+        # Status reads the old shape without changing it.
+        states = await migration_status(conn)
+        assert [(s.namespace, s.version, s.applied_at is not None) for s in states] == [
+            (ns, v, True) for ns, v in CORE
+        ]
+        assert not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
+            " WHERE table_name = 'schema_migrations' AND column_name = 'namespace')"
+        )
+    finally:
+        await conn.close()
+    app = _app_set(tmp_path)
+    conns = [await asyncpg.connect(fresh_database, statement_cache_size=0) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(apply_migrations(c, [app]) for c in conns))
+        assert sorted(m.label for r in results for m in r) == [
+            "marketplace/0001_listings",
+            "marketplace/0002_listing_title",
+        ]
+        conn = conns[0]
+        expected = sorted([*CORE, ("marketplace", "0001"), ("marketplace", "0002")])
+        assert await _recorded(conn) == expected
+        key = await conn.fetch(
+            "SELECT a.attname FROM pg_constraint c"
+            " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)"
+            " WHERE c.conrelid = 'schema_migrations'::regclass AND c.contype = 'p'"
+            " ORDER BY array_position(c.conkey, a.attnum)"
+        )
+        assert [r["attname"] for r in key] == ["namespace", "version"]
+        assert (
+            await conn.fetchval(
+                "SELECT applied_at FROM schema_migrations WHERE namespace = 'ghar_core' LIMIT 1"
+            )
+            == before
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ('0001', 'x', 'y')"
+            )
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_version_recorded_under_another_name(fresh_database: str, tmp_path: Path) -> None:
+    directory = tmp_path / "app"
+    directory.mkdir()
+    (directory / "0001_listings_old.sql").write_text("CREATE TABLE t (x int);")
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await apply_migrations(conn, [MigrationSet("marketplace", directory)])
+        (directory / "0001_listings_old.sql").rename(directory / "0001_listings.sql")
+        (directory / "0001_listings.sql").write_text("CREATE TABLE t2 (x int);")
+        with pytest.raises(MigrationError) as info:
+            await apply_migrations(conn, [MigrationSet("marketplace", directory)])
+        assert (
+            "version 0001 of 'marketplace' is recorded as 0001_listings_old "
+            "but the file is 0001_listings"
+        ) in str(info.value)
+        # A pure rename (same text) is accepted and changes nothing.
+        (directory / "0001_listings.sql").write_text("CREATE TABLE t (x int);")
+        assert await apply_migrations(conn, [MigrationSet("marketplace", directory)]) == []
+    finally:
+        await conn.close()
 
 
 async def test_edited_migration_is_refused(fresh_database: str, tmp_path: Path) -> None:
     (tmp_path / "0001_t.sql").write_text("CREATE TABLE t (x int);")
     conn = await asyncpg.connect(fresh_database)
     try:
-        assert await apply_migrations(conn, load_migrations(tmp_path)) == ["0001"]
+        applied = await apply_migrations(conn, load_migrations(tmp_path, namespace="app"))
+        assert [m.label for m in applied][-1] == "app/0001_t"
         (tmp_path / "0001_t.sql").write_text("CREATE TABLE t (x bigint);")
-        with pytest.raises(MigrationError, match="changed"):
-            await apply_migrations(conn, load_migrations(tmp_path))
+        with pytest.raises(MigrationError) as info:
+            await apply_migrations(conn, load_migrations(tmp_path, namespace="app"))
+        assert "migration 0001_t of 'app' changed after it was applied" in str(info.value)
     finally:
         await conn.close()
 
@@ -98,47 +335,96 @@ async def test_failing_migration_rolls_back_alone(fresh_database: str, tmp_path:
     (tmp_path / "0002_bad.sql").write_text("CREATE TABLE half (x int); SELECT nonsense;")
     conn = await asyncpg.connect(fresh_database)
     try:
-        with pytest.raises(MigrationError, match="0002_bad"):
-            await apply_migrations(conn, load_migrations(tmp_path))
+        with pytest.raises(MigrationError, match="app/0002_bad failed"):
+            await apply_migrations(conn, [MigrationSet("app", tmp_path)], include_core=False)
         assert await conn.fetchval("SELECT to_regclass('ok') IS NOT NULL")
         assert not await conn.fetchval("SELECT to_regclass('half') IS NOT NULL")
-        versions = await conn.fetch("SELECT version FROM schema_migrations")
-        assert [r["version"] for r in versions] == ["0001"]
+        assert await _recorded(conn) == [("app", "0001")]
     finally:
         await conn.close()
 
 
-async def test_migrations_work_through_pgbouncer(pgbouncer: PgBouncer, fresh_database: str) -> None:
+async def test_migrations_work_through_pgbouncer(
+    pgbouncer: PgBouncer, fresh_database: str, tmp_path: Path
+) -> None:
     dsn = pgbouncer.dsn(fresh_database)
-    results = await asyncio.gather(*(migrate_dsn(dsn) for _ in range(3)))
-    assert sorted(v for r in results for v in r) == [m.version for m in load_migrations()]
+    app = _app_set(tmp_path)
+    results = await asyncio.gather(*(migrate_dsn(dsn, [app]) for _ in range(3)))
+    labels = sorted(m.label for r in results for m in r)
+    assert labels == sorted([m.label for m in load_migrations()] + [m.label for m in app.load()])
     assert await _columns(fresh_database) == USERS_COLUMNS
 
 
-async def test_migrate_on_startup(fresh_database: str, db_settings: Settings) -> None:
+async def test_migrate_on_startup_applies_the_apps_sets(
+    fresh_database: str, db_settings: Settings, tmp_path: Path
+) -> None:
     settings = dataclasses.replace(
         db_settings, DATABASE_URL=fresh_database, DB_MIGRATE_ON_STARTUP=True
     )
-    database = Database(settings)
+    database = Database(settings, migrations=[_app_set(tmp_path)])
     await database.start()
     try:
         await database.check()
         async with database.connection() as conn:
-            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") >= 1
+            assert await _recorded(conn) == sorted(
+                [*CORE, ("marketplace", "0001"), ("marketplace", "0002")]
+            )
     finally:
         await database.stop()
 
 
-def test_cli_migrate_and_status(fresh_database: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["migrate", "--dsn", fresh_database, "--status"]) == 0
-    assert "pending" in capsys.readouterr().out
-    assert main(["migrate", "--dsn", fresh_database]) == 0
-    assert "applied: 0001" in capsys.readouterr().out
-    assert main(["migrate", "--dsn", fresh_database]) == 0
+# --- the CLI ----------------------------------------------------------------------------
+
+
+def test_cli_migrate_and_status(
+    fresh_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = _app_set(tmp_path)
+    pair = ["--dir", str(app.directory), "--namespace", "marketplace"]
+    assert main(["migrate", "--dsn", fresh_database, "--status", *pair]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "namespace\tversion\tname\tapplied"
+    assert out[1:] == [
+        "ghar_core\t0001\tusers\tpending",
+        "marketplace\t0001\tlistings\tpending",
+        "marketplace\t0002\tlisting_title\tpending",
+    ]
+    assert main(["migrate", "--dsn", fresh_database, *pair]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "applied: ghar_core/0001_users, marketplace/0001_listings, marketplace/0002_listing_title"
+    )
+    assert main(["migrate", "--dsn", fresh_database, *pair]) == 0
     assert "up to date" in capsys.readouterr().out
+    # Without the app's directory its rows are still listed, marked as having no file.
     assert main(["migrate", "--dsn", fresh_database, "--status"]) == 0
-    assert "pending" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pending" not in out
+    assert re.search(r"^marketplace\t0001\tlistings\t\S+ \(recorded, no file\)$", out, re.M)
     assert run_sync(_columns(fresh_database)) == USERS_COLUMNS
+
+
+def test_cli_migrate_refuses_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--dsn", "postgresql://x/y", "--dir", str(tmp_path)]) == 2
+    assert "in pairs" in capsys.readouterr().err
+    args = ["migrate", "--dsn", "postgresql://x/y", "--dir", str(tmp_path), "--namespace"]
+    assert main([*args, "ghar_core"]) == 2
+    assert "core's own" in capsys.readouterr().err
+    assert main([*args, "Bad-Name"]) == 2
+    assert "'Bad-Name'" in capsys.readouterr().err
+
+
+def test_cli_migrate_reports_a_bad_file(
+    fresh_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "01_x.sql").write_text("SELECT 1")
+    args = ["migrate", "--dsn", fresh_database, "--dir", str(tmp_path), "--namespace", "app"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "migration failed" in err
+    assert "01_x.sql" in err
+    assert "NNNN_lower_name.sql" in err
 
 
 def test_cli_migrate_unreachable_database(capsys: pytest.CaptureFixture[str]) -> None:
