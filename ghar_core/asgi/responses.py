@@ -142,10 +142,23 @@ class PlainTextResponse(Response):
 
 
 class JSONResponse(Response):
-    """JSON on orjson (see the module doc for the types it serialises)."""
+    """JSON on orjson (see the module doc for the types it serialises).
+
+    ``JSONResponse({"id": 7}, status_code=201)``: ``content`` is any value
+    orjson can serialise, not bytes.
+    """
 
     __slots__ = ()
     media_type = "application/json"
+
+    def __init__(
+        self,
+        content: Any,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> None:
+        super().__init__(content, status_code, headers, media_type)
 
     def render(self, content: Any) -> bytes:
         return dump_json(content)
