@@ -431,3 +431,26 @@ def test_cli_migrate_unreachable_database(capsys: pytest.CaptureFixture[str]) ->
     dead = with_database("postgresql://postgres@127.0.0.1:5432/x", "x", port=free_port())
     assert main(["migrate", "--dsn", dead]) == 1
     assert "cannot reach the database" in capsys.readouterr().err
+
+
+async def test_create_app_users_swap_in_a_database_with_their_sets(
+    fresh_database: str, db_settings: Settings, tmp_path: Path
+) -> None:
+    """The documented recipe (module docstring) for apps built with create_app."""
+    from ghar_core.asgi.app import build_default_resources, create_app
+
+    settings = dataclasses.replace(
+        db_settings, DATABASE_URL=fresh_database, DB_MIGRATE_ON_STARTUP=True
+    )
+    market = _app_set(tmp_path)
+    resources = [
+        Database(settings, migrations=[market]) if r.name == "database" else r
+        for r in build_default_resources(settings)
+    ]
+    app = create_app(settings, resources=resources)
+    async with app.lifespan():
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            assert ("marketplace", "0002") in await _recorded(conn)
+        finally:
+            await conn.close()
