@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import require
 from tests.pg import postgres_available
 
@@ -22,3 +24,15 @@ async def test_use_it_example_serves_and_refuses_a_missing_token() -> None:
     exec(compile(BLOCKS[0], "README.md[use-it]", "exec"), namespace)
     exec(compile(BLOCKS[1], "README.md[testing]", "exec"), namespace)
     await namespace["test_property_needs_a_token"]()  # type: ignore[operator]
+
+
+async def test_real_token_example_runs_against_a_fresh_database(
+    fresh_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The example reads the process settings: point them at a throwaway
+    # database that migrates on startup, as a newcomer's env file would.
+    monkeypatch.setenv("DATABASE_URL", fresh_database)
+    monkeypatch.setenv("DB_MIGRATE_ON_STARTUP", "true")
+    namespace: dict[str, object] = {}
+    exec(compile(BLOCKS[2], "README.md[real-token]", "exec"), namespace)
+    await namespace["test_me_with_a_real_token"]()  # type: ignore[operator]
