@@ -249,7 +249,7 @@ def _plan(
 ) -> list[Migration]:
     """Core first (unless given or excluded), then the given sets in order; no duplicates."""
     given: list[Migration] = []
-    for item in sets:
+    for item in [sets] if isinstance(sets, MigrationSet) else sets:
         if isinstance(item, MigrationSet):
             given.extend(item.load())
         elif isinstance(item, Migration):
@@ -292,11 +292,17 @@ async def _ensure_table(conn: asyncpg.Connection) -> None:
 
 def _changed(migration: Migration, recorded_name: str) -> MigrationError:
     if recorded_name != migration.name:
+        hint = "restore the file or give the new migration the next free version"
+        if migration.namespace == CORE_NAMESPACE:
+            hint += (
+                " (if an app recorded that row before migration sets existed, move it: "
+                f"UPDATE schema_migrations SET namespace = 'yourapp' WHERE namespace = "
+                f"'{CORE_NAMESPACE}' AND version = '{migration.version}')"
+            )
         return MigrationError(
             f"version {migration.version} of {migration.namespace!r} is recorded as "
             f"{migration.version}_{recorded_name} but the file is "
-            f"{migration.version}_{migration.name}; a recorded version is never re-run: "
-            "restore the file or give the new migration the next free version"
+            f"{migration.version}_{migration.name}; a recorded version is never re-run: {hint}"
         )
     return MigrationError(
         f"migration {migration.version}_{migration.name} of {migration.namespace!r} changed "

@@ -311,7 +311,17 @@ async def test_version_recorded_under_another_name(fresh_database: str, tmp_path
         ) in str(info.value)
         # A pure rename (same text) is accepted and changes nothing.
         (directory / "0001_listings.sql").write_text("CREATE TABLE t (x int);")
-        assert await apply_migrations(conn, [MigrationSet("marketplace", directory)]) == []
+        assert await apply_migrations(conn, MigrationSet("marketplace", directory)) == []
+        # A row an app wrote into the core's sequence before sets existed.
+        await conn.execute(
+            "UPDATE schema_migrations SET name = 'listings', checksum = 'x'"
+            " WHERE namespace = 'ghar_core'"
+        )
+        with pytest.raises(MigrationError) as info:
+            await apply_migrations(conn)
+        message = str(info.value)
+        assert "version 0001 of 'ghar_core' is recorded as 0001_listings but the file is" in message
+        assert "UPDATE schema_migrations SET namespace = 'yourapp'" in message
     finally:
         await conn.close()
 
