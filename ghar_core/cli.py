@@ -9,6 +9,7 @@ stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -123,6 +124,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(loaded)
+    if args.app:
+        from ghar_core.asgi.app import SERVE_APP_ENV, SERVE_FACTORY_ENV, load_app_target
+
+        # Check here, where the error can be shown plainly; each worker loads it again.
+        try:
+            load_app_target(args.app, factory=args.factory)
+        except ValueError as exc:
+            print(f"ghar-core serve: cannot load --app {args.app}: {exc}", file=sys.stderr)
+            return 2
+        os.environ[SERVE_APP_ENV] = args.app
+        os.environ[SERVE_FACTORY_ENV] = "1" if args.factory else "0"
     # The factory runs in every worker: each builds its own app and resources
     # from the same settings; lifespan "on" makes a failed start fatal.
     uvicorn.run(
@@ -145,6 +157,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--host", default=None, help="address to bind (default: HOST)")
     p.add_argument("--port", type=int, default=None, help="port to bind (default: PORT)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="your ASGI app (e.g. myservice.main:app) instead of the bare core app",
+    )
+    p.add_argument(
+        "--factory", action="store_true", help="call --app with no arguments to build the app"
+    )
     p.set_defaults(func=_cmd_serve)
 
 

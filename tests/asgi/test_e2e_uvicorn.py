@@ -196,6 +196,62 @@ async def test_cli_serve_subprocess() -> None:
     assert "s3cret" not in log
 
 
+async def test_cli_serve_your_own_app(tmp_path: Path) -> None:
+    """``ghar-core serve --app module:attr`` serves the user's app, with our logging."""
+    (tmp_path / "userapp.py").write_text(
+        "from ghar_core.asgi import create_app\n"
+        "app = create_app(resources=[])\n"
+        "@app.get('/api/v1/hello')\n"
+        "async def hello(request):\n"
+        "    return {'hello': request.query_params.get('name')}\n"
+        "def build():\n"
+        "    return app\n"
+    )
+    for argv in (["--app", "userapp:app"], ["--app", "userapp:build", "--factory"]):
+        port = _free_port()
+        env = {
+            **os.environ,
+            "APP_ENV": "test",
+            "LOG_LEVEL": "INFO",
+            "LOG_FORMAT": "json",
+            "PYTHONPATH": str(tmp_path),
+        }
+        proc = subprocess.Popen(  # noqa: ASYNC220 - started once, reaped in a thread below
+            [sys.executable, "-m", "ghar_core", "serve", "--port", str(port), *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            async with aiohttp.ClientSession() as http:
+                body = None
+                for _ in range(200):
+                    try:
+                        url = f"http://127.0.0.1:{port}/api/v1/hello?name=ada&access_token=zq9"
+                        async with http.get(url) as r:
+                            body = await r.json()
+                            break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
+                assert body == {"hello": "ada"}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.to_thread(proc.communicate, timeout=20)
+        log = err.decode()
+        assert '"path":"/api/v1/hello?name=ada&access_token=[REDACTED]"' in log, log
+        assert "zq9" not in log
+
+
+def test_cli_serve_refuses_an_app_it_cannot_load(capsys: pytest.CaptureFixture[str]) -> None:
+    from ghar_core.cli import main
+
+    assert main(["serve", "--app", "no_such_module_here:app"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load --app no_such_module_here:app" in err
+    assert "cannot import 'no_such_module_here'" in err
+
+
 @pytest.mark.parametrize("argv", [["serve", "--help"]])
 def test_serve_help(argv, capsys) -> None:
     from ghar_core.cli import main

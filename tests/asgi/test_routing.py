@@ -85,6 +85,14 @@ async def test_trailing_slash_is_strict_with_hint(app) -> None:
     assert r.json()["error"]["details"]["did_you_mean"] == "/items"
 
 
+async def test_not_found_details_carry_the_mount_prefix(app) -> None:
+    # Mounted under /core by a host that strips the prefix: the client's paths
+    # include it, so the hint must too (or following it leaves this app).
+    r = await TestClient(app, root_path="/core").get("/items/")
+    assert r.status_code == 404
+    assert r.json()["error"]["details"] == {"path": "/core/items/", "did_you_mean": "/core/items"}
+
+
 async def test_handler_api_exception_becomes_envelope(app) -> None:
     r = await TestClient(app).post("/items")
     assert r.status_code == 409
