@@ -19,16 +19,19 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from ghar_core.config import ConfigError, config_table_markdown, load_settings
+    from ghar_core.config import ConfigError, config_table_markdown, env_file_path, load_settings
 
     if args.table:
         sys.stdout.write(config_table_markdown())
         return 0
     try:
+        source = env_file_path()
         loaded = load_settings()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    state = "read" if source.is_file() else "not found: defaults and the environment only"
+    print(f"# env file: {source} ({state})")
     for name, value in loaded.masked_items():
         print(f"{name}={value!r}")
     return 0
@@ -279,5 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    result: int = func(args)
+    try:
+        result: int = func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+    except BrokenPipeError:
+        # The reader went away (`ghar-core config | head`): not our error, and
+        # Python must not complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return result

@@ -43,6 +43,7 @@ __all__ = [
     "Secret",
     "Settings",
     "config_table_markdown",
+    "env_file_path",
     "format_env_value",
     "get_settings",
     "load_settings",
@@ -686,6 +687,24 @@ def _default_env_dir(environ: Mapping[str, str]) -> Path:
     return Path(__file__).resolve().parent.parent / "env"
 
 
+def env_file_path(
+    app_env: str | None = None,
+    env_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """The env file :func:`load_settings` reads (it may not exist): says where settings come from.
+
+    The folder is ``env_dir``, else ``GHAR_ENV_DIR``, else ``./env``, else the
+    ``env/`` folder next to the package; raises ConfigError on a bad ``APP_ENV``.
+    """
+    env = os.environ if environ is None else environ
+    chosen = (app_env or env.get("APP_ENV") or "dev").strip()
+    if chosen not in APP_ENVS:
+        raise ConfigError([("APP_ENV", f"expected one of {', '.join(APP_ENVS)}, got {chosen!r}")])
+    folder = Path(env_dir) if env_dir is not None else _default_env_dir(env)
+    return folder / f".env.{chosen}"
+
+
 def load_settings(
     app_env: str | None = None,
     env_dir: str | os.PathLike[str] | None = None,
@@ -698,11 +717,8 @@ def load_settings(
     file is not an error: defaults and the environment still apply.
     """
     env = os.environ if environ is None else environ
-    chosen = (app_env or env.get("APP_ENV") or "dev").strip()
-    if chosen not in APP_ENVS:
-        raise ConfigError([("APP_ENV", f"expected one of {', '.join(APP_ENVS)}, got {chosen!r}")])
-    folder = Path(env_dir) if env_dir is not None else _default_env_dir(env)
-    path = folder / f".env.{chosen}"
+    path = env_file_path(app_env, env_dir, env)
+    chosen = path.name.removeprefix(".env.")
     raw: dict[str, str] = {}
     if path.is_file():
         try:

@@ -46,6 +46,8 @@ def test_config_command_masks_and_reports_errors(
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "never-print-me")
     assert main(["config"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("# env file: ")
+    assert out.splitlines()[0].endswith(".env.test (read)")
     assert "never-print-me" not in out
     assert "SUPABASE_SERVICE_ROLE_KEY='**********'" in out
     monkeypatch.setenv("DB_POOL_MAX_SIZE", "lots")
@@ -62,3 +64,26 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_environment_is_not_leaked_between_tests() -> None:
     assert os.environ.get("DB_POOL_MAX_SIZE") != "lots"
+
+
+def test_a_closed_pipe_is_not_a_traceback() -> None:
+    import fcntl
+
+    read_fd, write_fd = os.pipe()
+    # The smallest pipe (one page), so the output cannot all fit before we close.
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ghar_core", "config", "--table"],
+        stdout=write_fd,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        # Block-buffered stdout, as in production: the write fails at the final flush.
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "APP_ENV": "test"},
+    )
+    os.close(write_fd)
+    assert os.read(read_fd, 10) == b"| Variable"  # like `| head -c 10`
+    os.close(read_fd)
+    _, err = proc.communicate(timeout=30)
+    assert len(config_table_markdown()) > 4096  # more than the pipe holds: the write failed
+    assert b"Traceback" not in err, err.decode()
+    assert proc.returncode == 0
