@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ghar_core.auth import (
-    AuthenticationException,
-    AuthFailureReason,
     SupabaseAuth,
     SupabaseUser,
     get_auth,
@@ -82,20 +80,19 @@ class CurrentUser:
 
 
 def bearer_token(conn: HTTPConnection, *, allow_query_token: bool = False) -> str | None:
-    """The token the client sent, or ``None``; a non-Bearer scheme is malformed.
+    """The token the client sent, or ``None`` when it sent none.
 
-    Scans the raw ASGI headers for ``authorization`` (no header dict is built).
+    Another scheme (``Basic ...``) counts as no token: RFC 6750 (3.1) asks
+    for a plain ``Bearer`` challenge, without an error code, when a client
+    used an unsupported method. Scans the raw ASGI headers for
+    ``authorization`` (no header dict is built).
     """
     for name, value in conn.scope.get("headers", ()):
         if name == b"authorization":
             scheme = value[:7]
             if scheme == b"Bearer " or scheme.lower() == b"bearer ":
                 return value[7:].decode("latin-1").strip() or None
-            if value.strip().lower() == b"bearer":
-                return None
-            raise AuthenticationException(
-                AuthFailureReason.MALFORMED, "the Authorization scheme must be Bearer"
-            )
+            break
     if allow_query_token:
         return conn.query_params.get(ACCESS_TOKEN_PARAM) or None
     return None

@@ -150,7 +150,7 @@ async def test_me_without_a_database_returns_the_identity(idp: IdentityProviderS
     [
         (None, "AUTH_TOKEN_MISSING"),
         ("Bearer", "AUTH_TOKEN_MISSING"),
-        ("Basic dXNlcjpwdw==", "AUTH_TOKEN_MALFORMED"),
+        ("Basic dXNlcjpwdw==", "AUTH_TOKEN_MISSING"),  # RFC 6750 3.1: no error code
         ("Bearer not.a.jwt", "AUTH_TOKEN_MALFORMED"),
         ("expired", "AUTH_TOKEN_EXPIRED"),
     ],
