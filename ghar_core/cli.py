@@ -201,13 +201,29 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> int:
+    """argparse type for a token lifetime: the provider accepts 1 s to 30 days."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole seconds, got {text!r}") from None
+    if not 1 <= value <= 2_592_000:
+        raise argparse.ArgumentTypeError(f"must be 1 to 2592000 seconds, got {value}")
+    return value
+
+
 def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "token", help="print an access token minted by the local identity provider (dev only)"
     )
     p.add_argument("--sub", help="user id (UUID); default: the user with --email, else a new one")
     p.add_argument("--email", help="the user's email (the user is created when new)")
-    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default: 3600)")
+    p.add_argument(
+        "--ttl",
+        type=_seconds,
+        default=3600,
+        help="lifetime in seconds, 1 to 2592000 (default: 3600)",
+    )
     p.add_argument(
         "--provider-url",
         help="the local provider's base URL (default: SUPABASE_URL, else http://127.0.0.1:54321)",

@@ -87,3 +87,13 @@ def test_a_closed_pipe_is_not_a_traceback() -> None:
     assert len(config_table_markdown()) > 4096  # more than the pipe holds: the write failed
     assert b"Traceback" not in err, err.decode()
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("ttl", ["-60", "0", "2592001", "soon"])
+def test_token_lifetime_is_checked_before_any_request(
+    ttl: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["token", "--email", "a@b.co", "--ttl", ttl])
+    assert info.value.code == 2
+    assert "--ttl" in capsys.readouterr().err
