@@ -224,6 +224,10 @@ class ColourFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-8s %(name)s [%(request_id)s] %(message)s")
         self.colour = colour
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # UTC ISO 8601, the same stamp as the JSON lines and the buffered access log.
+        return _iso_utc(record.created)
+
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "request_id"):
             record.request_id = get_request_id() or "-"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 
 import orjson
 import pytest
@@ -116,6 +117,8 @@ def test_colour_formatter_colours_only_when_asked() -> None:
     plain = ColourFormatter(colour=False).format(_record())
     assert "\x1b[" not in plain
     assert "[-] hello world" in plain
+    # The same UTC ISO stamp as the JSON lines and the access log.
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", plain)
 
 
 @pytest.mark.parametrize(
