@@ -126,7 +126,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    configure_logging(loaded)
     if args.app:
         from ghar_core.asgi.app import SERVE_APP_ENV, SERVE_FACTORY_ENV, load_app_target
 
@@ -138,6 +137,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 2
         os.environ[SERVE_APP_ENV] = args.app
         os.environ[SERVE_FACTORY_ENV] = "1" if args.factory else "0"
+    configure_logging(loaded)
     # The factory runs in every worker: each builds its own app and resources
     # from the same settings; lifespan "on" makes a failed start fatal.
     uvicorn.run(

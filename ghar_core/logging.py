@@ -238,6 +238,8 @@ class ColourFormatter(logging.Formatter):
 
 
 _handler: logging.Handler | None = None
+_SERVER_LOGGERS = ("uvicorn.error", "uvicorn.access")
+_server_filter = RedactingFilter()
 
 
 def _wants_colour(stream: TextIO) -> bool:
@@ -270,6 +272,13 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> lo
     root.addHandler(handler)
     root.setLevel(settings.LOG_LEVEL)
     _handler = handler
+    # uvicorn writes request lines (with query strings) on these loggers, and
+    # under its own logging config they never reach our handler: filter them
+    # where they are made.
+    for name in _SERVER_LOGGERS:
+        server = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in server.filters):
+            server.addFilter(_server_filter)
     return handler
 
 
@@ -279,3 +288,5 @@ def reset_logging() -> None:
     if _handler is not None:
         logging.getLogger().removeHandler(_handler)
         _handler = None
+    for name in _SERVER_LOGGERS:
+        logging.getLogger(name).removeFilter(_server_filter)

@@ -16,14 +16,10 @@ own set, so its ``0001_listings.sql`` never collides with the core's
     Database(settings, migrations=[MARKETPLACE])    # same, on DB_MIGRATE_ON_STARTUP
     # shell: ghar-core migrate --dir app/migrations --namespace marketplace [--status]
 
-With ``create_app``, swap the default ``Database`` for one that knows the
-app's sets (``DB_MIGRATE_ON_STARTUP`` then applies core and app sets)::
+With ``create_app``, name the sets (``DB_MIGRATE_ON_STARTUP`` then applies
+core and app sets)::
 
-    resources = [
-        Database(settings, migrations=[MARKETPLACE]) if r.name == "database" else r
-        for r in build_default_resources(settings)
-    ]
-    app = create_app(settings, resources=resources)
+    app = create_app(settings, migrations=[MARKETPLACE])
 
 ``schema_migrations`` is keyed by ``(namespace, version)``. Sets are applied
 core first, then the given sets in the order given, each in version order.

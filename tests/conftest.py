@@ -7,6 +7,7 @@ fails it instead, so CI can never go green by skipping the real thing.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -50,3 +51,12 @@ def tls():  # -> tests.tls.TLS
 
 
 # --- end shared TLS fixture ---
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_log_handler() -> Iterator[None]:
+    """A test that configures logging (the CLI does) must not leave our handler behind."""
+    yield
+    from ghar_core.logging import reset_logging
+
+    reset_logging()

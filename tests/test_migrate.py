@@ -443,21 +443,19 @@ def test_cli_migrate_unreachable_database(capsys: pytest.CaptureFixture[str]) ->
     assert "cannot reach the database" in capsys.readouterr().err
 
 
-async def test_create_app_users_swap_in_a_database_with_their_sets(
+async def test_create_app_applies_the_apps_sets_on_startup(
     fresh_database: str, db_settings: Settings, tmp_path: Path
 ) -> None:
-    """The documented recipe (module docstring) for apps built with create_app."""
-    from ghar_core.asgi.app import build_default_resources, create_app
+    """``create_app(settings, migrations=[...])``, as the module docstring shows."""
+    from ghar_core.asgi.app import create_app
 
     settings = dataclasses.replace(
         db_settings, DATABASE_URL=fresh_database, DB_MIGRATE_ON_STARTUP=True
     )
     market = _app_set(tmp_path)
-    resources = [
-        Database(settings, migrations=[market]) if r.name == "database" else r
-        for r in build_default_resources(settings)
-    ]
-    app = create_app(settings, resources=resources)
+    with pytest.raises(ValueError, match="pass migrations= to Database"):
+        create_app(settings, resources=[], migrations=[market])
+    app = create_app(settings, migrations=[market])
     async with app.lifespan():
         conn = await asyncpg.connect(fresh_database)
         try:

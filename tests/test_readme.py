@@ -36,3 +36,13 @@ async def test_real_token_example_runs_against_a_fresh_database(
     namespace: dict[str, object] = {}
     exec(compile(BLOCKS[2], "README.md[real-token]", "exec"), namespace)
     await namespace["test_me_with_a_real_token"]()  # type: ignore[operator]
+
+
+def test_own_migrations_example_builds_an_app(tmp_path: Path) -> None:
+    (block,) = [b for b in BLOCKS if "MigrationSet(" in b]
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "0001_listings.sql").write_text("CREATE TABLE listings (id int);")
+    namespace: dict[str, object] = {"__file__": str(tmp_path / "app.py")}
+    exec(compile(block, "README.md[migrations]", "exec"), namespace)
+    database = namespace["app"].resources.get("database")  # type: ignore[attr-defined]
+    assert [s.namespace for s in database.migrations] == ["marketplace"]

@@ -46,6 +46,7 @@ from ghar_core.lifecycle import Resource, Resources
 if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Receive, Scope, Send
     from ghar_core.config import Settings
+    from ghar_core.migrate import MigrationSet
 
 __all__ = [
     "SERVE_APP_ENV",
@@ -66,15 +67,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 _JSON_HEADER = (b"content-type", b"application/json")
 
 
-def build_default_resources(settings: Settings) -> list[Resource]:
+def build_default_resources(
+    settings: Settings, *, migrations: Sequence[MigrationSet] = ()
+) -> list[Resource]:
     """The resources every app starts, in start order (stopped in reverse).
 
     ``create_app`` uses this when it is not given ``resources``. Keep one
     line per service here, so the order of start is visible in one place.
+    ``migrations``: the app's own migration sets, applied after the core's
+    when ``DB_MIGRATE_ON_STARTUP`` is on (see :mod:`ghar_core.migrate`).
     """
     resources: list[Resource] = []
     # Each service adds its resource here.
-    resources.append(Database(settings))  # "database": main + background pools (issue 4)
+    resources.append(Database(settings, migrations=migrations))  # "database": both pools
     resources.append(HTTPClientsResource())  # shared outbound sessions; stop closes them
     resources.append(SupabaseAuth(settings))  # "auth": JWKS and token caches (issue 5)
     return resources
@@ -414,8 +419,9 @@ def create_app(
     access_log: bool | AccessSink | None = None,
     cors: bool = True,
     builtin_endpoints: bool = True,
+    migrations: Sequence[MigrationSet] = (),
 ) -> App:
-    """Build the ASGI app.
+    r"""Build the ASGI app.
 
     ``settings``: defaults to the process settings (``ghar_core.config``).
     ``resources``: what the lifespan starts in order and stops in reverse,
@@ -426,7 +432,9 @@ def create_app(
     :class:`~ghar_core.asgi.accesslog.BufferedAccessLog`) writes the lines
     itself, much faster; ``False`` leaves the middleware out.
     ``cors``: the CORS middleware from the ``CORS_*`` settings.
-    ``builtin_endpoints``: ``GET /health`` and ``GET /ready``.
+    ``builtin_endpoints``: ``GET /health``, ``GET /ready`` and ``GET {API_V1_STR}/me``.
+    ``migrations``: the app's own :class:`~ghar_core.migrate.MigrationSet`\ s,
+    applied after the core's on ``DB_MIGRATE_ON_STARTUP`` (or ``ghar-core migrate``).
 
     Serve it with uvicorn (lifespan events start the resources), mount it in
     another ASGI app (``root_path`` honoured; without lifespan events the
@@ -441,7 +449,9 @@ def create_app(
 
         settings = get_settings()
     if resources is None:
-        resources = build_default_resources(settings)
+        resources = build_default_resources(settings, migrations=migrations)
+    elif migrations:
+        raise ValueError("pass migrations= to Database(...) yourself when giving resources=")
     owned = (
         resources
         if isinstance(resources, Resources)

@@ -39,6 +39,7 @@ async def serve(app: ASGIApp, **options) -> AsyncIterator[str]:
     config = uvicorn.Config(
         app,
         lifespan="on",
+        log_config=None,  # leave the process's logging alone (other tests rely on it)
         log_level="warning",
         access_log=False,
         http="httptools",
