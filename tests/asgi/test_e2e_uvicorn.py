@@ -156,31 +156,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_cli_serve_subprocess() -> None:
+async def _serve_cli_and_get(
+    argv: list[str], url_path: str, headers: dict[str, str] | None = None, **env: str
+) -> tuple[object, str, int | None]:
+    """Run ``ghar-core serve`` on a free port, GET ``url_path`` once it is up, stop it.
+
+    Returns the JSON body, the process's log (stderr) and its exit code.
+    """
     port = _free_port()
-    env = {**os.environ, "APP_ENV": "test", "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
+    environ = {**os.environ, "APP_ENV": "test", "LOG_LEVEL": "INFO", "LOG_FORMAT": "json", **env}
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, reaped in a thread below
-        [sys.executable, "-m", "ghar_core", "serve", "--port", str(port)],
+        [sys.executable, "-m", "ghar_core", "serve", "--port", str(port), *argv],
         cwd=ROOT,
-        env=env,
+        env=environ,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    body = None
     try:
         async with aiohttp.ClientSession() as http:
-            body = None
             for _ in range(200):
                 try:
-                    async with http.get(
-                        f"http://127.0.0.1:{port}/health?token=s3cret",
-                        headers={"X-Request-ID": "cli-1"},
-                    ) as r:
+                    url = f"http://127.0.0.1:{port}{url_path}"
+                    async with http.get(url, headers=headers) as r:
                         body = await r.json()
                         break
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.05)
-            assert body is not None, "ghar-core serve did not come up"
-            assert body["status"] == "ok"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -188,9 +190,17 @@ async def test_cli_serve_subprocess() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    log = err.decode()
+    return body, err.decode(), proc.returncode
+
+
+async def test_cli_serve_subprocess() -> None:
+    body, log, code = await _serve_cli_and_get(
+        [], "/health?token=s3cret", headers={"X-Request-ID": "cli-1"}
+    )
+    assert isinstance(body, dict), "ghar-core serve did not come up"
+    assert body["status"] == "ok"
     # uvicorn re-raises the signal after its graceful shutdown (exit -15).
-    assert proc.returncode in (0, -signal.SIGTERM), log
+    assert code in (0, -signal.SIGTERM), log
     assert "Application shutdown complete." in log
     assert '"path":"/health?token=[REDACTED]"' in log
     assert '"request_id":"cli-1"' in log
@@ -209,37 +219,10 @@ async def test_cli_serve_your_own_app(tmp_path: Path) -> None:
         "    return app\n"
     )
     for argv in (["--app", "userapp:app"], ["--app", "userapp:build", "--factory"]):
-        port = _free_port()
-        env = {
-            **os.environ,
-            "APP_ENV": "test",
-            "LOG_LEVEL": "INFO",
-            "LOG_FORMAT": "json",
-            "PYTHONPATH": str(tmp_path),
-        }
-        proc = subprocess.Popen(  # noqa: ASYNC220 - started once, reaped in a thread below
-            [sys.executable, "-m", "ghar_core", "serve", "--port", str(port), *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        body, log, _ = await _serve_cli_and_get(
+            argv, "/api/v1/hello?name=ada&access_token=zq9", PYTHONPATH=str(tmp_path)
         )
-        try:
-            async with aiohttp.ClientSession() as http:
-                body = None
-                for _ in range(200):
-                    try:
-                        url = f"http://127.0.0.1:{port}/api/v1/hello?name=ada&access_token=zq9"
-                        async with http.get(url) as r:
-                            body = await r.json()
-                            break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.05)
-                assert body == {"hello": "ada"}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.to_thread(proc.communicate, timeout=20)
-        log = err.decode()
+        assert body == {"hello": "ada"}, log
         assert '"path":"/api/v1/hello?name=ada&access_token=[REDACTED]"' in log, log
         assert "zq9" not in log
 
