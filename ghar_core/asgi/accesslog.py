@@ -187,10 +187,14 @@ class BufferedAccessLog:
 
 
 class AccessLogMiddleware:
-    """Measure each HTTP request and hand one line to the sink when it is done.
+    """Measure each HTTP request (and WebSocket) and hand one line to the sink.
 
     Status ``0`` means the app never started a response (the client went
-    away first). See the module doc for the sinks and what is redacted.
+    away first). A WebSocket is logged when its call ends, with method
+    ``WS``, status ``101`` when it was accepted, the denial's status when it
+    was refused with a response, ``403`` when closed before accepting, and
+    the whole connection's duration. See the module doc for the sinks and
+    what is redacted.
     """
 
     def __init__(
@@ -205,15 +209,21 @@ class AccessLogMiddleware:
         self.sink: AccessSink = sink if sink is not None else LoggingAccessSink(self.logger)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.logger.isEnabledFor(logging.INFO):
+        kind = scope["type"]
+        if (kind != "http" and kind != "websocket") or not self.logger.isEnabledFor(logging.INFO):
             await self.app(scope, receive, send)
             return
         status = 0
 
         async def send_noting_status(message: Message) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start" or kind == "websocket.http.response.start":
                 status = message["status"]
+            elif kind == "websocket.accept":
+                status = 101
+            elif kind == "websocket.close" and status == 0:
+                status = 403  # closed before accepting: servers answer 403
             await send(message)
 
         start = time.perf_counter()
@@ -229,8 +239,9 @@ class AccessLogMiddleware:
                 path = safe_for_log(path)
             query = scope.get("query_string")
             if query:
+                # WebSocket clients pass ?access_token=: redacted like every secret.
                 path += "?" + safe_for_log(redact_query(query.decode("latin-1")))
-            method: str = scope["method"]
+            method: str = scope["method"] if kind == "http" else "WS"
             if len(method) > 16 or not method.isalpha():
                 # Servers validate the method; a host that does not could pass CR/LF.
                 method = safe_for_log(method, 32)

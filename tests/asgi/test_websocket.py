@@ -129,3 +129,22 @@ async def test_api_exceptions_are_expected_refusals_not_errors(settings, caplog)
     assert [r.levelno for r in refusals] == [logging.INFO, logging.INFO]
     assert all(r.exc_info is None for r in refusals)
     assert "401 AUTH_TOKEN_MISSING" in refusals[0].getMessage()
+
+
+async def test_websockets_get_an_access_line_with_the_token_redacted(settings, caplog) -> None:
+    import logging
+
+    app = _app(settings)
+    client = TestClient(app)
+    caplog.set_level(logging.INFO, logger="ghar_core.access")
+    async with client.websocket_connect("/ws/lobby?token=zq9secret&x=1") as ws:
+        await ws.send_json({"hi": 1})
+        await ws.receive_json()
+    with pytest.raises(WebSocketRejected):
+        async with client.websocket_connect("/nowhere"):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "ghar_core.access"]
+    assert len(lines) == 2
+    assert lines[0].startswith("WS /ws/lobby?token=[REDACTED]&x=1 101 ")
+    assert lines[1].startswith("WS /nowhere 404 ")
+    assert "zq9secret" not in caplog.text
