@@ -172,12 +172,13 @@ class SharedClient:
     through the module getters; tests build one with a custom spec.
     """
 
-    __slots__ = ("_sessions", "spec")
+    __slots__ = ("__weakref__", "_sessions", "spec")
 
     def __init__(self, spec: ClientSpec) -> None:
         self.spec = spec
         # Keyed by loop so two loops (e.g. a worker thread's) never close each other's session.
         self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        _instances.add(self)
 
     def get(self) -> aiohttp.ClientSession:
         """The open session for the running loop, created now if there is none."""
@@ -231,10 +232,20 @@ class SharedClient:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.wrap_future(future), _FOREIGN_CLOSE_TIMEOUT)
 
+    async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close this client's session of ``loop`` (run by that loop's finalizer)."""
+        session = self._sessions.pop(loop, None)
+        if session is not None and not session.closed:
+            await _close_quietly(session, self.spec.name)
+
     def open_sessions(self) -> int:
         """How many sessions of this client are open now (for tests and diagnostics)."""
         return sum(1 for session in self._sessions.values() if not session.closed)
 
+
+# Every SharedClient, so a loop's finalizer closes the sessions of all of them
+# (the module's four and any a caller built), not only the module's table.
+_instances: weakref.WeakSet[SharedClient] = weakref.WeakSet()
 
 # Closes started from the sync getter; held so the tasks are not garbage collected.
 _background: set[asyncio.Task[None]] = set()
@@ -273,10 +284,8 @@ async def _close_sessions_of(loop: asyncio.AbstractEventLoop) -> AsyncGenerator[
     try:
         yield
     finally:
-        for client in _clients.values():
-            session = client._sessions.pop(loop, None)
-            if session is not None and not session.closed:
-                await _close_quietly(session, client.spec.name)
+        for client in list(_instances):
+            await client._close_loop(loop)
 
 
 def _ensure_loop_finalizer(loop: asyncio.AbstractEventLoop) -> None:

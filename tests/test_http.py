@@ -261,9 +261,15 @@ def _server_in_a_thread() -> Iterator[str]:
 def test_a_finished_asyncio_run_closes_its_sessions_and_sockets() -> None:
     """A script that runs asyncio.run() per job, never calling close_all_clients()."""
 
+    own = SharedClient(ClientSpec("own", total_timeout=5.0, limit=2, keepalive_timeout=30.0))
+    built: list[aiohttp.ClientSession] = []
+
     async def job(base_url: str) -> aiohttp.ClientSession:
         session = get_blog_client()
         assert await fetch(session, f"{base_url}/ok") == "ok"  # a pooled keep-alive socket
+        # A client a caller built itself is closed with its loop too.
+        built.append(own.get())
+        assert await fetch(built[-1], f"{base_url}/ok") == "ok"
         return session
 
     with _server_in_a_thread() as base_url:
@@ -274,7 +280,10 @@ def test_a_finished_asyncio_run_closes_its_sessions_and_sockets() -> None:
             assert first is not second
             assert first.closed
             assert second.closed
+            assert all(session.closed for session in built)
+            assert own.open_sessions() == 0
             del first, second
+            built.clear()
             gc.collect()
         leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
         assert not leaks, [str(w.message) for w in leaks]
