@@ -41,6 +41,7 @@ __all__ = [
     "reset_logging",
     "reset_request_id",
     "set_request_id",
+    "uses_json_logs",
 ]
 
 request_id_var: ContextVar[str | None] = ContextVar("ghar_request_id", default=None)
@@ -249,6 +250,16 @@ def _wants_colour(stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
+def uses_json_logs(settings: Settings) -> bool:
+    """Whether logs are JSON lines: ``LOG_FORMAT=json``, or ``auto`` in prod.
+
+    The one rule both our handler and the buffered access log follow, so the
+    two never write different formats into one stream.
+    """
+    fmt = settings.LOG_FORMAT
+    return fmt == "json" or (fmt == "auto" and settings.APP_ENV == "prod")
+
+
 def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> logging.Handler:
     """Install our handler on the root logger, replacing one we installed before.
 
@@ -258,8 +269,10 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> lo
     global _handler
     out = stream if stream is not None else sys.stderr
     fmt = settings.LOG_FORMAT
-    if fmt == "auto":
-        fmt = "json" if settings.APP_ENV == "prod" else "colour" if _wants_colour(out) else "plain"
+    if uses_json_logs(settings):
+        fmt = "json"
+    elif fmt == "auto":
+        fmt = "colour" if _wants_colour(out) else "plain"
     handler = logging.StreamHandler(out)
     formatter: logging.Formatter
     formatter = JSONFormatter() if fmt == "json" else ColourFormatter(colour=fmt == "colour")

@@ -511,19 +511,14 @@ def create_app_for_server() -> ASGIApp:
     """
     global _served_access_sink
     from ghar_core.config import get_settings
-    from ghar_core.logging import configure_logging
+    from ghar_core.logging import configure_logging, uses_json_logs
 
     settings = get_settings()
     configure_logging(settings)
     if settings.ACCESS_LOG:
-        _served_access_sink = BufferedAccessLog(json=_uses_json_logs(settings))
+        _served_access_sink = BufferedAccessLog(json=uses_json_logs(settings))
     target = os.environ.get(SERVE_APP_ENV)
     if target:
         app: ASGIApp = load_app_target(target, factory=os.environ.get(SERVE_FACTORY_ENV) == "1")
         return app
     return create_app(settings)
-
-
-def _uses_json_logs(settings: Settings) -> bool:
-    fmt = settings.LOG_FORMAT
-    return fmt == "json" or (fmt == "auto" and settings.APP_ENV == "prod")
