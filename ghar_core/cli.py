@@ -19,17 +19,13 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from ghar_core.config import ConfigError, config_table_markdown, env_file_path, load_settings
+    from ghar_core.config import config_table_markdown, env_file_path, load_settings
 
     if args.table:
         sys.stdout.write(config_table_markdown())
         return 0
-    try:
-        source = env_file_path()
-        loaded = load_settings()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    source = env_file_path()
+    loaded = load_settings()
     state = "read" if source.is_file() else "not found: defaults and the environment only"
     print(f"# env file: {source} ({state})")
     for name, value in loaded.masked_items():
@@ -48,7 +44,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
     import asyncpg
 
-    from ghar_core.config import ConfigError, load_settings
+    from ghar_core.config import load_settings
     from ghar_core.migrate import MigrationError, MigrationSet, migrate_dsn, migration_status
 
     dirs, namespaces = args.dir or [], args.namespace or []
@@ -58,7 +54,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     try:
         sets = [MigrationSet(ns, d) for d, ns in zip(dirs, namespaces, strict=True)]
         dsn = args.dsn or load_settings().DATABASE_URL
-    except (ConfigError, MigrationError) as exc:
+    except MigrationError as exc:
         print(exc, file=sys.stderr)
         return 2
 
@@ -118,14 +114,10 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ghar_core.config import ConfigError, load_settings
+    from ghar_core.config import load_settings
     from ghar_core.logging import configure_logging
 
-    try:
-        loaded = load_settings()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    loaded = load_settings()
     if args.app:
         from ghar_core.asgi.app import SERVE_APP_ENV, SERVE_FACTORY_ENV, load_app_target
 
@@ -174,7 +166,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _cmd_token(args: argparse.Namespace) -> int:
     import asyncio
 
-    from ghar_core.config import ConfigError, load_settings
+    from ghar_core.config import load_settings
     from ghar_core.devtools.identity_provider import (
         DEV_PROVIDER_URL,
         DEV_SERVICE_ROLE_KEY,
@@ -182,11 +174,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
         request_token,
     )
 
-    try:
-        loaded = load_settings()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    loaded = load_settings()
     url = args.provider_url or loaded.SUPABASE_URL or DEV_PROVIDER_URL
     key = loaded.SUPABASE_SERVICE_ROLE_KEY
     service_key = args.service_role_key or (key.get_secret_value() if key else DEV_SERVICE_ROLE_KEY)
@@ -298,9 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    from ghar_core.config import ConfigError
+
     try:
         result: int = func(args)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+    except ConfigError as exc:
+        # Every command reads the settings: one place reports every bad variable.
+        print(exc, file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader went away (`ghar-core config | head`): not our error, and
         # Python must not complain again when it flushes stdout at exit.
