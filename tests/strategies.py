@@ -212,7 +212,7 @@ kid_headers: st.SearchStrategy[dict[str, Any]] = st.one_of(
 """The ``kid`` part of a header no key of the provider has: absent, null, empty, random."""
 
 _UUID = "0f6c7e43-5b1a-4f0e-9a3c-2d8b7e6f5a41"
-_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 non_uuid_subs: st.SearchStrategy[str] = st.one_of(
     st.sampled_from(

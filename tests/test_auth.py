@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from email.utils import formatdate
 from typing import Any
 
 import jwt
@@ -77,6 +77,14 @@ async def auth(idp: IdentityProviderServer) -> AsyncIterator[SupabaseAuth]:
     await resource.stop()
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 50_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def headers_of(exc: BaseException) -> dict[bytes, bytes]:
     return dict(render_error(exc).headers)
 
@@ -128,19 +136,22 @@ async def test_cache_hit_does_no_crypto_and_no_io(
     assert idp.provider.requests == {"jwks": 1}
 
 
-async def test_provider_fallback_when_the_kid_is_not_fetchable_yet(
+async def test_a_key_published_after_our_fetch_is_refused_until_the_next_refresh(
     auth: SupabaseAuth, idp: IdentityProviderServer
 ) -> None:
+    # The provider publishes keys before signing with them (standby keys), so a
+    # kid missing from a set fetched within JWKS_MIN_REFRESH_INTERVAL is not its.
     await auth.verify_token(idp.provider.mint_token())  # key set fetched now
-    idp.provider.rotate_key()
+    idp.provider.rotate_key()  # ours signs with a key at once: the worst case
     token = idp.provider.mint_token(email="new@example.com")
-    user = await auth.verify_token(token)  # refresh rate-limited: the provider decides
-    local_shape = auth.verifier._shape  # same shape whichever path decided
-    assert set(user) == set(local_shape({"sub": "x", "aud": "a"}))
+    with pytest.raises(AuthenticationException) as info:
+        await auth.verify_token(token)
+    assert_401(info.value, AuthFailureReason.UNKNOWN_KEY)
+    assert idp.provider.requests["user"] == 0
+    assert await auth.verifier.jwks.refresh(force=True)  # type: ignore[union-attr]
+    user = await auth.verify_token(token)
     assert user["email"] == "new@example.com"
-    assert auth.introspections == 1
-    assert await auth.verify_token(token) is user  # cached after introspection
-    assert auth.introspections == 1
+    assert auth.introspections == 0
 
 
 async def test_legacy_hs256_without_secret_goes_to_the_provider(
@@ -161,8 +172,7 @@ async def test_legacy_hs256_without_secret_goes_to_the_provider(
 
 
 async def test_provider_rejections_are_401(auth: SupabaseAuth, idp: IdentityProviderServer) -> None:
-    await auth.verify_token(idp.provider.mint_token())
-    idp.provider.rotate_key()  # new kid: only the provider can decide for a while
+    idp.provider.jwks_document = {"keys": []}  # no key set: only the provider can decide
     gone = idp.provider.mint_token()
     del idp.provider.users[next(reversed(idp.provider.users))]
     revoked = idp.provider.mint_token(session_id="s-1")
@@ -204,7 +214,8 @@ async def test_provider_down_with_keys_cached_still_verifies(
 async def test_provider_outage_with_nothing_cached_is_503(
     idp: IdentityProviderServer, outage: str
 ) -> None:
-    resource = SupabaseAuth(settings_for(idp), timeout=0.2)
+    clock = Clock()
+    resource = SupabaseAuth(settings_for(idp), timeout=0.2, clock=clock)
     token = idp.provider.mint_token()
     if outage == "down":
         await idp.stop()
@@ -214,12 +225,16 @@ async def test_provider_outage_with_nothing_cached_is_503(
         idp.provider.fail_status = int(outage)
     with pytest.raises(AuthProviderUnavailableException) as info:
         await resource.verify_token(token)
-    assert_503(info.value)
+    if outage == "429":  # the provider's own Retry-After (none here: 5 s), then a circuit
+        assert headers_of(info.value)[b"retry-after"] == b"5"
+    else:
+        assert_503(info.value)
     # Recovers by itself once the provider is back (introspection needs no refresh slot).
     if outage == "down":
         await idp.start()
     idp.provider.fail_status = None
     idp.provider.delay = 0
+    clock.now += 5  # the 429 circuit has closed by then
     assert (await resource.verify_token(token))["id"]
     await resource.stop()
 
@@ -400,8 +415,7 @@ async def test_tokens_and_keys_never_reach_the_logs(
     auth: SupabaseAuth, idp: IdentityProviderServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    await auth.verify_token(idp.provider.mint_token())
-    idp.provider.rotate_key()
+    idp.provider.jwks_document = {"keys": []}  # the provider decides, and we log about it
     tokens = [idp.provider.mint_token() for _ in range(3)]
     with contextlib.suppress(BaseAPIException):
         await auth.verify_token(tokens[0])  # introspected
@@ -439,14 +453,6 @@ async def test_admin_writes_drop_the_cached_users_row(
 # --- issue 10: the provider is asked only within a budget ---------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 50_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def code_of(exc: BaseException) -> str:
     return str(orjson.loads(render_error(exc).body)["error"]["code"])
 
@@ -476,9 +482,13 @@ async def test_a_storm_of_random_kids_never_reaches_the_provider(
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(alg=st.sampled_from(ASYMMETRIC_ALGS), kid=kid_headers, claims=st.dictionaries(
-    st.sampled_from(["exp", "nbf", "iat", "email", "role"]), json_values, max_size=2
-))
+@given(
+    alg=st.sampled_from(ASYMMETRIC_ALGS),
+    kid=kid_headers,
+    claims=st.dictionaries(
+        st.sampled_from(["exp", "nbf", "iat", "email", "role"]), json_values, max_size=2
+    ),
+)
 async def test_asymmetric_tokens_with_keys_we_do_not_hold_cost_no_provider_call(
     auth: SupabaseAuth,
     idp: IdentityProviderServer,
@@ -562,7 +572,7 @@ async def test_a_provider_429_opens_a_short_circuit(
     clock = Clock()
     resource = SupabaseAuth(settings_for(idp), clock=clock)
     if retry_after == "date+7":
-        retry_after = email.utils.formatdate(time.time() + 7.5, usegmt=True)
+        retry_after = formatdate(time.time() + 7.5, usegmt=True)
     idp.provider.fail_status = 429
     idp.provider.retry_after = retry_after
     first = await outcome(resource, legacy_token(idp.provider))
@@ -625,6 +635,7 @@ async def test_with_no_key_set_ever_fetched_the_provider_decides(
     idp.provider.jwks_document = {"keys": []}
     token = idp.provider.mint_token(email="nokeys@example.com")
     user = await auth.verify_token(token)
+    assert set(user) == USER_KEYS  # the same shape whichever path decided
     assert user["email"] == "nokeys@example.com"
     assert auth.stats()["provider"]["introspections"] == 1
     assert await auth.verify_token(token) is user  # then cached

@@ -245,7 +245,9 @@ async def test_a_header_and_a_query_token_that_differ_are_refused(
         assert r.json()["error"]["code"] == "AUTH_CREDENTIALS_AMBIGUOUS"
         assert other not in r.text
         assert mine not in r.text
-        twice = await client.get("/events", params=[("access_token", mine), ("access_token", other)])
+        twice = await client.get(
+            "/events", params=[("access_token", mine), ("access_token", other)]
+        )
         assert twice.status_code == 400
         # The same token both ways is not ambiguous.
         same = await client.get(
@@ -254,7 +256,9 @@ async def test_a_header_and_a_query_token_that_differ_are_refused(
         assert same.status_code == 200, same.text
         # Where no query token is allowed, the query parameter is not a credential.
         me = await client.get(
-            "/api/v1/me", params={"access_token": other}, headers={"Authorization": f"Bearer {mine}"}
+            "/api/v1/me",
+            params={"access_token": other},
+            headers={"Authorization": f"Bearer {mine}"},
         )
         assert me.status_code == 200
 
