@@ -94,8 +94,12 @@ MAX_TOKEN_BYTES: Final = 16 * 1024
 ASYMMETRIC_ALGORITHMS: Final = frozenset({"ES256", "RS256", "EdDSA"})
 _ALGORITHMS: Final = get_default_algorithms()
 _HS256: Final = "HS256"
-# header.payload.signature, each base64url without padding; one pass splits and validates.
-_JWT_RE: Final = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
+# header.payload.signature, each base64url without padding. The header is
+# validated alone first (a refusal by kid needs nothing else), then the rest.
+_SEGMENT_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+_REST_RE: Final = re.compile(r"\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
+_NOT_A_JWT: Final = "the token is not a JWT (header.payload.signature)"
+_URLSAFE_TO_STD: Final = bytes.maketrans(b"-_", b"+/")
 _MAX_JWKS_BYTES: Final = 1 << 20
 _KTY_OF: Final = {"ES256": "EC", "RS256": "RSA", "EdDSA": "OKP"}
 _MAX_SKIP_REASONS: Final = 10
@@ -134,6 +138,16 @@ class CannotDecide(Exception):
     """Local verification cannot tell (no usable key): ask the provider."""
 
 
+class _Examined(NamedTuple):
+    """A token checked in everything but its signature (see ``JWTVerifier._examine``)."""
+
+    alg: str
+    kid: str | None
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
 class VerificationKey(NamedTuple):
     """One usable key: its id, the algorithm it dictates and the parsed key object."""
 
@@ -143,20 +157,37 @@ class VerificationKey(NamedTuple):
 
 
 def _b64decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    # Segments are regex-validated base64url before they get here, so the
+    # stdlib's urlsafe wrapper (str checks, a translate, a copy) is not needed:
+    # a third cheaper on every header, payload and signature.
+    data = segment.encode("ascii").translate(_URLSAFE_TO_STD)
+    return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
 
 
-def _split(token: str) -> tuple[str, str, str]:
+def _header_segment(token: str) -> str:
+    """The validated first segment of ``token``; MALFORMED when there is none."""
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenRejected(
             AuthFailureReason.MALFORMED, f"the token is larger than {MAX_TOKEN_BYTES} bytes"
         )
-    match = _JWT_RE.fullmatch(token) if token.isascii() else None
+    dot = token.find(".")
+    header = token[:dot]
+    if dot <= 0 or not token.isascii() or _SEGMENT_RE.fullmatch(header) is None:
+        raise TokenRejected(AuthFailureReason.MALFORMED, _NOT_A_JWT)
+    return header
+
+
+def _rest(token: str, header: str) -> tuple[str, str]:
+    """(payload, signature) segments after ``header``; MALFORMED unless exactly two follow."""
+    match = _REST_RE.fullmatch(token, len(header))
     if match is None:
-        raise TokenRejected(
-            AuthFailureReason.MALFORMED, "the token is not a JWT (header.payload.signature)"
-        )
-    header, payload, signature = match.groups()
+        raise TokenRejected(AuthFailureReason.MALFORMED, _NOT_A_JWT)
+    return match.group(1), match.group(2)
+
+
+def _split(token: str) -> tuple[str, str, str]:
+    header = _header_segment(token)
+    payload, signature = _rest(token, header)
     return header, payload, signature
 
 
@@ -382,6 +413,19 @@ class JWKSCache:
         """The key for ``kid`` if held, without any I/O."""
         return self._keys.get(kid)
 
+    def held(self, kid: str) -> VerificationKey | None:
+        """The key for ``kid`` if held, without waiting.
+
+        A set that outlived the TTL keeps serving while a background refresh
+        runs (so call it from the event loop).
+        """
+        key = self._keys.get(kid)
+        if key is not None:
+            fetched_at = self._fetched_at
+            if fetched_at is not None and self._clock() - fetched_at >= self.ttl:
+                self._start_refresh()
+        return key
+
     def is_fresh(self) -> bool:
         """Whether the held set was fetched within ``min_refresh_interval``.
 
@@ -400,11 +444,8 @@ class JWKSCache:
         the held one is older; :class:`CannotDecide` when no fresh set can be
         had (the refresh failed or is not allowed yet).
         """
-        key = self._keys.get(kid)
+        key = self.held(kid)
         if key is not None:
-            fetched_at = self._fetched_at
-            if fetched_at is not None and self._clock() - fetched_at >= self.ttl:
-                self._start_refresh()
             return key
         if not self.is_fresh():
             if not await self.refresh():
@@ -589,6 +630,27 @@ class JWTVerifier(Generic[T]):
         """The cached value for an already verified ``token``, or ``None``."""
         return self.token_cache.get(token)
 
+    def verify_now(self, token: str) -> T | None:
+        """Decide ``token`` without waiting: its shaped claims (cached), or raise.
+
+        ``None`` means only that the key set must be fetched first (then
+        ``await`` :meth:`verify`). Raises :class:`TokenRejected` and
+        :class:`CannotDecide` like :meth:`verify`. This is the path every
+        request takes: refusals never touch the event loop's timers.
+        """
+        if len(token) > MAX_TOKEN_BYTES:
+            _header_segment(token)  # raises MALFORMED before hashing 16 KB of junk
+        hit = self.token_cache.get(token)
+        if hit is not None:
+            return hit
+        examined = self._examine(token)
+        key = None
+        if examined.alg != _HS256:
+            key = self._jwks().held(examined.kid or "")
+            if key is None:  # not held, and the set is not fresh (_examine refused that)
+                return None
+        return self._remember(token, self._finish(examined, key))
+
     async def verify(self, token: str) -> T:
         """Shaped claims of a valid token (from the cache when possible).
 
@@ -596,19 +658,38 @@ class JWTVerifier(Generic[T]):
         when only the provider can tell. The only wait is for a key-set
         refresh; bound it with ``asyncio.timeout`` (the fetch goes on for others).
         """
-        if len(token) > MAX_TOKEN_BYTES:
-            _split(token)  # raises MALFORMED before hashing 16 KB of junk
-        hit = self.token_cache.get(token)
-        if hit is not None:
-            return hit
-        claims = await self.verify_uncached(token)
+        value = self.verify_now(token)
+        if value is not None:
+            return value
+        return self._remember(token, await self.verify_uncached(token))
+
+    async def verify_uncached(self, token: str) -> dict[str, Any]:
+        """Full verification with no cache: parse, key id, claims, key, signature."""
+        examined = self._examine(token)
+        key = None
+        if examined.alg != _HS256:
+            # No kid is looked up as "": the key set never holds a key without one.
+            key = await self._jwks().get(examined.kid or "")
+        return self._finish(examined, key)
+
+    def _remember(self, token: str, claims: dict[str, Any]) -> T:
         value = self._shape(claims)
         self.token_cache.put(token, value, claims["exp"])
         return value
 
-    async def verify_uncached(self, token: str) -> dict[str, Any]:
-        """Full verification with no cache: parse, key id, claims, key, signature."""
-        header_b64, payload_b64, signature_b64 = _split(token)
+    def _jwks(self) -> JWKSCache:
+        if self.jwks is None:
+            raise CannotDecide("no identity provider key set is configured")
+        return self.jwks
+
+    def _examine(self, token: str) -> _Examined:
+        """Everything but the signature: structure, header, key id, claims, encoding.
+
+        The header comes first and alone: an asymmetric token whose kid a
+        fresh key set lacks is refused before the payload is even validated,
+        so a storm of random kids stays cheap.
+        """
+        header_b64 = _header_segment(token)
         header = _json_object(header_b64, "header")
         alg = header.get("alg")
         kid = header.get("kid")
@@ -621,12 +702,12 @@ class JWTVerifier(Generic[T]):
             )
         if "crit" in header:
             raise TokenRejected(AuthFailureReason.MALFORMED, "critical header extensions")
-        if kid is not None and not isinstance(kid, str):
+        if kid is not None and type(kid) is not str:
             raise TokenRejected(AuthFailureReason.MALFORMED, "the token's `kid` is not a string")
         jwks = self.jwks
         if alg != _HS256 and jwks is not None and kid not in jwks.keys and jwks.is_fresh():
-            # Decided before any payload parsing: a storm of random kids stays cheap.
             raise self._unknown_key(kid)
+        payload_b64, signature_b64 = _rest(token, header_b64)
         claims = _json_object(payload_b64, "payload")
         self.check_claims(claims)
         if not signature_b64:
@@ -644,11 +725,26 @@ class JWTVerifier(Generic[T]):
             raise TokenRejected(
                 AuthFailureReason.MALFORMED, "the signature is not canonical base64url"
             )
-        signing_input = f"{header_b64}.{payload_b64}".encode()
+        signing_input = token[: len(header_b64) + 1 + len(payload_b64)].encode()
+        return _Examined(alg, kid, claims, signing_input, signature)
+
+    def _finish(self, examined: _Examined, key: VerificationKey | None) -> dict[str, Any]:
+        """The claims once the signature matches ``key`` (``None``: unknown kid; HS256: ours)."""
+        alg, kid, claims, signing_input, signature = examined
         if alg == _HS256:
             ok = self._verify_hs256(kid, signing_input, signature)
+        elif key is None:
+            raise self._unknown_key(kid)
+        elif key.alg != alg:
+            raise TokenRejected(
+                AuthFailureReason.INVALID_SIGNATURE, "the algorithm does not match the key"
+            )
         else:
-            ok = await self._verify_asymmetric(alg, kid, signing_input, signature)
+            self.signature_checks += 1
+            try:
+                ok = bool(_ALGORITHMS[alg].verify(signing_input, key.key, signature))
+            except (ValueError, TypeError):
+                ok = False
         if not ok:
             raise TokenRejected(AuthFailureReason.INVALID_SIGNATURE, "the signature does not match")
         return claims
@@ -673,25 +769,6 @@ class JWTVerifier(Generic[T]):
             else "the token names no key (`kid`) and the provider's keys all have one"
         )
         return TokenRejected(AuthFailureReason.UNKNOWN_KEY, message)
-
-    async def _verify_asymmetric(
-        self, alg: str, kid: str | None, signing_input: bytes, signature: bytes
-    ) -> bool:
-        if self.jwks is None:
-            raise CannotDecide("no identity provider key set is configured")
-        # No kid is looked up as "": the key set never holds a key without one.
-        key = await self.jwks.get(kid or "")
-        if key is None:
-            raise self._unknown_key(kid)
-        if key.alg != alg:
-            raise TokenRejected(
-                AuthFailureReason.INVALID_SIGNATURE, "the algorithm does not match the key"
-            )
-        self.signature_checks += 1
-        try:
-            return bool(_ALGORITHMS[alg].verify(signing_input, key.key, signature))
-        except (ValueError, TypeError):
-            return False
 
     def check_claims(self, claims: Mapping[str, Any]) -> None:
         """Registered claims: exp (required), nbf, iat, aud, iss, sub (required)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -564,20 +565,21 @@ async def test_distinct_tokens_are_capped_in_flight_and_each_asked_at_most_once(
 
 @pytest.mark.parametrize(
     ("retry_after", "expected"),
-    [("7", 7), (None, 5), ("soon", 5), ("0", 1), ("99999", 300), ("date+7", 7)],
+    [("7", 7), (None, 5), ("soon", 5), ("0", 1), ("99999", 300), ("date+8", 8)],
 )
 async def test_a_provider_429_opens_a_short_circuit(
     idp: IdentityProviderServer, retry_after: str | None, expected: int
 ) -> None:
     clock = Clock()
     resource = SupabaseAuth(settings_for(idp), clock=clock)
-    if retry_after == "date+7":
-        retry_after = formatdate(time.time() + 7.5, usegmt=True)
+    if retry_after == "date+8":  # an HTTP-date has whole seconds: 7 < wait <= 8
+        retry_after = formatdate(math.floor(time.time()) + 8, usegmt=True)
     idp.provider.fail_status = 429
     idp.provider.retry_after = retry_after
     first = await outcome(resource, legacy_token(idp.provider))
     assert isinstance(first, AuthProviderUnavailableException)
-    assert headers_of(first)[b"retry-after"] == str(expected).encode()
+    allowed = {7, 8} if expected == 8 else {expected}  # the HTTP-date may round down
+    assert int(headers_of(first)[b"retry-after"]) in allowed
     assert idp.provider.requests["user"] == 1
     clock.now += expected / 2
     for _ in range(20):  # distinct tokens: answered 503 without asking again
@@ -685,3 +687,19 @@ async def test_stats_show_every_part_of_the_budget(
     }
     assert set(stats["negative_cache"]) >= {"size", "hits", "ttl"}
     orjson.dumps(stats)  # plain data, ready for a metrics endpoint
+
+
+@pytest.mark.parametrize("reason", list(AuthFailureReason))
+def test_the_lean_401_carries_what_the_base_exception_would(reason: AuthFailureReason) -> None:
+    # AuthenticationException sets its attributes without BaseAPIException.__init__
+    # (a refusal is an attacker's hot path); it must not drift from the base class.
+    if reason is AuthFailureReason.PROVIDER_UNREACHABLE:
+        return
+    lean = AuthenticationException(reason, "why")
+    base = BaseAPIException("m", details={"reason": "why"}, headers={"X": "1"}, error_code="C")
+    assert set(vars(base)) <= set(vars(lean))
+    assert lean.args == (lean.message,)
+    assert lean.status_code == 401
+    assert lean.details == {"reason": "why"}
+    assert AuthenticationException(reason).details is None
+    assert_401(lean, reason)
