@@ -500,7 +500,14 @@ class SupabaseAuth:
             counts = self._counts
             counts["peak_in_flight"] = max(counts["peak_in_flight"], len(self._in_flight))
         # Shielded: a waiter that gives up (deadline, disconnect) leaves the call to the rest.
-        verdict = await asyncio.shield(task)
+        try:
+            verdict = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this waiter itself was cancelled
+            # The shared call was cancelled (stop()): an outage to this request.
+            verdict = _Verdict("unavailable", detail="the auth resource is stopping")
         if verdict.user is not None:
             return verdict.user
         if verdict.kind == "refused":

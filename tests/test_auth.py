@@ -703,3 +703,22 @@ def test_the_lean_401_carries_what_the_base_exception_would(reason: AuthFailureR
     assert lean.details == {"reason": "why"}
     assert AuthenticationException(reason).details is None
     assert_401(lean, reason)
+
+
+async def test_stop_ends_introspections_in_flight_and_their_waiters_get_a_503(
+    idp: IdentityProviderServer,
+) -> None:
+    resource = SupabaseAuth(settings_for(idp))
+    idp.provider.delay = 30
+    waiters = [asyncio.ensure_future(outcome(resource, legacy_token(idp.provider)))]
+    waiters.append(asyncio.ensure_future(outcome(resource, legacy_token(idp.provider))))
+    for _ in range(100):
+        if idp.provider.in_flight["user"] == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert resource.stats()["provider"]["in_flight"] == 2
+    await asyncio.wait_for(resource.stop(), 2)
+    for result in await asyncio.wait_for(asyncio.gather(*waiters), 2):
+        assert isinstance(result, AuthProviderUnavailableException)
+        assert_503(result)
+    assert resource.stats()["provider"]["in_flight"] == 0
