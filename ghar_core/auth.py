@@ -4,18 +4,32 @@
 (:class:`SupabaseUser`) whichever path decided:
 
 1. the positive token cache (a hash and a dict lookup);
-2. local verification against the provider's JWKS (:mod:`ghar_core.jwt_verification`);
-3. only when local verification cannot decide (no key for the ``kid`` after a
-   refresh, a legacy HS256 token without ``SUPABASE_JWT_SECRET``): the
+2. the negative cache: a token the provider refused within
+   ``TOKEN_NEGATIVE_CACHE_TTL`` is refused again at once (keyed like the
+   token cache, by a keyed hash, never the raw token);
+3. local verification against the provider's JWKS (:mod:`ghar_core.jwt_verification`);
+   a token that is definitely bad (bad signature, expired, wrong audience,
+   issuer or subject, an asymmetric token whose ``kid`` a fresh key set lacks)
+   is refused without calling the provider;
+4. only what the local side truly cannot judge (an HS256 token without
+   ``SUPABASE_JWT_SECRET``, any token while no key set could be fetched): the
    provider's introspection, ``GET <SUPABASE_URL>/auth/v1/user`` with the anon
-   key as ``apikey``.
+   key as ``apikey``, within a budget. Identical concurrent requests share one
+   call (single flight); at most ``AUTH_PROVIDER_MAX_IN_FLIGHT`` distinct calls
+   are in flight per process (past it: 503, ``Retry-After: 1``); a provider 429
+   opens a short circuit: until its ``Retry-After`` (1 to 300 s, 5 when absent
+   or unreadable) introspection is answered 503 with what remains of it,
+   without calling.
 
-A token that is definitely bad (bad signature, expired, wrong audience or
-issuer) is refused without calling the provider. The provider answers a bad
-token with 403 (``bad_jwt``, ``user_not_found``, ``session_not_found``), 401
-or 400: all of these are our 401. Only network errors, timeouts, 429 and 5xx
-are an outage: 503 with ``Retry-After: 5`` and ``AUTH_PROVIDER_UNREACHABLE``,
-so clients can tell an outage from a bad token.
+One deadline per authentication: waiting for a key-set refresh and the
+introspection share ``timeout`` seconds (the auth client's timeout), so a
+slow provider costs a request at most that, then 503 + ``Retry-After: 5``.
+
+The provider answers a bad token with 403 (``bad_jwt``, ``user_not_found``,
+``session_not_found``), 401 or 400: all of these are our 401 (and remembered).
+Only network errors, timeouts, 429 and 5xx are an outage: 503 with
+``Retry-After`` and ``AUTH_PROVIDER_UNREACHABLE``, so clients can tell an
+outage from a bad token. :meth:`SupabaseAuth.stats` shows every part of it.
 
 Ownership: :class:`SupabaseAuth` is the app's ``"auth"`` resource. It owns the
 verifier (key set, refresh task, token cache) and closes it in ``stop``; the
@@ -26,11 +40,19 @@ settings on first use.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
+import hashlib
 import logging
+import math
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypedDict
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, Literal, NamedTuple, TypedDict
 
 import aiohttp
 import orjson
@@ -38,6 +60,7 @@ import orjson
 from ghar_core.cache import TTLCache
 from ghar_core.config import Settings, get_settings
 from ghar_core.exceptions import (
+    BadRequestException,
     BaseAPIException,
     ExternalServiceError,
     ServiceUnavailableException,
@@ -51,6 +74,7 @@ from ghar_core.jwt_verification import (
     CannotDecide,
     ClientProvider,
     JWTVerifier,
+    TokenCache,
     TokenRejected,
     decode_unverified,
     read_limited,
@@ -58,6 +82,7 @@ from ghar_core.jwt_verification import (
 )
 
 __all__ = [
+    "AmbiguousCredentialsException",
     "AuthFailureReason",
     "AuthProviderUnavailableException",
     "AuthenticationException",
@@ -74,10 +99,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_PROVIDER_BODY: Final = 1 << 20
+_OUTAGE_RETRY_AFTER: Final = 5
+_BUSY_RETRY_AFTER: Final = 1
+_MAX_RETRY_AFTER: Final = 300
 _MESSAGES: Final = {
     AuthFailureReason.MISSING: "Authentication is required: send `Authorization: Bearer <token>`.",
     AuthFailureReason.MALFORMED: "The access token is malformed.",
     AuthFailureReason.INVALID_SIGNATURE: "The access token's signature is invalid.",
+    AuthFailureReason.UNKNOWN_KEY: (
+        "The access token was signed with a key the identity provider does not publish."
+    ),
     AuthFailureReason.EXPIRED: "The access token has expired; refresh the session.",
     AuthFailureReason.INVALID_CLAIMS: "The access token's claims are not valid for this API.",
     AuthFailureReason.REJECTED: "The identity provider rejected the access token.",
@@ -107,15 +138,19 @@ class AuthenticationException(UnauthorizedException):
     """
 
     def __init__(self, reason: AuthFailureReason, detail: str | None = None) -> None:
-        challenge = (
-            "Bearer" if reason is AuthFailureReason.MISSING else 'Bearer error="invalid_token"'
-        )
-        super().__init__(
-            _MESSAGES[reason],
-            error_code=reason.value,
-            details={"reason": detail} if detail else None,
-            headers={"WWW-Authenticate": challenge},
-        )
+        # The attributes BaseAPIException.__init__ would set, set directly: a
+        # refused token is an attacker's hot path and this halves its cost
+        # (tests/test_auth.py keeps the two in step).
+        message = _MESSAGES[reason]
+        Exception.__init__(self, message)
+        self.message = message
+        self.error_code = reason.value
+        self.details = {"reason": detail} if detail else None
+        self.headers = {
+            "WWW-Authenticate": "Bearer"
+            if reason is AuthFailureReason.MISSING
+            else 'Bearer error="invalid_token"'
+        }
         self.reason = reason
 
 
@@ -125,6 +160,22 @@ class AuthProviderUnavailableException(ServiceUnavailableException):
     error_code = AuthFailureReason.PROVIDER_UNREACHABLE.value
     message = _MESSAGES[AuthFailureReason.PROVIDER_UNREACHABLE]
     reason = AuthFailureReason.PROVIDER_UNREACHABLE
+
+
+class AmbiguousCredentialsException(BadRequestException):
+    """400: the request carries more than one credential, and we never guess which counts.
+
+    Several ``Authorization`` headers, or a header and an ``access_token``
+    query parameter that differ: a proxy that reads another one than we do
+    would decide otherwise. RFC 6750 (2, 3.1) calls it ``invalid_request``.
+    """
+
+    error_code = "AUTH_CREDENTIALS_AMBIGUOUS"
+    message = (
+        "Send exactly one access token: one `Authorization: Bearer` header "
+        "or, where allowed, one `access_token` query parameter."
+    )
+    default_headers = {"WWW-Authenticate": 'Bearer error="invalid_request"'}
 
 
 def auth_failure(reason: AuthFailureReason, detail: str | None = None) -> BaseAPIException:
@@ -146,7 +197,7 @@ def user_from_claims(claims: Mapping[str, Any]) -> SupabaseUser:
     """The user carried by verified claims (``sub`` is the user id)."""
     aud = claims.get("aud")
     return {
-        "id": claims["sub"],
+        "id": claims["sub"].lower(),  # a UUID (checked by the verifier), one spelling
         "email": _text(claims.get("email")),
         "phone": _text(claims.get("phone")),
         "role": _text(claims.get("role")),
@@ -158,10 +209,15 @@ def user_from_claims(claims: Mapping[str, Any]) -> SupabaseUser:
     }
 
 
-def _user_from_provider(user: Mapping[str, Any], claims: Mapping[str, Any]) -> SupabaseUser:
-    user_id = user.get("id")
-    if not isinstance(user_id, str) or not user_id:
-        raise ExternalServiceError("The identity provider returned a user without an id.")
+def _user_from_provider(user: Mapping[str, Any], claims: Mapping[str, Any]) -> SupabaseUser | None:
+    """The user the provider vouched for, or ``None`` when its answer has no user id."""
+    raw_id = user.get("id")
+    try:
+        user_id = str(uuid.UUID(raw_id)) if isinstance(raw_id, str) and len(raw_id) == 36 else None
+    except ValueError:
+        user_id = None
+    if user_id is None:
+        return None
     return {
         "id": user_id,
         "email": _text(user.get("email")),
@@ -199,6 +255,37 @@ def _provider_error(body: bytes) -> tuple[str | None, str | None]:
     return _text(data.get("error_code")), _text(message)
 
 
+def _retry_after(value: str | None) -> int:
+    """Seconds a 429's ``Retry-After`` asks for (delta-seconds or HTTP-date).
+
+    Clamped to 1..300 so a proxy's odd header cannot lock logins out for
+    long; 5 when absent or unreadable.
+    """
+    if not value:
+        return _OUTAGE_RETRY_AFTER
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return _OUTAGE_RETRY_AFTER
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - time.time()
+    return int(min(max(math.ceil(seconds), 1), _MAX_RETRY_AFTER))
+
+
+class _Verdict(NamedTuple):
+    """What one shared provider call found; every waiter makes its own answer of it."""
+
+    kind: Literal["user", "refused", "unavailable"]
+    user: SupabaseUser | None = None
+    detail: str = ""
+    retry_after: int = _OUTAGE_RETRY_AFTER
+
+
 def _user_id(user_id: str) -> str:
     try:
         return str(uuid.UUID(str(user_id)))
@@ -212,10 +299,12 @@ class SupabaseAuth:
     """The app's ``"auth"`` resource: token verification and the admin user API.
 
     ``client`` returns the HTTP session for the provider (default: the shared
-    ``supabase_auth`` client); ``timeout`` bounds each provider call, in
-    seconds. ``stop`` cancels the key-set refresh and drops the caches; it is
-    idempotent. ``check`` never fails: a provider outage is
-    reported per request as 503, it is no reason to pull the instance.
+    ``supabase_auth`` client); ``timeout`` is the one deadline of an
+    authentication (key-set wait plus introspection) and bounds each admin
+    call, in seconds; ``clock`` (monotonic seconds) times the 429 circuit.
+    ``stop`` cancels the key-set refresh and the introspections in flight and
+    drops the caches; it is idempotent. ``check`` never fails: a provider
+    outage is reported per request as 503, it is no reason to pull the instance.
     """
 
     name = "auth"
@@ -226,9 +315,12 @@ class SupabaseAuth:
         *,
         client: ClientProvider | None = None,
         timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.deadline = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._clock = clock
         self._client: ClientProvider = client or get_supabase_auth_http_client
         self.base_url = f"{settings.SUPABASE_URL}/auth/v1" if settings.SUPABASE_URL else None
         anon = settings.SUPABASE_ANON_KEY
@@ -238,10 +330,30 @@ class SupabaseAuth:
         self.verifier: JWTVerifier[SupabaseUser] = JWTVerifier.from_settings(
             settings, client=self._client, shape=user_from_claims, timeout=timeout
         )
-        self.introspections = 0
         #: ``cached_user(token)``: the user of an already verified token or ``None``;
         #: no I/O, no crypto (the token cache's own lookup, bound once: the hot path).
         self.cached_user: Callable[[str], SupabaseUser | None] = self.verifier.token_cache.get
+        # The introspection budget: provider "no"s by fingerprint, calls in flight
+        # by SHA-256 of the token (single flight), the cap and the 429 circuit.
+        self.refusals: TokenCache[str] = TokenCache(
+            ttl=settings.TOKEN_NEGATIVE_CACHE_TTL, max_size=settings.TOKEN_CACHE_MAX_SIZE
+        )
+        self._refused: Callable[[str], str | None] = self.refusals.get
+        self.max_in_flight = settings.AUTH_PROVIDER_MAX_IN_FLIGHT
+        self._in_flight: dict[bytes, asyncio.Task[_Verdict]] = {}
+        self._circuit_until = -math.inf
+        self.introspections = 0
+        self._counts = dict.fromkeys(
+            (
+                "shared",
+                "peak_in_flight",
+                "busy_refusals",
+                "rate_limited",
+                "circuit_refusals",
+                "deadline_exceeded",
+            ),
+            0,
+        )
         # Users rows the ASGI layer synced, by provider user id (see asgi/auth.py).
         self.user_rows: TTLCache[str, dict[str, Any]] = TTLCache(
             max_size=settings.TOKEN_CACHE_MAX_SIZE, ttl=settings.TOKEN_CACHE_TTL
@@ -257,7 +369,14 @@ class SupabaseAuth:
         if _default_auth is self:
             set_default_auth(None)
         await self.verifier.aclose()
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._in_flight.clear()
+        self._circuit_until = -math.inf
         self.verifier.token_cache.clear()
+        self.refusals.clear()
         self.user_rows.clear()
 
     async def check(self) -> None:
@@ -267,63 +386,203 @@ class SupabaseAuth:
         """Forget the key set and cached tokens (after the provider revoked a key)."""
         self.verifier.purge()
 
+    def stats(self) -> dict[str, Any]:
+        """Every part of authentication as plain data: caches, key set, local checks, budget."""
+        token_cache, refusals = self.verifier.token_cache, self.refusals
+        jwks = self.verifier.jwks
+        counts = self._counts
+        return {
+            "token_cache": {"size": len(token_cache), **dataclasses.asdict(token_cache.stats)},
+            "negative_cache": {
+                "size": len(refusals),
+                "ttl": refusals.ttl,
+                **dataclasses.asdict(refusals.stats),
+            },
+            "local": self.verifier.stats(),
+            "jwks": jwks.stats() if jwks is not None else None,
+            "provider": {
+                "introspections": self.introspections,
+                "shared": counts["shared"],
+                "in_flight": len(self._in_flight),
+                "peak_in_flight": counts["peak_in_flight"],
+                "max_in_flight": self.max_in_flight,
+                "busy_refusals": counts["busy_refusals"],
+                "rate_limited": counts["rate_limited"],
+                "circuit_open_for": round(max(0.0, self._circuit_until - self._clock()), 3),
+                "circuit_refusals": counts["circuit_refusals"],
+                "deadline_exceeded": counts["deadline_exceeded"],
+            },
+        }
+
     # -- verification ----------------------------------------------------------
 
     async def verify_token(self, token: str | None) -> SupabaseUser:
         """The user the token belongs to; raises the 401/503 exceptions above."""
         if not token:
             raise AuthenticationException(AuthFailureReason.MISSING)
+        user = self.cached_user(token)
+        if user is not None:
+            return user
+        refusal = self._refused(token)
+        if refusal is not None:
+            raise AuthenticationException(AuthFailureReason.REJECTED, refusal)
         if self.base_url is None:
             raise AuthProviderUnavailableException(
                 "The identity provider is not configured (set SUPABASE_URL)."
             )
+        try:
+            # Everything local is decided here, synchronously: no deadline timer
+            # is armed for a token we can accept or refuse on our own.
+            user = self.verifier.verify_now(token)
+        except TokenRejected as exc:
+            raise AuthenticationException(exc.reason, exc.message) from None
+        except CannotDecide as exc:
+            logger.debug("local verification cannot decide (%s); asking the provider", exc)
+            return await self._within_deadline(self._ask_provider, token)
+        if user is not None:
+            return user
+        # The key set must be fetched first (and the provider may be needed after).
+        return await self._within_deadline(self._authenticate, token)
+
+    async def introspect(self, token: str) -> SupabaseUser:
+        """Ask the provider who ``token`` belongs to (``GET /auth/v1/user``), within the budget."""
+        return await self._within_deadline(self._ask_provider, token)
+
+    async def _within_deadline(
+        self, step: Callable[[str, float], Awaitable[SupabaseUser]], token: str
+    ) -> SupabaseUser:
+        if self.base_url is None:
+            raise AuthProviderUnavailableException(
+                "The identity provider is not configured (set SUPABASE_URL)."
+            )
+        deadline = asyncio.get_running_loop().time() + self.deadline
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await step(token, deadline)
+        except TimeoutError:
+            self._counts["deadline_exceeded"] += 1
+            raise AuthProviderUnavailableException(
+                details={
+                    "reason": f"no answer from the identity provider within {self.deadline:g} s"
+                }
+            ) from None
+
+    async def _authenticate(self, token: str, deadline: float) -> SupabaseUser:
         try:
             return await self.verifier.verify(token)
         except TokenRejected as exc:
             raise AuthenticationException(exc.reason, exc.message) from None
         except CannotDecide as exc:
             logger.debug("local verification cannot decide (%s); asking the provider", exc)
-        return await self.introspect(token)
+        return await self._ask_provider(token, deadline)
 
-    async def introspect(self, token: str) -> SupabaseUser:
-        """Ask the provider who ``token`` belongs to (``GET /auth/v1/user``)."""
-        if self.base_url is None:
-            raise AuthProviderUnavailableException(
-                "The identity provider is not configured (set SUPABASE_URL)."
-            )
+    async def _ask_provider(self, token: str, deadline: float) -> SupabaseUser:
+        """Introspection within the budget: negative cache, single flight, circuit, cap."""
         try:
             _, claims = decode_unverified(token)
         except TokenRejected as exc:
             raise AuthenticationException(exc.reason, exc.message) from None
+        refusal = self._refused(token)
+        if refusal is not None:
+            raise AuthenticationException(AuthFailureReason.REJECTED, refusal)
+        key = hashlib.sha256(token.encode()).digest()
+        task = self._in_flight.get(key)
+        if task is not None:
+            self._counts["shared"] += 1
+        else:
+            self._check_budget()
+            task = asyncio.get_running_loop().create_task(
+                self._introspect_once(token, claims, deadline), name="auth-introspection"
+            )
+            self._in_flight[key] = task
+            task.add_done_callback(functools.partial(self._call_done, key))
+            self.introspections += 1
+            counts = self._counts
+            counts["peak_in_flight"] = max(counts["peak_in_flight"], len(self._in_flight))
+        # Shielded: a waiter that gives up (deadline, disconnect) leaves the call to the rest.
+        try:
+            verdict = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this waiter itself was cancelled
+            # The shared call was cancelled (stop()): an outage to this request.
+            verdict = _Verdict("unavailable", detail="the auth resource is stopping")
+        if verdict.user is not None:
+            return verdict.user
+        if verdict.kind == "refused":
+            raise AuthenticationException(AuthFailureReason.REJECTED, verdict.detail)
+        raise AuthProviderUnavailableException(
+            details={"reason": verdict.detail}, headers={"Retry-After": str(verdict.retry_after)}
+        )
+
+    def _check_budget(self) -> None:
+        """Raise the 503 a new provider call would get now: circuit open, or the cap reached."""
+        left = self._circuit_until - self._clock()
+        if left > 0:
+            self._counts["circuit_refusals"] += 1
+            raise AuthProviderUnavailableException(
+                "The identity provider asked us to slow down; retry later.",
+                details={"reason": "the provider answered HTTP 429; not asking it until it said"},
+                headers={"Retry-After": str(max(1, math.ceil(left)))},
+            )
+        if len(self._in_flight) >= self.max_in_flight:
+            self._counts["busy_refusals"] += 1
+            raise AuthProviderUnavailableException(
+                "The identity provider is busy; retry shortly.",
+                details={"reason": f"{self.max_in_flight} provider calls are in flight already"},
+                headers={"Retry-After": str(_BUSY_RETRY_AFTER)},
+            )
+
+    def _call_done(self, key: bytes, task: asyncio.Task[_Verdict]) -> None:
+        if self._in_flight.get(key) is task:
+            del self._in_flight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a call nobody waits for any more logs nothing
+
+    async def _introspect_once(
+        self, token: str, claims: Mapping[str, Any], deadline: float
+    ) -> _Verdict:
+        """One ``GET /user``, shared by every waiter for ``token``; never raises."""
         headers = {"Authorization": f"Bearer {token}"}
         if self._anon_key:
             headers["apikey"] = self._anon_key
-        self.introspections += 1
-        status, body, _ = await self._call("GET", "/user", headers=headers)
+        try:
+            async with asyncio.timeout_at(deadline):
+                status, body, resp_headers = await self._call("GET", "/user", headers=headers)
+        except TimeoutError:
+            return _Verdict("unavailable", detail="no answer from the identity provider in time")
+        except AuthProviderUnavailableException as exc:
+            reason = exc.details.get("reason") if isinstance(exc.details, dict) else None
+            return _Verdict("unavailable", detail=str(reason or exc.message))
         if status == 200:
             try:
                 data = orjson.loads(body)
             except orjson.JSONDecodeError:
                 data = None
-            if not isinstance(data, dict) or not _text(data.get("id")):
+            user = _user_from_provider(data, claims) if isinstance(data, dict) else None
+            if user is None:
                 # The provider misbehaves (a proxy's HTML page, a truncated or
                 # odd body); the token may be fine. Same answer as an outage,
                 # so clients retry instead of logging the user out (401) or
                 # seeing a third kind of failure (502).
-                raise AuthProviderUnavailableException(
-                    details={"reason": "the provider answered 200 without a user"}
-                )
-            user = _user_from_provider(data, claims)
+                return _Verdict("unavailable", detail="the provider answered 200 without a user")
             self.verifier.token_cache.put(token, user, claims.get("exp"))
-            return user
-        if status == 429 or status >= 500:
-            raise AuthProviderUnavailableException(
-                details={"reason": f"the provider answered HTTP {status}"}
+            return _Verdict("user", user=user)
+        if status == 429:
+            seconds = _retry_after(resp_headers.get("Retry-After"))
+            self._counts["rate_limited"] += 1
+            self._circuit_until = max(self._circuit_until, self._clock() + seconds)
+            logger.warning("the identity provider answered 429: not asking it for %d s", seconds)
+            return _Verdict(
+                "unavailable", detail="the provider answered HTTP 429", retry_after=seconds
             )
+        if status >= 500:
+            return _Verdict("unavailable", detail=f"the provider answered HTTP {status}")
         error_code, _ = _provider_error(body)
-        raise AuthenticationException(
-            AuthFailureReason.REJECTED, f"provider said {error_code or f'HTTP {status}'}"
-        )
+        detail = f"provider said {error_code or f'HTTP {status}'}"
+        self.refusals.remember(token, detail)  # a "no" is answered locally from now on
+        return _Verdict("refused", detail=detail)
 
     async def _call(
         self,

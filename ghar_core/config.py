@@ -360,6 +360,22 @@ class Settings:
         minimum=0,
         maximum=1_000_000,
     )
+    TOKEN_NEGATIVE_CACHE_TTL: float = _var(
+        300.0,
+        "float",
+        "Identity provider",
+        "Seconds a token the provider refused is refused again without asking it; 0 disables.",
+        minimum=0,
+        maximum=86400,
+    )
+    AUTH_PROVIDER_MAX_IN_FLIGHT: int = _var(
+        10,
+        "int",
+        "Identity provider",
+        "Most token introspections in flight per process; past it, 503 with `Retry-After: 1`.",
+        minimum=1,
+        maximum=10_000,
+    )
     # AI providers
     OPENAI_API_KEY: Secret | None = _var(
         None, "secret", "AI providers", "OpenAI API key.", optional=True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hypothesis import strategies as st
@@ -195,3 +196,64 @@ json_values: st.SearchStrategy[Any] = st.recursive(
     max_leaves=6,
 )
 """Any JSON value orjson can write: what a forged header or claim may carry."""
+
+
+# --- what the provider never issued (issue 10: decide locally, budget the rest) --------
+
+ASYMMETRIC_ALGS = ("ES256", "RS256", "EdDSA")
+
+kid_headers: st.SearchStrategy[dict[str, Any]] = st.one_of(
+    st.just({}),
+    st.just({"kid": None}),
+    st.just({"kid": ""}),
+    st.text(max_size=60).map(lambda k: {"kid": k}),
+    st.uuids().map(lambda u: {"kid": str(u)}),
+)
+"""The ``kid`` part of a header no key of the provider has: absent, null, empty, random."""
+
+_UUID = "0f6c7e43-5b1a-4f0e-9a3c-2d8b7e6f5a41"
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+non_uuid_subs: st.SearchStrategy[str] = st.one_of(
+    st.sampled_from(
+        [
+            "admin",
+            _UUID + "\x00",
+            "{" + _UUID + "}",
+            "urn:uuid:" + _UUID,
+            _UUID.replace("-", ""),
+            " " + _UUID,
+            _UUID + "\n",
+            _UUID[:-1],
+            _UUID + "0",
+            _UUID[:8] + "_" + _UUID[9:],
+            _UUID.replace("f", "g"),
+            "00000000-0000-0000-0000-00000000000",
+        ]
+    ),
+    st.text(max_size=40).filter(lambda s: _UUID_RE.fullmatch(s) is None),
+)
+"""``sub`` values that are not a provider user id (the provider's ids are UUIDs)."""
+
+
+def poisoned_key_sets(public_jwk: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """JWKS documents that parse but hold no key we may use (built around a real EC key)."""
+    kid = st.text(min_size=1, max_size=20)
+    without_kid = {k: v for k, v in public_jwk.items() if k != "kid"}
+    entry = st.one_of(
+        kid.map(lambda k: {"kty": "oct", "kid": k, "k": "c2VjcmV0", "alg": "HS256"}),
+        st.tuples(kid, st.sampled_from(["RS256", "HS256", "ES512", "PS256", "none", "EdDSA"])).map(
+            lambda t: public_jwk | {"kid": t[0], "alg": t[1]}
+        ),
+        st.tuples(kid, json_values.filter(lambda v: isinstance(v, (list, dict)))).map(
+            lambda t: public_jwk | {"kid": t[0], "alg": t[1]}
+        ),
+        kid.map(lambda k: public_jwk | {"kid": k, "use": "enc"}),
+        st.sampled_from([{}, {"kid": ""}, {"kid": 5}, {"kid": None}]).map(
+            lambda extra: without_kid | extra
+        ),
+        kid.map(lambda k: {"kty": "EC", "kid": k, "crv": "P-256", "x": "AA", "y": "AA"}),
+        kid.map(lambda k: public_jwk | {"kid": k, "crv": "P-384"}),
+        st.sampled_from([5, "key", None, [], True]),
+    )
+    return st.lists(entry, max_size=6).map(lambda keys: {"keys": keys})

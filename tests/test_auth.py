@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from email.utils import formatdate
 from typing import Any
 
+import jwt
 import orjson
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ghar_core import auth as auth_module
 from ghar_core import http
@@ -34,8 +38,16 @@ from ghar_core.exceptions import (
     ValidationException,
     render_error,
 )
-from tests.idp import forge, hs256, settings_for
-from tests.strategies import token_attacks
+from tests.idp import (
+    fingerprint,
+    forge,
+    hs256,
+    legacy_token,
+    settings_for,
+    unb64,
+    with_header,
+)
+from tests.strategies import ASYMMETRIC_ALGS, json_values, kid_headers, token_attacks
 from tests.tls import serve
 
 USER_KEYS = {
@@ -64,6 +76,14 @@ async def auth(idp: IdentityProviderServer) -> AsyncIterator[SupabaseAuth]:
     await resource.start()
     yield resource
     await resource.stop()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 50_000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def headers_of(exc: BaseException) -> dict[bytes, bytes]:
@@ -117,19 +137,22 @@ async def test_cache_hit_does_no_crypto_and_no_io(
     assert idp.provider.requests == {"jwks": 1}
 
 
-async def test_provider_fallback_when_the_kid_is_not_fetchable_yet(
+async def test_a_key_published_after_our_fetch_is_refused_until_the_next_refresh(
     auth: SupabaseAuth, idp: IdentityProviderServer
 ) -> None:
+    # The provider publishes keys before signing with them (standby keys), so a
+    # kid missing from a set fetched within JWKS_MIN_REFRESH_INTERVAL is not its.
     await auth.verify_token(idp.provider.mint_token())  # key set fetched now
-    idp.provider.rotate_key()
+    idp.provider.rotate_key()  # ours signs with a key at once: the worst case
     token = idp.provider.mint_token(email="new@example.com")
-    user = await auth.verify_token(token)  # refresh rate-limited: the provider decides
-    local_shape = auth.verifier._shape  # same shape whichever path decided
-    assert set(user) == set(local_shape({"sub": "x", "aud": "a"}))
+    with pytest.raises(AuthenticationException) as info:
+        await auth.verify_token(token)
+    assert_401(info.value, AuthFailureReason.UNKNOWN_KEY)
+    assert idp.provider.requests["user"] == 0
+    assert await auth.verifier.jwks.refresh(force=True)  # type: ignore[union-attr]
+    user = await auth.verify_token(token)
     assert user["email"] == "new@example.com"
-    assert auth.introspections == 1
-    assert await auth.verify_token(token) is user  # cached after introspection
-    assert auth.introspections == 1
+    assert auth.introspections == 0
 
 
 async def test_legacy_hs256_without_secret_goes_to_the_provider(
@@ -150,8 +173,7 @@ async def test_legacy_hs256_without_secret_goes_to_the_provider(
 
 
 async def test_provider_rejections_are_401(auth: SupabaseAuth, idp: IdentityProviderServer) -> None:
-    await auth.verify_token(idp.provider.mint_token())
-    idp.provider.rotate_key()  # new kid: only the provider can decide for a while
+    idp.provider.jwks_document = {"keys": []}  # no key set: only the provider can decide
     gone = idp.provider.mint_token()
     del idp.provider.users[next(reversed(idp.provider.users))]
     revoked = idp.provider.mint_token(session_id="s-1")
@@ -193,7 +215,8 @@ async def test_provider_down_with_keys_cached_still_verifies(
 async def test_provider_outage_with_nothing_cached_is_503(
     idp: IdentityProviderServer, outage: str
 ) -> None:
-    resource = SupabaseAuth(settings_for(idp), timeout=0.2)
+    clock = Clock()
+    resource = SupabaseAuth(settings_for(idp), timeout=0.2, clock=clock)
     token = idp.provider.mint_token()
     if outage == "down":
         await idp.stop()
@@ -203,12 +226,16 @@ async def test_provider_outage_with_nothing_cached_is_503(
         idp.provider.fail_status = int(outage)
     with pytest.raises(AuthProviderUnavailableException) as info:
         await resource.verify_token(token)
-    assert_503(info.value)
+    if outage == "429":  # the provider's own Retry-After (none here: 5 s), then a circuit
+        assert headers_of(info.value)[b"retry-after"] == b"5"
+    else:
+        assert_503(info.value)
     # Recovers by itself once the provider is back (introspection needs no refresh slot).
     if outage == "down":
         await idp.start()
     idp.provider.fail_status = None
     idp.provider.delay = 0
+    clock.now += 5  # the 429 circuit has closed by then
     assert (await resource.verify_token(token))["id"]
     await resource.stop()
 
@@ -389,8 +416,7 @@ async def test_tokens_and_keys_never_reach_the_logs(
     auth: SupabaseAuth, idp: IdentityProviderServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    await auth.verify_token(idp.provider.mint_token())
-    idp.provider.rotate_key()
+    idp.provider.jwks_document = {"keys": []}  # the provider decides, and we log about it
     tokens = [idp.provider.mint_token() for _ in range(3)]
     with contextlib.suppress(BaseAPIException):
         await auth.verify_token(tokens[0])  # introspected
@@ -423,3 +449,276 @@ async def test_admin_writes_drop_the_cached_users_row(
     auth.user_rows.set(created["id"], {"id": 1, "email": "new-row@example.com"})
     await auth.delete_user(created["id"].upper())  # any spelling of the id
     assert auth.user_rows.get(created["id"]) is None
+
+
+# --- issue 10: the provider is asked only within a budget ---------------------------------
+
+
+def code_of(exc: BaseException) -> str:
+    return str(orjson.loads(render_error(exc).body)["error"]["code"])
+
+
+async def outcome(auth: SupabaseAuth, token: str) -> BaseException | dict[str, Any]:
+    try:
+        return dict(await auth.verify_token(token))
+    except BaseAPIException as exc:
+        return exc
+
+
+async def test_a_storm_of_random_kids_never_reaches_the_provider(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    # Reproduces issue 10: 500 random-kid tokens made 500 provider calls.
+    valid = idp.provider.mint_token()
+    tokens = [with_header(valid, {"alg": "ES256", "kid": str(uuid.uuid4())}) for _ in range(500)]
+    results = await asyncio.gather(*(outcome(auth, t) for t in tokens))
+    for result in results:
+        assert isinstance(result, AuthenticationException)
+        assert_401(result, AuthFailureReason.UNKNOWN_KEY)
+    assert idp.provider.requests["user"] == 0
+    assert idp.provider.requests["jwks"] == 1  # one fetch, shared, then decided locally
+    stats = auth.stats()
+    assert stats["local"]["unknown_kid_refusals"] == 500
+    assert stats["provider"]["introspections"] == 0
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    alg=st.sampled_from(ASYMMETRIC_ALGS),
+    kid=kid_headers,
+    claims=st.dictionaries(
+        st.sampled_from(["exp", "nbf", "iat", "email", "role"]), json_values, max_size=2
+    ),
+)
+async def test_asymmetric_tokens_with_keys_we_do_not_hold_cost_no_provider_call(
+    auth: SupabaseAuth,
+    idp: IdentityProviderServer,
+    alg: str,
+    kid: dict[str, Any],
+    claims: dict[str, Any],
+) -> None:
+    token = with_header(idp.provider.mint_token(claims=claims), {"alg": alg} | kid)
+    result = await outcome(auth, token)
+    assert isinstance(result, AuthenticationException)
+    assert render_error(result).status_code == 401
+    assert idp.provider.requests["user"] == 0
+
+
+async def test_the_same_bad_token_reaches_the_provider_once(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    # Reproduces issue 10: no single flight, no negative cache (1000 calls before).
+    token = legacy_token(idp.provider)  # HS256 and no secret: only the provider can judge
+    idp.provider.delay = 0.1  # the concurrent half really overlaps the one call
+    first = await asyncio.gather(*(outcome(auth, token) for _ in range(500)))
+    idp.provider.delay = 0
+    later = [await outcome(auth, token) for _ in range(500)]
+    for result in [*first, *later]:
+        assert isinstance(result, AuthenticationException)
+        assert_401(result, AuthFailureReason.REJECTED)
+        assert result.details == {"reason": "provider said bad_jwt"}
+    assert idp.provider.requests["user"] == 1
+    provider = auth.stats()["provider"]
+    assert provider["introspections"] == 1
+    assert provider["shared"] == 499
+    assert auth.stats()["negative_cache"]["hits"] == 500
+
+
+async def test_distinct_tokens_are_capped_in_flight_and_each_asked_at_most_once(
+    idp: IdentityProviderServer,
+) -> None:
+    cap = 20
+    resource = SupabaseAuth(settings_for(idp, AUTH_PROVIDER_MAX_IN_FLIGHT=cap))
+    tokens = [legacy_token(idp.provider) for _ in range(500)]
+    idp.provider.delay = 0.05
+    pending = list(tokens)
+    busy = 0
+    for _ in range(60):  # 500 / 20 = 25 rounds when every slot is used
+        results = await asyncio.gather(*(outcome(resource, t) for t in pending))
+        assert idp.provider.peak_in_flight["user"] <= cap
+        still: list[str] = []
+        for token, result in zip(pending, results, strict=True):
+            assert isinstance(result, BaseAPIException)
+            if isinstance(result, AuthProviderUnavailableException):
+                assert headers_of(result)[b"retry-after"] == b"1"
+                busy += 1
+                still.append(token)
+            else:
+                assert_401(result, AuthFailureReason.REJECTED)
+        pending = still
+        if not pending:
+            break
+    assert not pending
+    counts = idp.provider.introspected
+    assert set(counts) == {fingerprint(t) for t in tokens}
+    assert set(counts.values()) == {1}  # each token asked exactly once
+    stats = resource.stats()["provider"]
+    assert stats["busy_refusals"] == busy > 0
+    assert stats["peak_in_flight"] <= cap
+    assert stats["max_in_flight"] == cap
+    # Asked again, every one is answered from the negative cache.
+    for token in tokens[:50]:
+        assert_401(await outcome(resource, token), AuthFailureReason.REJECTED)  # type: ignore[arg-type]
+    assert idp.provider.requests["user"] == 500
+    await resource.stop()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected"),
+    [("7", 7), (None, 5), ("soon", 5), ("0", 1), ("99999", 300), ("date+8", 8)],
+)
+async def test_a_provider_429_opens_a_short_circuit(
+    idp: IdentityProviderServer, retry_after: str | None, expected: int
+) -> None:
+    clock = Clock()
+    resource = SupabaseAuth(settings_for(idp), clock=clock)
+    if retry_after == "date+8":  # an HTTP-date has whole seconds: 7 < wait <= 8
+        retry_after = formatdate(math.floor(time.time()) + 8, usegmt=True)
+    idp.provider.fail_status = 429
+    idp.provider.retry_after = retry_after
+    first = await outcome(resource, legacy_token(idp.provider))
+    assert isinstance(first, AuthProviderUnavailableException)
+    allowed = {7, 8} if expected == 8 else {expected}  # the HTTP-date may round down
+    assert int(headers_of(first)[b"retry-after"]) in allowed
+    assert idp.provider.requests["user"] == 1
+    clock.now += expected / 2
+    for _ in range(20):  # distinct tokens: answered 503 without asking again
+        result = await outcome(resource, legacy_token(idp.provider))
+        assert isinstance(result, AuthProviderUnavailableException)
+        assert code_of(result) == "AUTH_PROVIDER_UNREACHABLE"
+        assert 1 <= int(headers_of(result)[b"retry-after"]) <= expected
+    assert idp.provider.requests["user"] == 1
+    assert resource.stats()["provider"]["circuit_refusals"] == 20
+    idp.provider.fail_status = None
+    clock.now += expected  # the circuit closes by itself
+    recovered = await outcome(resource, legacy_token(idp.provider))
+    assert isinstance(recovered, AuthenticationException)  # the provider's own "no"
+    assert idp.provider.requests["user"] == 2
+    await resource.stop()
+
+
+@pytest.mark.parametrize("kind", ["es256-no-keys-yet", "hs256"])
+async def test_a_hanging_provider_costs_one_deadline(
+    idp: IdentityProviderServer, kind: str
+) -> None:
+    # Reproduces issue 10: the key-set fetch timed out, then introspection did
+    # too: two timeouts in a row (11 s against a 5 s client timeout).
+    timeout = 1.0
+    resource = SupabaseAuth(settings_for(idp), timeout=timeout)
+    token = idp.provider.mint_token() if kind != "hs256" else legacy_token(idp.provider)
+    idp.provider.delay = 60
+    start = time.monotonic()
+    result = await outcome(resource, token)
+    elapsed = time.monotonic() - start
+    assert isinstance(result, AuthProviderUnavailableException)
+    assert_503(result)
+    assert elapsed < 1.8 * timeout, elapsed  # one deadline (two would be >= 2 s)
+    await resource.stop()
+
+
+async def test_a_poisoned_key_set_keeps_valid_tokens_local(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    await auth.verify_token(idp.provider.mint_token())  # keys held
+    idp.provider.jwks_document = {"keys": [{"kty": "oct", "kid": "x", "k": "c2VjcmV0"}]}
+    assert not await auth.verifier.jwks.refresh(force=True)  # type: ignore[union-attr]
+    for _ in range(20):
+        assert (await auth.verify_token(idp.provider.mint_token()))["id"]
+    assert idp.provider.requests["user"] == 0
+    assert "no usable key" in (auth.stats()["jwks"]["last_error"] or "")
+    assert auth.stats()["jwks"]["keys"] == 1
+
+
+async def test_with_no_key_set_ever_fetched_the_provider_decides(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    # The rule's other half: while no key set could be fetched, any token goes
+    # to the provider (budgeted), so a valid one still gets in.
+    idp.provider.jwks_document = {"keys": []}
+    token = idp.provider.mint_token(email="nokeys@example.com")
+    user = await auth.verify_token(token)
+    assert set(user) == USER_KEYS  # the same shape whichever path decided
+    assert user["email"] == "nokeys@example.com"
+    assert auth.stats()["provider"]["introspections"] == 1
+    assert await auth.verify_token(token) is user  # then cached
+    assert idp.provider.requests["user"] == 1
+
+
+async def test_a_sub_that_is_not_a_uuid_is_a_401_and_never_cached(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    for sub in ("admin", str(uuid.uuid4()) + "\x00"):
+        valid = idp.provider.mint_token()
+        claims = orjson.loads(unb64(valid.split(".")[1])) | {"sub": sub}
+        token = jwt.PyJWS().encode(
+            orjson.dumps(claims),
+            idp.provider.signing_key(),
+            algorithm="ES256",
+            headers={"kid": idp.provider.signing_kid},
+        )
+        for _ in range(2):
+            result = await outcome(auth, token)
+            assert isinstance(result, AuthenticationException)
+            assert_401(result, AuthFailureReason.INVALID_CLAIMS)
+        assert auth.cached_user(token) is None
+    assert idp.provider.requests["user"] == 0
+
+
+async def test_stats_show_every_part_of_the_budget(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    await auth.verify_token(idp.provider.mint_token())
+    stats = auth.stats()
+    assert stats["token_cache"]["size"] == 1
+    assert stats["jwks"]["fetches"] == 1
+    assert stats["jwks"]["fresh"] is True
+    assert stats["local"]["signature_checks"] == 1
+    assert set(stats["provider"]) >= {
+        "introspections",
+        "shared",
+        "in_flight",
+        "peak_in_flight",
+        "max_in_flight",
+        "busy_refusals",
+        "rate_limited",
+        "circuit_open_for",
+        "circuit_refusals",
+        "deadline_exceeded",
+    }
+    assert set(stats["negative_cache"]) >= {"size", "hits", "ttl"}
+    orjson.dumps(stats)  # plain data, ready for a metrics endpoint
+
+
+@pytest.mark.parametrize("reason", list(AuthFailureReason))
+def test_the_lean_401_carries_what_the_base_exception_would(reason: AuthFailureReason) -> None:
+    # AuthenticationException sets its attributes without BaseAPIException.__init__
+    # (a refusal is an attacker's hot path); it must not drift from the base class.
+    if reason is AuthFailureReason.PROVIDER_UNREACHABLE:
+        return
+    lean = AuthenticationException(reason, "why")
+    base = BaseAPIException("m", details={"reason": "why"}, headers={"X": "1"}, error_code="C")
+    assert set(vars(base)) <= set(vars(lean))
+    assert lean.args == (lean.message,)
+    assert lean.status_code == 401
+    assert lean.details == {"reason": "why"}
+    assert AuthenticationException(reason).details is None
+    assert_401(lean, reason)
+
+
+async def test_stop_ends_introspections_in_flight_and_their_waiters_get_a_503(
+    idp: IdentityProviderServer,
+) -> None:
+    resource = SupabaseAuth(settings_for(idp))
+    idp.provider.delay = 30
+    waiters = [asyncio.ensure_future(outcome(resource, legacy_token(idp.provider)))]
+    waiters.append(asyncio.ensure_future(outcome(resource, legacy_token(idp.provider))))
+    for _ in range(100):
+        if idp.provider.in_flight["user"] == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert resource.stats()["provider"]["in_flight"] == 2
+    await asyncio.wait_for(resource.stop(), 2)
+    for result in await asyncio.wait_for(asyncio.gather(*waiters), 2):
+        assert isinstance(result, AuthProviderUnavailableException)
+        assert_503(result)
+    assert resource.stats()["provider"]["in_flight"] == 0

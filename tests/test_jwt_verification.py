@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,8 +35,15 @@ from ghar_core.jwt_verification import (
     TokenCache,
     TokenRejected,
 )
-from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64
-from tests.strategies import json_values, token_attacks
+from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64, with_header
+from tests.strategies import (
+    ASYMMETRIC_ALGS,
+    json_values,
+    kid_headers,
+    non_uuid_subs,
+    poisoned_key_sets,
+    token_attacks,
+)
 from tests.tls import serve
 
 ISSUER_PATH = "/auth/v1"
@@ -172,12 +180,12 @@ async def test_hs256_only_with_the_secret() -> None:
         payload = {
             "iss": f"{server.url}{ISSUER_PATH}",
             "aud": "authenticated",
-            "sub": "u1",
+            "sub": "0f6c7e43-5b1a-4f0e-9a3c-2d8b7e6f5a41",
             "exp": 4_000_000_000,
         }
         token = hs256({"alg": "HS256", "typ": "JWT"}, payload, b"legacy-secret")
         with_secret = make_verifier(server.url, secret="legacy-secret")
-        assert (await with_secret.verify_uncached(token))["sub"] == "u1"
+        assert (await with_secret.verify_uncached(token))["sub"] == payload["sub"]
         assert server.fetches == 0  # HS256 never needs the key set
         without = make_verifier(server.url)
         with pytest.raises(CannotDecide):
@@ -289,8 +297,9 @@ async def test_random_kids_cost_one_fetch_per_refresh_interval(
 
     async def attempt(i: int) -> None:
         token = idp.provider.mint_token(headers={"kid": f"random-{i}-{uuid.uuid4()}"})
-        with pytest.raises(CannotDecide):
+        with pytest.raises(TokenRejected) as info:  # a fresh set lacks it: not the provider's
             await verifier.verify(token)
+        assert info.value.reason is AuthFailureReason.UNKNOWN_KEY
 
     clock.now += 30  # one refresh is allowed again
     await asyncio.gather(*(attempt(i) for i in range(500)))
@@ -314,9 +323,10 @@ async def test_key_rotation_and_revocation(idp: IdentityProviderServer) -> None:
     await verifier.verify(old_token)
     new_kid = idp.provider.rotate_key()
     new_token = idp.provider.mint_token()
-    # Within the refresh interval the new kid cannot be fetched yet...
-    with pytest.raises(CannotDecide):
+    # Within the refresh interval the set we hold is authoritative: refused...
+    with pytest.raises(TokenRejected) as info:
         await verifier.verify(new_token)
+    assert info.value.reason is AuthFailureReason.UNKNOWN_KEY
     clock.now += 30
     # ...after it, one refresh finds it; the old key is still published.
     assert (await verifier.verify(new_token))["sub"]
@@ -325,8 +335,9 @@ async def test_key_rotation_and_revocation(idp: IdentityProviderServer) -> None:
     # Revocation: the provider drops the old key, we purge.
     idp.provider.drop_key(old_kid)
     verifier.purge()
-    with pytest.raises(CannotDecide):
+    with pytest.raises(TokenRejected) as info:
         await verifier.verify(old_token)
+    assert info.value.reason is AuthFailureReason.UNKNOWN_KEY
     assert set(verifier.jwks.keys) == {new_kid}  # type: ignore[union-attr]
     await verifier.aclose()
 
@@ -543,3 +554,178 @@ async def test_a_jwks_over_one_mib_is_refused_even_in_chunks() -> None:
         assert not await verifier.jwks.refresh()  # type: ignore[union-attr]
         assert "larger than 1 MiB" in (verifier.jwks.last_error or "")  # type: ignore[union-attr]
         await verifier.aclose()
+
+
+# --- issue 10: unknown keys decided locally, useless key sets, claim wording ----------
+
+
+async def loaded(idp: IdentityProviderServer, clock: Clock | None = None) -> JWTVerifier[Any]:
+    """A verifier that holds the provider's key set, fetched just now."""
+    verifier = make_verifier(idp.url, clock=clock)
+    assert await verifier.jwks.refresh()  # type: ignore[union-attr]
+    return verifier
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(alg=st.sampled_from(ASYMMETRIC_ALGS), kid=kid_headers)
+async def test_an_unknown_kid_is_refused_locally_while_the_key_set_is_fresh(
+    idp: IdentityProviderServer, alg: str, kid: dict[str, Any]
+) -> None:
+    # Reproduces issue 10: such tokens were CannotDecide, i.e. one provider call each.
+    clock = Clock()
+    verifier = await loaded(idp, clock)
+    fetches = idp.provider.requests["jwks"]
+    token = with_header(idp.provider.mint_token(), {"alg": alg, "typ": "JWT"} | kid)
+    clock.now += 29  # still within JWKS_MIN_REFRESH_INTERVAL of the fetch
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(token)
+    assert info.value.reason is AuthFailureReason.UNKNOWN_KEY
+    assert idp.provider.requests["jwks"] == fetches  # no refresh needed to say no
+    assert verifier.stats()["unknown_kid_refusals"] == 1
+    await verifier.aclose()
+
+
+async def test_an_unknown_kid_after_the_interval_refreshes_once_then_is_refused(
+    idp: IdentityProviderServer,
+) -> None:
+    clock = Clock()
+    verifier = await loaded(idp, clock)
+    clock.now += 30
+    token = with_header(idp.provider.mint_token(), {"alg": "ES256", "kid": "standby-not-yet"})
+    results = await asyncio.gather(
+        *(verifier.verify(token) for _ in range(50)), return_exceptions=True
+    )
+    assert {type(r) for r in results} == {TokenRejected}
+    assert idp.provider.requests["jwks"] == 2  # one refresh shared by all fifty
+    await verifier.aclose()
+
+
+async def test_an_unknown_kid_cannot_be_decided_while_no_key_set_can_be_fetched(
+    idp: IdentityProviderServer,
+) -> None:
+    clock = Clock()
+    verifier = await loaded(idp, clock)
+    await idp.stop()
+    clock.now += 30  # the held set is no longer fresh and the refresh fails
+    token = with_header(idp.provider.mint_token(), {"alg": "ES256", "kid": "rotated"})
+    with pytest.raises(CannotDecide):
+        await verifier.verify(token)
+    # Still a known kid verifies from the stale set.
+    assert (await verifier.verify(idp.provider.mint_token()))["sub"]
+    await verifier.aclose()
+
+
+async def test_a_caller_bounding_its_wait_leaves_the_fetch_running_for_others(
+    idp: IdentityProviderServer,
+) -> None:
+    idp.provider.delay = 0.6  # a slow provider
+    verifier = make_verifier(idp.url)
+    token = idp.provider.mint_token()
+    other = asyncio.ensure_future(verifier.verify(idp.provider.mint_token()))
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await verifier.verify(token)
+    assert time.monotonic() - start < 0.5
+    assert verifier.jwks.stats()["refreshing"]  # type: ignore[union-attr]
+    assert (await other)["sub"]  # the shared fetch finished for the one still waiting
+    assert idp.provider.requests["jwks"] == 1
+    await verifier.aclose()
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+async def test_a_key_set_with_no_usable_key_keeps_the_held_keys(
+    idp: IdentityProviderServer, data: st.DataObject, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Reproduces issue 10: such a document counted as a successful refresh and
+    # replaced the held keys with none; every valid token then needed the provider.
+    idp.provider.jwks_document = None  # the real set again (the last example poisoned it)
+    clock = Clock()
+    verifier = await loaded(idp, clock)
+    held = dict(verifier.jwks.keys)  # type: ignore[union-attr]
+    public = idp.provider.jwks()["keys"][0]
+    idp.provider.jwks_document = data.draw(poisoned_key_sets(public))
+    clock.now += 30
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ghar_core.jwt_verification"):
+        assert not await verifier.jwks.refresh()  # type: ignore[union-attr]
+    assert dict(verifier.jwks.keys) == held  # type: ignore[union-attr]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert "no usable key" in message
+    for entry in idp.provider.jwks_document["keys"]:
+        if isinstance(entry, dict) and isinstance(entry.get("kid"), str) and entry["kid"]:
+            assert repr(entry["kid"][:40]) in message  # each skipped key is named
+    # Valid tokens are still verified locally, with the held keys.
+    checks = verifier.signature_checks
+    assert (await verifier.verify(idp.provider.mint_token()))["sub"]
+    assert verifier.signature_checks == checks + 1
+    assert verifier.jwks.stats()["last_error"]  # type: ignore[union-attr]
+    await verifier.aclose()
+
+
+async def test_partly_usable_key_set_names_what_it_skipped_in_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with JWKSServer() as server:
+        verifier = make_verifier(server.url)
+        with caplog.at_level(logging.WARNING, logger="ghar_core.jwt_verification"):
+            assert await verifier.jwks.refresh()  # type: ignore[union-attr]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, warnings
+        for kid in ("sym", "broken", "enc"):
+            assert repr(kid) in warnings[0]
+        await verifier.aclose()
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sub=non_uuid_subs)
+async def test_a_sub_that_is_not_a_uuid_is_refused_and_never_cached(
+    idp: IdentityProviderServer, sub: str
+) -> None:
+    # Reproduces issue 10: `sub: "admin"` (correctly signed) was verified and
+    # cached, and failed later in the users sync as a 422.
+    verifier = await loaded(idp)
+    valid = idp.provider.mint_token()
+    claims = orjson.loads(unb64(valid.split(".")[1])) | {"sub": sub}
+    token = jwt.PyJWS().encode(
+        orjson.dumps(claims),
+        idp.provider.signing_key(),
+        algorithm="ES256",
+        headers={"kid": idp.provider.signing_kid},
+    )
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(token)
+    assert info.value.reason is AuthFailureReason.INVALID_CLAIMS
+    assert "`sub`" in info.value.message
+    assert verifier.cached(token) is None
+    await verifier.aclose()
+
+
+@pytest.mark.parametrize(
+    ("claims", "wording"),
+    [
+        ({"nbf": "soon"}, "`nbf` is not a number"),
+        ({"iat": "yesterday"}, "`iat` is not a number"),
+        ({"nbf": [1]}, "`nbf` is not a number"),
+        ({"iat": True}, "`iat` is not a number"),
+        ({"nbf": 3600}, "not valid yet"),
+        ({"iat": 3600}, "`iat` is in the future"),
+        ({"exp": "later"}, "`exp` is missing or not a number"),
+    ],
+)
+async def test_claim_messages_say_what_is_wrong(
+    idp: IdentityProviderServer, claims: dict[str, Any], wording: str
+) -> None:
+    now = int(time.time())
+    adjusted = {k: now + v if type(v) is int else v for k, v in claims.items()}
+    verifier = make_verifier(idp.url)
+    with pytest.raises(TokenRejected) as info:
+        await verifier.verify(idp.provider.mint_token(claims=adjusted))
+    assert info.value.reason is AuthFailureReason.INVALID_CLAIMS
+    assert wording in info.value.message
+    if "not a number" in wording:
+        assert "future" not in info.value.message
+        assert "yet" not in info.value.message

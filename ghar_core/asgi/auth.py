@@ -3,7 +3,9 @@
 The token comes from ``Authorization: Bearer <token>``; SSE and WebSocket
 routes (``allow_query_token=True``) may also pass it as the ``access_token``
 query parameter, because browsers cannot set headers on ``EventSource`` or
-``WebSocket`` (the access log redacts that parameter). Verification is the
+``WebSocket`` (the access log redacts that parameter). Credentials are never
+guessed: several ``Authorization`` headers, or a header and a query token
+that differ, are a 400 (``AUTH_CREDENTIALS_AMBIGUOUS``), whatever their order. Verification is the
 app's ``"auth"`` resource (:class:`~ghar_core.auth.SupabaseAuth`), or the
 process default when the app has none; a cached token costs a header scan, a
 hash and a dict lookup.
@@ -24,6 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ghar_core.auth import (
+    AmbiguousCredentialsException,
+    AuthenticationException,
+    AuthFailureReason,
     SupabaseAuth,
     SupabaseUser,
     get_auth,
@@ -84,17 +89,43 @@ def bearer_token(conn: HTTPConnection, *, allow_query_token: bool = False) -> st
 
     Another scheme (``Basic ...``) counts as no token: RFC 6750 (3.1) asks
     for a plain ``Bearer`` challenge, without an error code, when a client
-    used an unsupported method. Scans the raw ASGI headers for
-    ``authorization`` (no header dict is built).
+    used an unsupported method. ``Bearer`` followed by a tab or another
+    separator than one space is a malformed token (401). More than one
+    ``Authorization`` header, or (with ``allow_query_token``) ``access_token``
+    values that differ from each other or from the header's token, raise
+    :class:`~ghar_core.auth.AmbiguousCredentialsException` (400). Scans the
+    raw ASGI headers (no header dict is built).
     """
+    header: bytes | None = None
     for name, value in conn.scope.get("headers", ()):
         if name == b"authorization":
-            scheme = value[:7]
-            if scheme == b"Bearer " or scheme.lower() == b"bearer ":
-                return value[7:].decode("latin-1").strip() or None
-            break
-    if allow_query_token:
-        return conn.query_params.get(ACCESS_TOKEN_PARAM) or None
+            if header is not None:
+                raise AmbiguousCredentialsException(
+                    details={"reason": "more than one Authorization header"}
+                )
+            header = value
+    token = _from_header(header) if header is not None else None
+    if not allow_query_token:
+        return token
+    sent = {v for v in conn.query_params.getlist(ACCESS_TOKEN_PARAM) if v}
+    if token:
+        sent.add(token)
+    if len(sent) > 1:
+        raise AmbiguousCredentialsException(
+            details={"reason": "different tokens in the Authorization header and the query"}
+        )
+    return sent.pop() if sent else None
+
+
+def _from_header(value: bytes) -> str | None:
+    scheme = value[:7]
+    if scheme == b"Bearer " or scheme.lower() == b"bearer ":
+        return value[7:].decode("latin-1").strip() or None
+    if scheme[:6].lower() == b"bearer" and scheme[6:].isspace():
+        raise AuthenticationException(
+            AuthFailureReason.MALFORMED,
+            "the Authorization header must be `Bearer <token>`, one space after `Bearer`",
+        )
     return None
 
 

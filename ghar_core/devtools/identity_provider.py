@@ -18,8 +18,12 @@ Paths (all under ``/auth/v1``, as in GoTrue behind Supabase's gateway):
   user, creating the user when new; ``ghar-core token`` calls it.
 
 Test knobs, set on :class:`LocalIdentityProvider`: ``fail_status`` (every
-endpoint answers that status, e.g. 503), ``delay`` (seconds before answering)
-and per-endpoint request counters in ``requests``.
+endpoint answers that status, e.g. 503 or 429) with an optional
+``retry_after`` header, ``delay`` (seconds before answering; a large one is a
+provider that hangs), ``jwks_document`` (served instead of the real key set:
+poisoned or empty sets). Counters: ``requests`` per endpoint, ``in_flight`` and
+``peak_in_flight`` per endpoint, and ``introspected``: how often ``GET /user``
+saw each token, keyed by the token's SHA-256 (never the token itself).
 
 Ownership: :class:`IdentityProviderServer` owns the aiohttp runner and its
 socket; ``async with`` (or ``start``/``stop``) bounds its life.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import re
 import time
 import uuid
@@ -118,8 +123,13 @@ class LocalIdentityProvider:
         self.users: dict[str, dict[str, Any]] = {}
         self.revoked_sessions: set[str] = set()
         self.requests: collections.Counter[str] = collections.Counter()
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.peak_in_flight: collections.Counter[str] = collections.Counter()
+        self.introspected: collections.Counter[str] = collections.Counter()
         self.fail_status: int | None = None
+        self.retry_after: str | None = None
         self.delay = 0.0
+        self.jwks_document: dict[str, Any] | None = None
 
     @property
     def issuer(self) -> str:
@@ -148,6 +158,9 @@ class LocalIdentityProvider:
         self._keys = [k for k in self._keys if k.kid != kid]
 
     def jwks(self) -> dict[str, Any]:
+        """What the JWKS endpoint serves: ``jwks_document`` when set, else the public keys."""
+        if self.jwks_document is not None:
+            return self.jwks_document
         return {"keys": [key.public_jwk() for key in self._keys]}
 
     def _public_key(self, kid: str) -> ec.EllipticCurvePublicKey | None:
@@ -366,15 +379,29 @@ def _provider(request: web.Request) -> LocalIdentityProvider:
 @web.middleware
 async def _gotrue_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     provider = _provider(request)
-    provider.requests[request.match_info.route.name or request.path] += 1
-    if provider.delay:
-        await asyncio.sleep(provider.delay)
-    if provider.fail_status is not None:
-        return _error(provider.fail_status, "unexpected_failure", "simulated provider failure")
+    route = request.match_info.route.name or request.path
+    provider.requests[route] += 1
+    provider.in_flight[route] += 1
+    provider.peak_in_flight[route] = max(provider.peak_in_flight[route], provider.in_flight[route])
     try:
-        return await handler(request)  # type: ignore[no-any-return]
-    except _Problem as problem:
-        return _error(problem.status, problem.error_code, problem.msg)
+        if route == "user":
+            token = _bearer(request) or ""
+            provider.introspected[hashlib.sha256(token.encode()).hexdigest()] += 1
+        if provider.delay:
+            await asyncio.sleep(provider.delay)
+        if provider.fail_status is not None:
+            response = _error(
+                provider.fail_status, "unexpected_failure", "simulated provider failure"
+            )
+            if provider.retry_after is not None:
+                response.headers["Retry-After"] = provider.retry_after
+            return response
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except _Problem as problem:
+            return _error(problem.status, problem.error_code, problem.msg)
+    finally:
+        provider.in_flight[route] -= 1
 
 
 def _require_apikey(request: web.Request) -> None:

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import jwt
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +24,7 @@ from ghar_core.database import Database
 from ghar_core.devtools import IdentityProviderServer
 from ghar_core.http import HTTPClientsResource
 from ghar_core.testing import TestClient
-from tests.idp import settings_for
+from tests.idp import settings_for, unb64
 
 
 @pytest.fixture
@@ -201,3 +203,93 @@ async def test_garbage_authorization_is_never_a_500(
         r = await client.get("/api/v1/me", headers=[("Authorization", header)])
     assert r.status_code == 401, r.text
     assert r.json()["error"]["code"].startswith("AUTH_TOKEN_")
+
+
+# --- issue 10: ambiguous credentials, wording, claims checked where verified -------------
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    values=st.lists(
+        st.sampled_from(["valid", "junk", "other-valid", "basic"]), min_size=2, max_size=4
+    )
+)
+async def test_several_authorization_headers_are_refused_in_any_order(
+    idp: IdentityProviderServer, values: list[str]
+) -> None:
+    # Reproduces issue 10: [valid, junk] was 200 and [junk, valid] 401 (first one won).
+    tokens = {
+        "valid": "Bearer " + idp.provider.mint_token(),
+        "other-valid": "Bearer " + idp.provider.mint_token(),
+        "junk": "Bearer junk",
+        "basic": "Basic dXNlcjpwdw==",
+    }
+    headers = [("Authorization", tokens[v]) for v in values]
+    async with TestClient(app_without_db(idp)) as client:
+        r = await client.get("/api/v1/me", headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "AUTH_CREDENTIALS_AMBIGUOUS"
+    assert r.headers.get("www-authenticate") == 'Bearer error="invalid_request"'
+
+
+async def test_a_header_and_a_query_token_that_differ_are_refused(
+    app_with_db: tuple[Any, Settings], idp: IdentityProviderServer
+) -> None:
+    app, _ = app_with_db
+    mine, other = idp.provider.mint_token(), idp.provider.mint_token()
+    async with TestClient(app) as client:
+        r = await client.get(
+            "/events", params={"access_token": other}, headers={"Authorization": f"Bearer {mine}"}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "AUTH_CREDENTIALS_AMBIGUOUS"
+        assert other not in r.text
+        assert mine not in r.text
+        twice = await client.get(
+            "/events", params=[("access_token", mine), ("access_token", other)]
+        )
+        assert twice.status_code == 400
+        # The same token both ways is not ambiguous.
+        same = await client.get(
+            "/events", params={"access_token": mine}, headers={"Authorization": f"Bearer {mine}"}
+        )
+        assert same.status_code == 200, same.text
+        # Where no query token is allowed, the query parameter is not a credential.
+        me = await client.get(
+            "/api/v1/me",
+            params={"access_token": other},
+            headers={"Authorization": f"Bearer {mine}"},
+        )
+        assert me.status_code == 200
+
+
+@pytest.mark.parametrize("separator", ["\t", "\x0b", "\x0c"])
+async def test_bearer_with_another_separator_is_malformed_not_missing(
+    idp: IdentityProviderServer, separator: str
+) -> None:
+    token = idp.provider.mint_token()
+    async with TestClient(app_without_db(idp)) as client:
+        r = await client.get("/api/v1/me", headers=[("Authorization", f"Bearer{separator}{token}")])
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "AUTH_TOKEN_MALFORMED"
+    assert "Bearer <token>" in r.json()["error"]["details"]["reason"]
+
+
+async def test_a_signed_token_whose_sub_is_not_a_uuid_is_401_not_422(
+    app_with_db: tuple[Any, Settings], idp: IdentityProviderServer
+) -> None:
+    # Reproduces issue 10: verification passed, the users sync failed with a 422.
+    app, _ = app_with_db
+    valid = idp.provider.mint_token()
+    claims = orjson.loads(unb64(valid.split(".")[1])) | {"sub": "admin"}
+    token = jwt.PyJWS().encode(
+        orjson.dumps(claims),
+        idp.provider.signing_key(),
+        algorithm="ES256",
+        headers={"kid": idp.provider.signing_kid},
+    )
+    async with TestClient(app) as client:
+        for _ in range(2):
+            r = await client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["code"] == "AUTH_TOKEN_INVALID_CLAIMS"
