@@ -195,3 +195,14 @@ json_values: st.SearchStrategy[Any] = st.recursive(
     max_leaves=6,
 )
 """Any JSON value orjson can write: what a forged header or claim may carry."""
+
+# Last-Event-ID values a client may send back: well-formed ids of any epoch and
+# position (ours rarely), and arbitrary text (malformed, hostile, too long).
+event_ids = st.one_of(
+    st.builds(
+        lambda epoch, position: f"{epoch}:{position}",
+        st.text("abcdef0123456789", min_size=1, max_size=12),
+        st.integers(0, 10**18),
+    ),
+    st.text(max_size=40),
+)

@@ -262,7 +262,7 @@ class SSEEventBus:
         for sub in idle:
             sub.close(REAPED_IDLE)
         self.reaped += len(idle)
-        self.log.trim()
+        self.log.trim(self._subs)
         if reaped or idle:
             logger.info(
                 "sse reaper removed %d stalled and %d idle subscription(s); %d open",

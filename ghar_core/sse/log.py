@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -115,7 +115,9 @@ class EventLog(Protocol):
     ``read_since`` returns the events after ``position`` or, when they cannot
     all be given, the reason (``"epoch_changed"``, ``"history_expired"``,
     ``"unknown_position"``); ``trim`` forgets what is past the history's
-    bounds and returns how many events it dropped.
+    bounds and returns how many events it dropped; it never forgets the
+    epoch of a user in ``active`` (users with open streams), so they can
+    always resume.
     """
 
     def head(self, user: str) -> tuple[str, int]: ...
@@ -124,7 +126,7 @@ class EventLog(Protocol):
 
     async def read_since(self, user: str, epoch: str, position: int) -> list[Event] | str: ...
 
-    def trim(self) -> int: ...
+    def trim(self, active: Container[str] = ()) -> int: ...
 
     def stats(self) -> dict[str, int]: ...
 
@@ -143,10 +145,11 @@ class MemoryEventLog:
     """The in-process log: per-user positions from 1, a bounded history, a fresh epoch per run.
 
     The history keeps at most ``size`` events per user, none older than
-    ``max_age`` seconds. A user whose history has emptied and who saw no event
-    for ``max_age`` is forgotten (``trim``); if they come back they get a new
-    epoch, so an id from before can never be mistaken for a position of the new
-    log. Epochs are a random per-process prefix plus a counter.
+    ``max_age`` seconds. A user whose history has emptied, who has had no
+    open stream and no event for ``max_age`` is forgotten (``trim``); if they
+    come back they get a new epoch, so an id from before can never be mistaken
+    for a position of the new log. Epochs are a random per-process prefix plus
+    a counter.
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class MemoryEventLog:
 
     def head(self, user: str) -> tuple[str, int]:
         entry = self._entry(user)
+        entry.touched = self._clock()
         return entry.epoch, entry.head
 
     def append(self, user: str, type: str, data: Any, payload: bytes) -> Event:
@@ -209,7 +213,7 @@ class MemoryEventLog:
             return "history_expired"
         return list(itertools.islice(events, position + 1 - events[0].position, None))
 
-    def trim(self) -> int:
+    def trim(self, active: Container[str] = ()) -> int:
         now = self._clock()
         limit = now - self.max_age
         dropped = 0
@@ -218,7 +222,9 @@ class MemoryEventLog:
             while events and events[0].ts < limit:
                 events.popleft()
                 dropped += 1
-            if not events and entry.touched < limit:
+            if user in active:
+                entry.touched = now  # resumable for max_age after its last stream
+            elif not events and entry.touched < limit:
                 del self._users[user]
         return dropped
 

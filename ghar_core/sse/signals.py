@@ -33,15 +33,17 @@ class _SignalHook:
     def __init__(self) -> None:
         self._buses: dict[SSEEventBus, asyncio.AbstractEventLoop] = {}
         self._previous: dict[int, Any] = {}
+        # One bound method, kept: each attribute access would make a new object.
+        self._handler = self.handle
 
     def add(self, bus: SSEEventBus) -> bool:
         if threading.current_thread() is not threading.main_thread():
             return False  # signal handlers can only be set from the main thread
         for sig in self.signals:
             current = signal.getsignal(sig)
-            if current is not self.handle:
+            if current is not self._handler:
                 self._previous[sig] = current
-                signal.signal(sig, self.handle)
+                signal.signal(sig, self._handler)
         self._buses[bus] = asyncio.get_running_loop()
         return True
 
@@ -51,7 +53,7 @@ class _SignalHook:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig, previous in self._previous.items():
-            if signal.getsignal(sig) is self.handle:
+            if signal.getsignal(sig) is self._handler:
                 signal.signal(sig, previous)
         self._previous.clear()
 

@@ -84,10 +84,10 @@ class Subscription:
         Raises :class:`SSEUnavailableError` past the cap or while the bus stops.
         Cancelled half-way, it leaves nothing registered.
         """
-        if self._opened:
-            return self
         if self.closed:
             raise RuntimeError("this subscription is closed; subscribe again")
+        if self._opened:
+            return self
         bus = self._bus
         bus._register(self)
         self._opened = True
@@ -136,7 +136,8 @@ class Subscription:
         # An async generator: when the loop is left early its finaliser runs
         # (at once under CPython), so the subscription never outlives its reader.
         try:
-            await self.open()
+            if not self._opened:
+                await self.open()
             while True:
                 batch = self.take()
                 if batch is None:
