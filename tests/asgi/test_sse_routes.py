@@ -72,7 +72,7 @@ async def test_the_stream_frames_events_with_ids_types_and_json(
             "data": '{"type":"booking.confirmed","booking":7}',
         }
     async with asyncio.timeout(2):
-        while bus.stats()["subscribers"]:
+        while bus.stats()["subscribers"]:  # noqa: ASYNC110 - the disconnect closes it
             await asyncio.sleep(0.01)
 
 
@@ -115,7 +115,7 @@ async def test_the_test_route_reaches_the_callers_own_stream(
     served: tuple[TestClient, SSEEventBus],
 ) -> None:
     client, bus = served
-    user, token = token_for()
+    _, token = token_for()
     _, other = token_for()
     auth = {"Authorization": f"Bearer {token}"}
     async with client.stream("GET", STREAM, headers=auth) as r:
@@ -130,7 +130,11 @@ async def test_the_test_route_reaches_the_callers_own_stream(
         bare = await client.post(TEST, headers={"Authorization": f"Bearer {other}"})
         assert bare.json()["delivered"] == 0  # another user's stream: not this one
     assert (await client.post(TEST)).status_code == 401
-    r = await client.post(TEST, headers=auth, content=b"{", )
+    r = await client.post(
+        TEST,
+        headers=auth,
+        content=b"{",
+    )
     assert r.status_code == 415
     assert bus.stats()["emitted"] == 2
 
