@@ -29,6 +29,8 @@ from tests.conftest import require
 
 BROWSER_DIR = Path(__file__).resolve().parents[1] / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
+HAVE_DRIVER = (BROWSER_DIR / "node_modules" / "playwright-core").is_dir()
 
 PAGE = """<!doctype html>
 <meta charset="utf-8"><title>event stream</title>
@@ -127,12 +129,9 @@ async def _browser(url: str, expected: int) -> AsyncIterator[asyncio.subprocess.
 
 
 async def test_chromium_eventsource_cut_mid_stream_receives_every_event_exactly_once() -> None:
-    require(Path(CHROMIUM).exists(), f"Chromium at {CHROMIUM} (scripts/ensure-browser.sh)")
+    require(HAVE_CHROMIUM, f"Chromium at {CHROMIUM} (scripts/ensure-browser.sh)")
     require(shutil.which("node") is not None, "node (scripts/ensure-browser.sh)")
-    require(
-        (BROWSER_DIR / "node_modules" / "playwright-core").is_dir(),
-        "playwright-core in tests/browser (scripts/ensure-browser.sh)",
-    )
+    require(HAVE_DRIVER, "playwright-core in tests/browser (scripts/ensure-browser.sh)")
     settings = sse_settings(SSE_RETRY_INTERVAL=0.2, SSE_HEARTBEAT_INTERVAL=1.0)
     bus = SSEEventBus(settings, handle_signals=False)
     app = create_app(settings, resources=[SupabaseAuth(settings), bus])
@@ -158,31 +157,34 @@ async def test_chromium_eventsource_cut_mid_stream_receives_every_event_exactly_
             bus.emit(user, {"type": "tick", "n": n})
 
     total = 40
-    async with serve(app) as base, CutProxy(int(base.rsplit(":", 1)[1])) as proxy:
-        async with _browser(f"http://127.0.0.1:{proxy.port}/page", total) as browser:
-            connected = lambda: bus.stats()["subscribers"] == 1  # noqa: E731
-            gone = lambda: bus.stats()["subscribers"] == 0  # noqa: E731
-            await _until(connected, 60)  # Chromium started, the page's EventSource is open
-            # A client's position starts with the first id it reads: from then on
-            # nothing may be lost, however the connection is cut.
-            tick(1)
-            async with asyncio.timeout(30):
-                await seen.wait()
-            for _ in range(3):
-                # A burst, cut while it is still on its way (some of it in the
-                # proxy's or the browser's buffers), more while the browser is away.
-                tick(5)
-                await asyncio.sleep(0)
-                tick(5)
-                proxy.cut()
-                await _until(
-                    gone, why=f"the cut; {bus.subscriptions()}, {proxy.accepted}, {proxy._pairs}"
-                )
-                tick(3)
-                await _until(connected, why=f"reconnect; {bus.stats()}, {proxy.accepted}")
-            tick(total - n)
-            async with asyncio.timeout(60):
-                out, err = await browser.communicate()
+    async with (
+        serve(app) as base,
+        CutProxy(int(base.rsplit(":", 1)[1])) as proxy,
+        _browser(f"http://127.0.0.1:{proxy.port}/page", total) as browser,
+    ):
+        connected = lambda: bus.stats()["subscribers"] == 1  # noqa: E731
+        gone = lambda: bus.stats()["subscribers"] == 0  # noqa: E731
+        await _until(connected, 60)  # Chromium started, the page's EventSource is open
+        # A client's position starts with the first id it reads: from then on
+        # nothing may be lost, however the connection is cut.
+        tick(1)
+        async with asyncio.timeout(30):
+            await seen.wait()
+        for _ in range(3):
+            # A burst, cut while it is still on its way (some of it in the
+            # proxy's or the browser's buffers), more while the browser is away.
+            tick(5)
+            await asyncio.sleep(0)
+            tick(5)
+            proxy.cut()
+            await _until(
+                gone, why=f"the cut; {bus.subscriptions()}, {proxy.accepted}, {proxy._pairs}"
+            )
+            tick(3)
+            await _until(connected, why=f"reconnect; {bus.stats()}, {proxy.accepted}")
+        tick(total - n)
+        async with asyncio.timeout(60):
+            out, err = await browser.communicate()
     assert browser.returncode == 0, err.decode()[-2000:]
     result = orjson.loads(out.splitlines()[-1])
     received = [item["n"] for item in result["received"]]
