@@ -52,7 +52,11 @@ async def ready(request: Request) -> dict[str, Any]:
             details={"failing": failing, "checks": checks},
         )
     body: dict[str, Any] = {"status": "ready", "checks": checks}
-    stats = {r.name: r.stats() for r in resources.started if callable(getattr(r, "stats", None))}
+    stats: dict[str, Any] = {}
+    for resource in resources.started:
+        stats_of = getattr(resource, "stats", None)
+        if callable(stats_of):
+            stats[resource.name] = stats_of()
     if stats:
         body["stats"] = stats
     return body

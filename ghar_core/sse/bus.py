@@ -129,24 +129,37 @@ class SSEEventBus:
         awaits; a value orjson cannot encode is a ``TypeError`` here, at the
         emitter, and uses no position.
         """
-        return self.publish(user_id, event).delivered
+        count = self.deliver(self._store(user_id, event))
+        self._count += 1  # _tick(), inlined on the hottest path
+        if self._count >= _REAP_EVERY:
+            self._count = 0
+            if self._full:
+                self._reap_full()
+        return count
 
     def publish(self, user_id: Any, event: Mapping[str, Any]) -> Published:
         """:meth:`emit`, returning the stored :class:`Event` (its ``id``) and the count."""
-        user = user_id if type(user_id) is str else str(user_id)
-        kind = event.get("type", "message")
-        if kind not in self._types:
-            self._check_type(kind)
-        payload = orjson.dumps(event, default=json_default, option=_JSON_OPTIONS)
-        stored = self.log.append(user, kind, event, payload)
-        self.emitted += 1
+        stored = self._store(user_id, event)
         count = self.deliver(stored)
+        self._tick()
+        return Published(stored, count)
+
+    def _tick(self) -> None:
+        # Every 10th emit reaps the full queues (cheap: only those are looked at).
         self._count += 1
         if self._count >= _REAP_EVERY:
             self._count = 0
             if self._full:
                 self._reap_full()
-        return Published(stored, count)
+
+    def _store(self, user_id: Any, event: Mapping[str, Any]) -> Event:
+        user = user_id if type(user_id) is str else str(user_id)
+        kind = event.get("type", "message")
+        if kind not in self._types:
+            self._check_type(kind)
+        payload = orjson.dumps(event, default=json_default, option=_JSON_OPTIONS)
+        self.emitted += 1
+        return self.log.append(user, kind, event, payload)
 
     def _check_type(self, kind: Any) -> None:
         if not isinstance(kind, str) or not _EVENT_TYPE.match(kind):
@@ -166,13 +179,18 @@ class SSEEventBus:
         for sub in subs:
             queue = sub.queue
             if queue is None:
-                queue = sub.queue = deque(maxlen=size)
-            elif len(queue) == size:
-                oldest = queue[0]
-                sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
-                self.dropped += 1
-            queue.append(event)
-            if len(queue) == size:
+                queue = sub.queue = deque((event,), maxlen=size)
+                pending = 1
+            else:
+                pending = len(queue)
+                if pending == size:
+                    oldest = queue[0]
+                    sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
+                    self.dropped += 1
+                else:
+                    pending += 1
+                queue.append(event)
+            if pending == size:
                 full.add(sub)
             waiter = sub._waiter
             if waiter is not None and not waiter.done():
