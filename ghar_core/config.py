@@ -446,7 +446,7 @@ class Settings:
         100,
         "int",
         "SSE",
-        "Events kept per user for resume by Last-Event-ID; 0 disables resume.",
+        "Events kept per user for resume by Last-Event-ID; 0 makes every gap a reset.",
         minimum=0,
         maximum=100_000,
     )
