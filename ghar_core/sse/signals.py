@@ -1,4 +1,14 @@
-"""Learn of shutdown early: a chained SIGINT/SIGTERM handler, and redacted server logs."""
+"""Learn of shutdown early: a chained SIGINT/SIGTERM handler, and redacted server logs.
+
+Why a signal hook: on SIGTERM uvicorn stops accepting, then waits for every
+open response before it sends the lifespan shutdown, and an event stream never
+finishes by itself. Its documented alternative, ``--timeout-graceful-shutdown``,
+only cancels the request tasks once the timeout has passed (an ERROR line, no
+final ``retry:``, a late exit). The hook needs no change to the server, works
+under ``ghar-core serve`` and plain uvicorn (both tested with 500 streams), and
+leaves the server's own handling as it was. Multi-worker setups were not
+tested: each worker needs to receive the signal itself.
+"""
 
 from __future__ import annotations
 
