@@ -572,6 +572,7 @@ class Socketed:
     single_p99_ms: float
     broadcast_p50_ms: float
     broadcast_p99_ms: float
+    error_lines: int = 0  # ERROR lines the server logged, its shutdown included
 
 
 _STAMP = re.compile(rb'"t":([0-9.]+)\}')
@@ -638,7 +639,10 @@ async def measure_sockets(connections: int) -> list[Socketed]:
             port = s.getsockname()[1]
         env = {**os.environ, "APP_ENV": "test", "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(  # noqa: ASYNC220 - one server per variant, reaped below
-            [sys.executable, __file__, "--serve", variant, str(port)], env=env, cwd=ROOT
+            [sys.executable, __file__, "--serve", variant, str(port)],
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
         )
         clients: list[Client] = []
         try:
@@ -688,10 +692,12 @@ async def measure_sockets(connections: int) -> list[Socketed]:
                 c.task.cancel()
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                _, err = await asyncio.to_thread(proc.communicate, timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                _, err = proc.communicate()
+            if rows and rows[-1].variant == label:
+                rows[-1].error_lines = err.decode(errors="replace").count("ERROR")
     return rows
 
 
@@ -772,13 +778,14 @@ def render(
         f"## Real sockets: {args.connections:,} open SSE connections on one uvicorn worker",
         "",
         "| server | RSS per idle connection (KB) | single p50 ms | single p99 ms | "
-        "broadcast p50 ms | broadcast p99 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "broadcast p50 ms | broadcast p99 ms | ERROR lines |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in sockets:
         out.append(
             f"| {s.variant} | {s.rss_kb_per_connection:.1f} | {s.single_p50_ms:.2f} | "
-            f"{s.single_p99_ms:.2f} | {s.broadcast_p50_ms:.2f} | {s.broadcast_p99_ms:.2f} |"
+            f"{s.single_p99_ms:.2f} | {s.broadcast_p50_ms:.2f} | {s.broadcast_p99_ms:.2f} | "
+            f"{s.error_lines} |"
         )
     out += [
         "",
@@ -786,7 +793,9 @@ def render(
         f"{args.connections:,} open streams, divided by the count. Ours pays for the "
         "real route: token verification (and its cache entry), the access-log-free stack, "
         "a subscription and a disconnect watcher per stream. *single*: each event to one "
-        "stream, 1 ms apart; *broadcast*: one event to every stream, 5 times.",
+        "stream, 1 ms apart; *broadcast*: one event to every stream, 5 times. *ERROR "
+        "lines*: what the server logged at ERROR from start to exit (the client closes "
+        "its streams, then SIGTERM).",
         "",
     ]
     targets = _targets(throughput, memory, sockets)
