@@ -458,6 +458,33 @@ class Settings:
         minimum=1,
         maximum=1000,
     )
+    SSE_HISTORY_SIZE: int = _var(
+        100,
+        "int",
+        "SSE",
+        "Events kept per user for resume by Last-Event-ID; 0 makes every gap a reset.",
+        minimum=0,
+        maximum=100_000,
+    )
+    SSE_HISTORY_MAX_AGE: float = _var(
+        300.0, "float", "SSE", "Seconds an event stays resumable.", minimum=0, maximum=86400
+    )
+    SSE_SEND_TIMEOUT: float = _var(
+        5.0,
+        "float",
+        "SSE",
+        "Seconds one write to a stream may take before the client is dropped.",
+        minimum=0.05,
+        maximum=600,
+    )
+    SSE_RETRY_INTERVAL: float = _var(
+        3.0,
+        "float",
+        "SSE",
+        "Reconnect delay sent as `retry:`; at shutdown each stream gets 1-4 times it.",
+        minimum=0.05,
+        maximum=3600,
+    )
     # Cache
     CACHE_DEFAULT_TTL: float = _var(
         300.0,

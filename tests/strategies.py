@@ -257,3 +257,15 @@ def poisoned_key_sets(public_jwk: dict[str, Any]) -> st.SearchStrategy[dict[str,
         st.sampled_from([5, "key", None, [], True]),
     )
     return st.lists(entry, max_size=6).map(lambda keys: {"keys": keys})
+
+
+# Last-Event-ID values a client may send back: well-formed ids of any epoch and
+# position (ours rarely), and arbitrary text (malformed, hostile, too long).
+event_ids = st.one_of(
+    st.builds(
+        lambda epoch, position: f"{epoch}:{position}",
+        st.text("abcdef0123456789", min_size=1, max_size=12),
+        st.integers(0, 10**18),
+    ),
+    st.text(max_size=40),
+)

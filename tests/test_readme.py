@@ -46,3 +46,19 @@ def test_own_migrations_example_builds_an_app(tmp_path: Path) -> None:
     exec(compile(block, "README.md[migrations]", "exec"), namespace)
     database = namespace["app"].resources.get("database")  # type: ignore[attr-defined]
     assert [s.namespace for s in database.migrations] == ["marketplace"]
+
+
+def test_event_stream_example_emits() -> None:
+    from ghar_core.sse import SSEEventBus, set_default_bus
+    from tests.asgi.sse_support import sse_settings
+
+    (block,) = [b for b in BLOCKS if "sse_bus.emit" in b]
+    bus = SSEEventBus(sse_settings(), handle_signals=False)
+    previous = set_default_bus(bus)
+    try:
+        namespace: dict[str, object] = {}
+        exec(compile(block, "README.md[event-stream]", "exec"), namespace)
+    finally:
+        set_default_bus(previous)
+    assert namespace["delivered"] == 0  # nobody is listening
+    assert bus.stats()["emitted"] == 1

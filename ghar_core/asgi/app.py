@@ -31,6 +31,7 @@ from ghar_core.asgi.middleware import (
 from ghar_core.asgi.requests import Request
 from ghar_core.asgi.responses import Response, dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
+from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.auth import SupabaseAuth
 from ghar_core.database import Database
@@ -42,6 +43,7 @@ from ghar_core.exceptions import (
 )
 from ghar_core.http import HTTPClientsResource
 from ghar_core.lifecycle import Resource, Resources
+from ghar_core.sse import SSEEventBus
 
 if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Receive, Scope, Send
@@ -82,6 +84,7 @@ def build_default_resources(
     resources.append(Database(settings, migrations=migrations))  # "database": both pools
     resources.append(HTTPClientsResource())  # shared outbound sessions; stop closes them
     resources.append(SupabaseAuth(settings))  # "auth": JWKS and token caches (issue 5)
+    resources.append(SSEEventBus(settings))  # "sse": per-user event bus; stop ends the streams
     return resources
 
 
@@ -464,6 +467,7 @@ def create_app(
         app.add_route("/health", health, ("GET",), lazy_start=False)
         app.add_route("/ready", ready, ("GET",))
         register_auth_routes(app)  # GET {API_V1_STR}/me (issue 5)
+        register_sse_routes(app)  # GET .../events/stream, POST .../events/test (ENABLE_SSE)
     return app
 
 

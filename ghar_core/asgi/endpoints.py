@@ -4,7 +4,8 @@
 process serves HTTP. ``/ready`` runs ``check()`` of every started resource
 concurrently (each bounded) and answers 503 ``NOT_READY`` with
 ``Retry-After`` naming the failing checks; the reasons go to the log, not
-to the client.
+to the client. A ready answer also carries the counters of every started
+resource that has a ``stats()`` (the event bus: subscribers, drops, reaps).
 """
 
 from __future__ import annotations
@@ -50,4 +51,12 @@ async def ready(request: Request) -> dict[str, Any]:
             error_code="NOT_READY",
             details={"failing": failing, "checks": checks},
         )
-    return {"status": "ready", "checks": checks}
+    body: dict[str, Any] = {"status": "ready", "checks": checks}
+    stats: dict[str, Any] = {}
+    for resource in resources.started:
+        stats_of = getattr(resource, "stats", None)
+        if callable(stats_of):
+            stats[resource.name] = stats_of()
+    if stats:
+        body["stats"] = stats
+    return body

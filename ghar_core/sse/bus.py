@@ -1,0 +1,372 @@
+"""``SSEEventBus``: per-user fan-out with bounded queues, a reaper and exact resume."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+import orjson
+
+from ghar_core.exceptions import ServiceUnavailableException
+from ghar_core.sse.default import claim_default, release_default
+from ghar_core.sse.log import RESET_EVENT, Event, EventLog, MemoryEventLog, json_default
+from ghar_core.sse.signals import redact_server_logs, signal_hook
+from ghar_core.sse.subscription import REAPED_IDLE, REAPED_STALLED, SHUTDOWN, Subscription
+
+if TYPE_CHECKING:
+    from ghar_core.config import Settings
+
+__all__ = ["Published", "SSEEventBus", "SSEUnavailableError"]
+
+logger = logging.getLogger("ghar_core.sse")
+
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_REAP_EVERY: Final = 10  # emits between two reaps of the full queues
+_JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+
+
+class Published(NamedTuple):
+    """What :meth:`SSEEventBus.publish` returns: the stored event and how many got it."""
+
+    event: Event
+    delivered: int
+
+
+class SSEUnavailableError(ServiceUnavailableException):
+    """No new subscription now: the subscriber cap is reached or the bus is stopping."""
+
+    error_code = "SSE_UNAVAILABLE"
+    message = "Too many open event streams; retry shortly."
+
+
+class SSEEventBus:
+    """Per-user fan-out with bounded queues, a reaper and exact resume (see the module doc).
+
+    ``SSEEventBus(settings)`` takes its tunables from the ``SSE_*`` settings;
+    keyword arguments override them (``log`` replaces the in-memory
+    :class:`MemoryEventLog`, ``clock`` is for tests). As a resource of the
+    app it is started and stopped by the lifespan; it also works unstarted
+    (no reaper task, no signal hook), which is what the process default does
+    before an app runs.
+    """
+
+    name = "sse"
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        queue_size: int | None = None,
+        max_subscribers: int | None = None,
+        reaper_interval: float | None = None,
+        idle_timeout: float | None = None,
+        full_cycles_limit: int | None = None,
+        log: EventLog | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        handle_signals: bool = True,
+    ) -> None:
+        if settings is None:
+            from ghar_core.config import get_settings
+
+            settings = get_settings()
+        self.settings = settings
+        self.queue_size = settings.SSE_QUEUE_MAX_SIZE if queue_size is None else queue_size
+        self.max_subscribers = (
+            settings.SSE_MAX_SUBSCRIBERS if max_subscribers is None else max_subscribers
+        )
+        self.reaper_interval = (
+            settings.SSE_REAPER_INTERVAL if reaper_interval is None else reaper_interval
+        )
+        self.idle_timeout = settings.SSE_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        self.full_cycles_limit = (
+            settings.SSE_FULL_CYCLES_LIMIT if full_cycles_limit is None else full_cycles_limit
+        )
+        for option, value in (
+            ("queue_size", self.queue_size),
+            ("max_subscribers", self.max_subscribers),
+            ("full_cycles_limit", self.full_cycles_limit),
+        ):
+            if value < 1:
+                raise ValueError(f"{option} must be at least 1, got {value!r}")
+        if self.reaper_interval <= 0 or self.idle_timeout <= 0:
+            raise ValueError("reaper_interval and idle_timeout must be positive")
+        self.clock = clock
+        self.log: EventLog = log or MemoryEventLog(
+            size=settings.SSE_HISTORY_SIZE, max_age=settings.SSE_HISTORY_MAX_AGE, clock=clock
+        )
+        self.handle_signals = handle_signals
+        self._subs: dict[str, list[Subscription]] = {}
+        self._subscribers = 0
+        self._full: set[Subscription] = set()
+        self._count = 0
+        self._types: set[str] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+        self.started = False
+        # Counters for stats(): plain attributes, bumped on the hot path.
+        self.emitted = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.reaped = 0
+        self.refused = 0
+        self.replayed = 0
+        self.resets = 0
+
+    # --- publishing ------------------------------------------------------------
+
+    def emit(self, user_id: Any, event: Mapping[str, Any]) -> int:
+        """Send ``event`` to ``user_id``'s open streams; returns how many got it.
+
+        ``event["type"]`` (default ``"message"``) becomes the SSE ``event:``
+        name (1-64 of ``[A-Za-z0-9_.-]``; ``reset`` is the bus's own); the
+        whole mapping, orjson-encoded, is the ``data:``. Never blocks or
+        awaits; a value orjson cannot encode is a ``TypeError`` here, at the
+        emitter, and uses no position.
+        """
+        count = self.deliver(self._store(user_id, event))
+        self._count += 1  # _tick(), inlined on the hottest path
+        if self._count >= _REAP_EVERY:
+            self._count = 0
+            if self._full:
+                self._reap_full()
+        return count
+
+    def publish(self, user_id: Any, event: Mapping[str, Any]) -> Published:
+        """:meth:`emit`, returning the stored :class:`Event` (its ``id``) and the count."""
+        stored = self._store(user_id, event)
+        count = self.deliver(stored)
+        self._tick()
+        return Published(stored, count)
+
+    def _tick(self) -> None:
+        # Every 10th emit reaps the full queues (cheap: only those are looked at).
+        self._count += 1
+        if self._count >= _REAP_EVERY:
+            self._count = 0
+            if self._full:
+                self._reap_full()
+
+    def _store(self, user_id: Any, event: Mapping[str, Any]) -> Event:
+        user = user_id if type(user_id) is str else str(user_id)
+        kind = event.get("type", "message")
+        if kind not in self._types:
+            self._check_type(kind)
+        payload = orjson.dumps(event, default=json_default, option=_JSON_OPTIONS)
+        self.emitted += 1
+        return self.log.append(user, kind, event, payload)
+
+    def _check_type(self, kind: Any) -> None:
+        if not isinstance(kind, str) or not _EVENT_TYPE.match(kind):
+            raise ValueError(f"event type must be 1-64 of [A-Za-z0-9_.-], got {kind!r}")
+        if kind == RESET_EVENT:
+            raise ValueError("the event type 'reset' is reserved for the bus")
+        if len(self._types) < 1024:
+            self._types.add(kind)
+
+    def deliver(self, event: Event) -> int:
+        """Put an already-positioned event into its user's queues (a broker's entry point)."""
+        subs = self._subs.get(event.user)
+        if not subs:
+            return 0
+        size = self.queue_size
+        full = self._full
+        for sub in subs:
+            queue = sub.queue
+            if queue is None:
+                queue = sub.queue = deque((event,), maxlen=size)
+                pending = 1
+            else:
+                pending = len(queue)
+                if pending == size:
+                    oldest = queue[0]
+                    sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
+                    self.dropped += 1
+                else:
+                    pending += 1
+                queue.append(event)
+            if pending == size:
+                full.add(sub)
+            waiter = sub._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        count = len(subs)
+        self.delivered += count
+        return count
+
+    # --- subscribing -----------------------------------------------------------
+
+    def subscribe(self, user_id: Any, *, last_event_id: str | None = None) -> Subscription:
+        """A subscription to ``user_id``'s events (registered on ``async with`` / iteration).
+
+        ``last_event_id``: resume after that id (replay, or a ``reset`` first
+        when the gap cannot be filled); ``None`` starts at the live edge.
+        """
+        user = user_id if type(user_id) is str else str(user_id)
+        return Subscription(self, user, last_event_id)
+
+    def _register(self, sub: Subscription) -> None:
+        if self._closing:
+            self.refused += 1
+            raise SSEUnavailableError(
+                "The server is restarting; reconnect shortly.", headers={"Retry-After": "2"}
+            )
+        if self._subscribers >= self.max_subscribers:
+            self.refused += 1
+            raise SSEUnavailableError(details={"max_subscribers": self.max_subscribers})
+        subs = self._subs.get(sub.user)
+        if subs is None:
+            self._subs[sub.user] = [sub]
+        else:
+            subs.append(sub)
+        self._subscribers += 1
+
+    def _unregister(self, sub: Subscription) -> None:
+        self._full.discard(sub)
+        subs = self._subs.get(sub.user)
+        if subs is None:
+            return
+        for i, candidate in enumerate(subs):
+            if candidate is sub:
+                del subs[i]
+                self._subscribers -= 1
+                break
+        if not subs:
+            del self._subs[sub.user]  # never an empty entry left behind
+
+    def subscriptions(self, user_id: Any | None = None) -> list[Subscription]:
+        """The open subscriptions (of one user, or all)."""
+        if user_id is not None:
+            user = user_id if type(user_id) is str else str(user_id)
+            return list(self._subs.get(user, ()))
+        return [sub for subs in self._subs.values() for sub in subs]
+
+    # --- reaping ---------------------------------------------------------------
+
+    def _reap_full(self) -> int:
+        reaped = 0
+        for sub in list(self._full):
+            queue = sub.queue
+            if queue is None or len(queue) < self.queue_size:
+                self._full.discard(sub)
+                sub.full_cycles = 0
+                continue
+            sub.full_cycles += 1
+            if sub.full_cycles >= self.full_cycles_limit:
+                sub.close(REAPED_STALLED)
+                reaped += 1
+        self.reaped += reaped
+        return reaped
+
+    def reap(self) -> int:
+        """One reaper cycle now: stalled and idle subscriptions, then the history's bounds.
+
+        Returns how many subscriptions it removed. The reaper task calls this
+        every ``reaper_interval`` seconds; emits run the stalled part every 10.
+        """
+        reaped = self._reap_full()
+        limit = self.clock() - self.idle_timeout
+        idle = [
+            sub
+            for subs in self._subs.values()
+            for sub in subs
+            if sub.touched < limit and sub._waiter is None
+        ]
+        for sub in idle:
+            sub.close(REAPED_IDLE)
+        self.reaped += len(idle)
+        self.log.trim(self._subs)
+        if reaped or idle:
+            logger.info(
+                "sse reaper removed %d stalled and %d idle subscription(s); %d open",
+                reaped,
+                len(idle),
+                self._subscribers,
+            )
+        return reaped + len(idle)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.reaper_interval)
+            try:
+                self.reap()
+            except Exception:  # a bug here must not stop future cycles
+                logger.exception("sse reaper cycle failed")
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run the reaper, chain the shutdown signals, become the process default."""
+        self._closing = False
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(
+                self._reap_forever(), name="ghar-sse-reaper"
+            )
+        if self.handle_signals:
+            signal_hook.add(self)
+        redact_server_logs()
+        claim_default(self)
+        self.started = True
+
+    def begin_shutdown(self) -> None:
+        """End every open stream now (each reader drains what is queued) and refuse new ones.
+
+        Called from the signal hook, by :meth:`stop`, or by a host that stops
+        without signals; idempotent until the next :meth:`start`.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        open_subs = self.subscriptions()
+        for sub in open_subs:
+            sub.close(SHUTDOWN)
+        if open_subs:
+            logger.info("sse: ending %d open stream(s) for shutdown", len(open_subs))
+
+    @property
+    def closing(self) -> bool:
+        """True from :meth:`begin_shutdown` until the next :meth:`start`."""
+        return self._closing
+
+    async def stop(self) -> None:
+        """End every stream, stop the reaper, unhook the signals (idempotent)."""
+        self.begin_shutdown()
+        signal_hook.discard(self)
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None and not reaper.done():
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+        release_default(self)
+        self.started = False
+
+    async def check(self) -> None:
+        """Ready while the reaper runs (a started bus) and the bus is not stopping."""
+        if self._closing:
+            raise RuntimeError("the event bus is shutting down")
+        reaper = self._reaper
+        if self.started and (reaper is None or reaper.done()):
+            raise RuntimeError("the sse reaper task is not running")
+
+    def stats(self) -> dict[str, int]:
+        """Counters for ``/ready`` and the logs (cheap: no scan of the subscriptions)."""
+        return {
+            "users": len(self._subs),
+            "subscribers": self._subscribers,
+            "emitted": self.emitted,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+            "reaped": self.reaped,
+            "refused": self.refused,
+            "replayed": self.replayed,
+            "resets": self.resets,
+            **self.log.stats(),
+        }
+
+    def __repr__(self) -> str:
+        return f"<SSEEventBus {self._subscribers} subscriber(s) of {len(self._subs)} user(s)>"

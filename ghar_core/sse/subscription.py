@@ -1,0 +1,246 @@
+"""One open stream of one user: :class:`Subscription` (made by ``SSEEventBus.subscribe``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+from ghar_core.sse.log import Event, parse_event_id, reset_event
+
+if TYPE_CHECKING:
+    from ghar_core.sse.bus import SSEEventBus
+
+__all__ = [
+    "CLOSED_BY_CLIENT",
+    "DISCONNECTED",
+    "REAPED_IDLE",
+    "REAPED_STALLED",
+    "SHUTDOWN",
+    "Subscription",
+]
+
+# Why a subscription ended (``Subscription.close_reason``).
+CLOSED_BY_CLIENT: Final = "closed"
+DISCONNECTED: Final = "disconnected"
+REAPED_STALLED: Final = "stalled"
+REAPED_IDLE: Final = "idle"
+SHUTDOWN: Final = "shutdown"
+
+
+class Subscription:
+    """One open stream of one user: a bounded queue plus where its reader stands.
+
+    Made by :meth:`SSEEventBus.subscribe`; use it as ``async with`` (always
+    unsubscribes) and/or ``async for event in sub`` (leaving the loop, by
+    ``break``, an error or cancellation, unsubscribes too). Iteration ends
+    when the bus closes the subscription (reaped, shutdown); ``close_reason``
+    says why. :meth:`take` and :meth:`wait` are the batch interface the stream
+    route uses.
+    """
+
+    __slots__ = (
+        "_backlog",
+        "_bus",
+        "_opened",
+        "_waiter",
+        "close_reason",
+        "closed",
+        "cursor",
+        "dropped_epoch",
+        "dropped_position",
+        "epoch",
+        "full_cycles",
+        "last_event_id",
+        "queue",
+        "touched",
+        "user",
+    )
+
+    def __init__(self, bus: SSEEventBus, user: str, last_event_id: str | None) -> None:
+        self._bus = bus
+        self.user = user
+        self.last_event_id = last_event_id
+        self.queue: deque[Event] | None = None  # made on the first event
+        self._backlog: list[Event] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._opened = False
+        self.closed = False
+        self.close_reason: str | None = None
+        self.epoch = ""
+        self.cursor = 0  # last position handed to the reader, under ``epoch``
+        self.dropped_epoch = ""
+        self.dropped_position = 0
+        self.full_cycles = 0
+        self.touched = bus.clock()
+
+    # --- opening -------------------------------------------------------------
+
+    async def open(self) -> Subscription:
+        """Register with the bus and compute the backlog (replay or reset); idempotent.
+
+        Raises :class:`SSEUnavailableError` past the cap or while the bus stops.
+        Cancelled half-way, it leaves nothing registered.
+        """
+        if self.closed:
+            raise RuntimeError("this subscription is closed; subscribe again")
+        if self._opened:
+            return self
+        bus = self._bus
+        bus._register(self)
+        self._opened = True
+        try:
+            epoch, head = bus.log.head(self.user)
+            self.epoch, self.cursor = epoch, head
+            if self.last_event_id is not None:
+                await self._resume(epoch, head)
+        except BaseException:
+            self.close(CLOSED_BY_CLIENT)
+            raise
+        return self
+
+    async def _resume(self, epoch: str, head: int) -> None:
+        bus = self._bus
+        parsed = parse_event_id(self.last_event_id)
+        result: list[Event] | str = "unknown_position"
+        if parsed is not None:
+            result = await bus.log.read_since(self.user, *parsed)
+        if parsed is None or isinstance(result, str):
+            bus.resets += 1
+            reason = result if isinstance(result, str) else "unknown_position"
+            self._backlog = [reset_event(self.user, epoch, head, reason, bus.clock())]
+            return
+        bus.replayed += len(result)
+        # Start from the client's own position: what the replay covers is handed
+        # over first, and live events it also covers are skipped by the cursor.
+        self.epoch, self.cursor = parsed
+        self._backlog = result
+
+    async def __aenter__(self) -> Subscription:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(CLOSED_BY_CLIENT)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        # An async generator: when the loop is left early its finaliser runs
+        # (at once under CPython), so the subscription never outlives its reader.
+        try:
+            if not self._opened:
+                await self.open()
+            while True:
+                batch = self.take()
+                if batch is None:
+                    return
+                if not batch:
+                    await self.wait()
+                    continue
+                for event in batch:
+                    yield event
+        finally:
+            self.close(CLOSED_BY_CLIENT)
+
+    # --- reading -------------------------------------------------------------
+
+    def take(self, limit: int = 1024) -> list[Event] | None:
+        """The events ready now, in order (``[]`` when none); ``None`` once closed and drained.
+
+        A ``reset`` event comes first when this queue dropped events the reader
+        had not had.
+        """
+        self.touched = self._bus.clock()
+        out: list[Event] = []
+        backlog = self._backlog
+        if backlog:
+            self._backlog = None
+            for event in backlog:
+                out.append(event)
+                self.epoch, self.cursor = event.epoch, event.position
+        queue = self.queue
+        if queue:
+            if self.full_cycles or len(queue) == queue.maxlen:
+                self._bus._full.discard(self)
+                self.full_cycles = 0
+            if self.dropped_position and (
+                self.dropped_epoch != self.epoch or self.dropped_position > self.cursor
+            ):
+                first = queue[0]
+                self._bus.resets += 1
+                reset = reset_event(
+                    self.user, first.epoch, first.position - 1, "overflow", self.touched
+                )
+                out.append(reset)
+                self.epoch, self.cursor = reset.epoch, reset.position
+            self.dropped_position = 0
+            epoch, cursor = self.epoch, self.cursor
+            while queue and len(out) < limit:
+                event = queue.popleft()
+                if event.epoch == epoch and event.position <= cursor:
+                    continue  # already handed over by the replay
+                out.append(event)
+                epoch, cursor = event.epoch, event.position
+            self.epoch, self.cursor = epoch, cursor
+        if not out and self.closed:
+            return None
+        return out
+
+    async def wait(self, seconds: float | None = None) -> bool:
+        """Wait until :meth:`take` has something (or the subscription closed).
+
+        Returns ``False`` when ``seconds`` passed first. Waiting counts as
+        reading: a reader blocked here is never reaped as idle.
+        """
+        if self.closed or self._backlog or self.queue:
+            return True
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            if seconds is None:
+                await waiter
+            else:
+                async with asyncio.timeout(seconds):
+                    await waiter
+        except TimeoutError:
+            return False
+        finally:
+            self._waiter = None
+            self.touched = self._bus.clock()
+        return True
+
+    @property
+    def waiting(self) -> bool:
+        """A reader is blocked in :meth:`wait` right now."""
+        return self._waiter is not None
+
+    def pending(self) -> int:
+        """Events queued (backlog included) and not yet taken."""
+        return len(self._backlog or ()) + len(self.queue or ())
+
+    # --- closing -------------------------------------------------------------
+
+    def close(self, reason: str = CLOSED_BY_CLIENT) -> None:
+        """Unsubscribe now (idempotent). Events still queued stay readable on shutdown only."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if reason != SHUTDOWN:
+            self.queue = None
+            self._backlog = None
+        self._bus._unregister(self)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        state = f"closed ({self.close_reason})" if self.closed else "open"
+        return f"<Subscription {self.user!r} at {self.epoch}:{self.cursor} {state}>"
