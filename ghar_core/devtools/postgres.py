@@ -210,6 +210,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _cmdline(pid: int) -> list[str] | None:
+    """The arguments of ``pid`` (Linux /proc), None when unknown."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode(errors="replace").split("\0")
+
+
 def _log_tail(path: Path, lines: int = 12) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -314,8 +323,12 @@ class EmbeddedPostgres:
             for attempt in range(3):
                 self.port = self._requested_port or free_port()
                 self._spawn(binaries, user)
-                if self._wait_ready() or self._requested_port or attempt == 2:
+                if self._wait_ready():
                     break
+                if self._requested_port or attempt == 2:
+                    raise EmbeddedPostgresError(
+                        f"port {self.port} on 127.0.0.1 is taken; choose another (0: any free one)"
+                    )
             self._owner_path.write_text(f"{os.getpid()}\n")
             _run(self._prepare_database())
         except BaseException:
@@ -455,6 +468,7 @@ class EmbeddedPostgres:
         ]
         if not self.durable:
             command.append("--no-sync")
+        was_empty = not any(self.data_dir.iterdir())
         log = self._open_log()
         log.write(f"--- initdb {self.data_dir} ({time.strftime('%F %T')})\n".encode())
         log.flush()
@@ -470,6 +484,12 @@ class EmbeddedPostgres:
             **self._popen_user(user),
         )
         if result.returncode != 0:
+            if was_empty:  # leave no half-made cluster: the next start initialises afresh
+                for child in self.data_dir.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
             raise EmbeddedPostgresError(
                 f"initdb failed for {self.data_dir} (exit {result.returncode}); the end of "
                 f"{self.log_path}:\n{_log_tail(self.log_path)}"
@@ -574,11 +594,15 @@ class EmbeddedPostgres:
             return
         if not _pid_alive(pid):
             return  # a stale lock file: PostgreSQL itself replaces it
+        command = _cmdline(pid)
+        if command is not None and str(self.data_dir) not in command:
+            lock.unlink(missing_ok=True)  # stale, its pid reused by another program
+            return
         try:
             owner: int | None = int(self._owner_path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             owner = None  # not started by us: never ours to stop
-        if owner is None or (owner != os.getpid() and _pid_alive(owner)):
+        if owner is None or _pid_alive(owner):
             by = f"started by pid {owner}: another `ghar-core dev`?" if owner else "not ours"
             raise EmbeddedPostgresError(
                 f"{self.data_dir} is in use by PostgreSQL (pid {pid}, {by}). Stop that server "
