@@ -201,12 +201,15 @@ def _die_with_parent() -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
@@ -369,7 +372,8 @@ class EmbeddedPostgres:
         self.stop()
 
     def __del__(self) -> None:
-        if self._process is not None and self._process.poll() is None:
+        process = getattr(self, "_process", None)  # absent when __init__ raised
+        if process is not None and process.poll() is None:
             warnings.warn(
                 f"EmbeddedPostgres({str(self.data_dir)!r}) was garbage-collected while running; "
                 "call stop()",
