@@ -150,7 +150,7 @@ def banner(session: DevSession) -> str:
     out += [f"  {name.ljust(width)}  {value}" for name, value in rows]
     out += ["", "Try:"]
     out += [f"  {line}" for line in example_lines(session)]
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n\n"  # a blank line ends it (tests read up to it)
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -262,13 +262,14 @@ class _Dev:
                 await migrate_dsn(dsn)
                 return dsn, "DATABASE_URL"
             why_not = f"DATABASE_URL ({_masked(dsn)}) is unreachable: {reason}"
-            print(f"ghar-core dev: {why_not}; starting the embedded PostgreSQL", flush=True)
         if find_binaries() is None:
             raise DevError(
                 f"no database to use: {why_not}, and {not_found_message()}; "
                 "or set DATABASE_URL to a PostgreSQL server you can reach "
                 "(`DATABASE_URL=postgresql://user@host:5432/ghar_dev ghar-core dev`)."
             )
+        if configured:
+            print(f"ghar-core dev: {why_not}; starting the embedded PostgreSQL", flush=True)
         root = self.options.data_dir or Path(os.environ.get(DEV_DIR_ENV) or ".ghar/dev")
         name = urlsplit(dsn).path.lstrip("/") or "ghar_dev"
         port = EMBEDDED_PG_PORT if _port_free("127.0.0.1", EMBEDDED_PG_PORT) else 0
