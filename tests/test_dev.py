@@ -122,7 +122,7 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> Running:
         if line is None:
             break
         seen.append(line)
-        if line.strip().startswith("ghar-core token") or ("/health" in line and "curl" in line):
+        if not line and "Try:" in seen:  # the blank line that ends the printout
             return Running(process, seen, _descendants(process.pid))
     process.kill()
     process.wait(10)
