@@ -30,7 +30,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from ghar_core.devtools.dev import DevSession, example_lines
+from ghar_core.devtools.dev import DevSession, _embedded, example_lines
 from ghar_core.devtools.postgres import find_binaries
 from tests.conftest import require
 from tests.pg import free_port, run_sync, with_database
@@ -301,3 +301,23 @@ def test_the_dev_command_is_registered() -> None:
         check=True,
     )
     assert "--data-dir" in result.stdout
+
+
+def test_as_root_a_project_out_of_the_servers_reach_keeps_its_data_where_it_can(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")  # not a missing service
+    project = data_dir / "private" / "project"
+    project.mkdir(parents=True)
+    (data_dir / "private").chmod(0o700)  # like /root
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("GHAR_DEV_DIR", raising=False)
+    server = _embedded(None, "ghar_dev")
+    assert server.data_dir.parent.parent == Path("/var/tmp/ghar-dev")
+    assert server.unreachable_parent() is None
+    assert "cannot enter" in capsys.readouterr().out
+    # A folder asked for by name is not moved: its start says why it cannot be used.
+    asked = _embedded(project / "data", "ghar_dev")
+    assert asked.unreachable_parent() == data_dir / "private"
+    assert not (project / "data").exists()

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import os
 import signal
 import socket
@@ -225,6 +226,27 @@ async def _probe(dsn: str) -> str | None:
     return None
 
 
+def _embedded(data_dir: Path | None, database: str) -> EmbeddedPostgres:
+    """The embedded server for this project: data under ``.ghar/dev`` unless told otherwise."""
+    chosen = data_dir or os.environ.get(DEV_DIR_ENV)
+    root = Path(chosen or ".ghar/dev").absolute()
+    port = EMBEDDED_PG_PORT if _port_free("127.0.0.1", EMBEDDED_PG_PORT) else 0
+    name = database or "ghar_dev"
+    server = EmbeddedPostgres(root / "pg", database=name, port=port, migrate=True)
+    blocked = server.unreachable_parent()
+    if blocked is None or chosen:
+        return server  # a folder that was asked for gets the plain error, if any
+    # As root under e.g. /root (mode 0700) the server's user cannot reach the
+    # project: keep the data where it can, one folder per project.
+    root = Path("/var/tmp/ghar-dev") / hashlib.sha256(str(Path.cwd()).encode()).hexdigest()[:12]
+    print(
+        f"ghar-core dev: the PostgreSQL server's user cannot enter {blocked}; keeping its "
+        f"data in {root} instead (--data-dir chooses another)",
+        flush=True,
+    )
+    return EmbeddedPostgres(root / "pg", database=name, port=port, migrate=True)
+
+
 # --- the command ---------------------------------------------------------------------
 
 
@@ -270,10 +292,7 @@ class _Dev:
             )
         if configured:
             print(f"ghar-core dev: {why_not}; starting the embedded PostgreSQL", flush=True)
-        root = self.options.data_dir or Path(os.environ.get(DEV_DIR_ENV) or ".ghar/dev")
-        name = urlsplit(dsn).path.lstrip("/") or "ghar_dev"
-        port = EMBEDDED_PG_PORT if _port_free("127.0.0.1", EMBEDDED_PG_PORT) else 0
-        self.postgres = EmbeddedPostgres(root / "pg", database=name, port=port, migrate=True)
+        self.postgres = _embedded(self.options.data_dir, urlsplit(dsn).path.lstrip("/"))
         started, _ = await self._race(asyncio.to_thread(self.postgres.start))
         if not started:
             return None

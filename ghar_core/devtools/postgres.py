@@ -222,6 +222,24 @@ def _cmdline(pid: int) -> list[str] | None:
     return raw.decode(errors="replace").split("\0")
 
 
+def _blocked_parent(folder: Path, user: pwd.struct_passwd) -> Path | None:
+    """The first existing folder above ``folder`` that ``user`` may not enter."""
+    for parent in reversed(folder.parents):
+        try:
+            mode = parent.stat()
+        except FileNotFoundError:
+            return None  # made by us from here on, with search rights for all
+        if mode.st_uid == user.pw_uid:
+            ok = bool(mode.st_mode & stat.S_IXUSR)
+        elif mode.st_gid == user.pw_gid:
+            ok = bool(mode.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(mode.st_mode & stat.S_IXOTH)
+        if not ok:
+            return parent
+    return None
+
+
 def _log_tail(path: Path, lines: int = 12) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -417,6 +435,13 @@ class EmbeddedPostgres:
 
     def _prepare_folder(self, user: pwd.struct_passwd | None) -> None:
         folder = self.data_dir
+        blocked = None if user is None else _blocked_parent(folder, user)
+        if user is not None and blocked is not None:
+            raise EmbeddedPostgresError(
+                f"the server runs as {user.pw_name}, who cannot enter {blocked} (mode "
+                f"{stat.filemode(blocked.stat().st_mode)}) on the way to {folder}: choose a "
+                "data folder it can reach (e.g. under /var/tmp) or `chmod o+x` that folder"
+            )
         if not folder.exists():
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.mkdir(mode=0o700)
@@ -433,20 +458,15 @@ class EmbeddedPostgres:
             os.chown(folder, user.pw_uid, user.pw_gid)
             folder.chmod(0o700)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        for parent in folder.parents:
-            mode = parent.stat()
-            if mode.st_uid == user.pw_uid:
-                ok = bool(mode.st_mode & stat.S_IXUSR)
-            elif mode.st_gid == user.pw_gid:
-                ok = bool(mode.st_mode & stat.S_IXGRP)
-            else:
-                ok = bool(mode.st_mode & stat.S_IXOTH)
-            if not ok:
-                raise EmbeddedPostgresError(
-                    f"the server runs as {user.pw_name}, who cannot enter {parent} (mode "
-                    f"{stat.filemode(mode.st_mode)}) on the way to {folder}: choose a data "
-                    "folder it can reach (e.g. under /tmp) or `chmod o+x` that folder"
-                )
+
+    def unreachable_parent(self) -> Path | None:
+        """The folder above :attr:`data_dir` the server's user cannot enter (None: all fine).
+
+        Only as root, where the server runs as another user: a project under
+        ``/root`` (mode 0700) is out of its reach.
+        """
+        user = self._user()
+        return None if user is None else _blocked_parent(self.data_dir, user)
 
     def _popen_user(self, user: pwd.struct_passwd | None) -> dict[str, Any]:
         if user is None:
