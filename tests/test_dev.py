@@ -185,6 +185,19 @@ def test_scripts_run_serves_me_with_the_printed_token_and_stops_clean(
         assert status == 200, body
         assert body["email"] == "dev@example.com"
         assert (data_dir / "pg" / "postmaster.pid").exists()
+        # The printed command for another token works as pasted into a new shell.
+        another = first.value(r"^  (\S*ghar\S* token .*--email someone@example.com)$")
+        minted = subprocess.run(
+            ["sh", "-c", another],
+            cwd=ROOT,
+            env=_clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert minted.returncode == 0, minted.stderr
+        assert minted.stdout.strip().count(".") == 2  # a JWT
     finally:
         _stop(first, signal.SIGTERM)
     assert not (data_dir / "pg" / "postmaster.pid").exists()

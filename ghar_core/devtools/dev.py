@@ -29,6 +29,7 @@ import ctypes
 import dataclasses
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,7 @@ class DevSession:
     email: str | None
     user_id: str | None
     token: str | None
+    cli: str = "ghar-core"  # how to call our CLI from a new shell in the working folder
 
     @property
     def me_url(self) -> str:
@@ -124,7 +126,7 @@ def example_lines(session: DevSession) -> list[str]:
         "# who am I (the users row is created on first use)",
         f'curl -s -H "Authorization: Bearer $GHAR_TOKEN" {session.me_url}',
     ]
-    another = "ghar-core token"
+    another = f"{session.cli} token"
     if session.provider_url != DEV_PROVIDER_URL:
         another += f" --provider-url {session.provider_url}"
     lines += [
@@ -189,6 +191,17 @@ def _masked(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":****@", 1)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _cli_command() -> str:
+    """``ghar-core`` when a new shell finds this one, else its path (``.venv/bin/ghar-core``)."""
+    ours = Path(sys.executable).parent / "ghar-core"
+    found = shutil.which("ghar-core")
+    if found and Path(found).resolve() == ours.resolve():
+        return "ghar-core"
+    if ours.exists():
+        return _shown(ours.absolute())
+    return f"{sys.executable} -m ghar_core"
 
 
 def _shown(path: Path) -> str:
@@ -418,6 +431,7 @@ class _Dev:
             email=email,
             user_id=user_id,
             token=token,
+            cli=_cli_command(),
         )
         sys.stdout.write(banner(session))
         sys.stdout.flush()
