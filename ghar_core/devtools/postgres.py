@@ -6,10 +6,11 @@ Postgres package ships ``initdb`` and ``postgres``; with them we make a
 cluster in a folder we own, run it on a free loopback port (TCP only, no
 Unix socket, trust auth for the ``postgres`` role) and stop it when done.
 
-- **Binaries**: ``GHAR_PG_BIN`` (a ``bin`` folder) when set; else the version
-  that made an existing data folder; else the one on ``PATH``; else the newest
-  under the usual package locations (Debian's ``/usr/lib/postgresql/*/bin``,
-  the PGDG RPMs' ``/usr/pgsql-*/bin``, Homebrew's ``postgresql@*``).
+- **Binaries** (:mod:`ghar_core.devtools.pg_binaries`): ``GHAR_PG_BIN`` (a
+  ``bin`` folder) when set; else the version that made an existing data
+  folder; else the one on ``PATH``; else the newest under the usual package
+  locations (Debian's ``/usr/lib/postgresql/*/bin``, the PGDG RPMs'
+  ``/usr/pgsql-*/bin``, Homebrew's ``postgresql@*``).
 - **Root**: PostgreSQL refuses to run as root, so as root the server (and
   ``initdb``) run as an unprivileged user, ``postgres`` by default, who owns
   the data folder. Every folder above it must be searchable by that user.
@@ -28,7 +29,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
-import glob
 import os
 import pwd
 import re
@@ -41,12 +41,17 @@ import sys
 import time
 import warnings
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
 import asyncpg
 
+from ghar_core.devtools.pg_binaries import (
+    PG_BIN_ENV,
+    PostgresBinaries,
+    find_binaries,
+    not_found_message,
+)
 from ghar_core.migrate import MigrationSet, migrate_dsn
 
 __all__ = [
@@ -59,125 +64,13 @@ __all__ = [
     "not_found_message",
 ]
 
-PG_BIN_ENV: Final = "GHAR_PG_BIN"
-SEARCH_GLOBS: Final = (
-    "/usr/lib/postgresql/*/bin",
-    "/usr/pgsql-*/bin",
-    "/opt/homebrew/opt/postgresql@*/bin",
-    "/usr/local/opt/postgresql@*/bin",
-)
 SUPERUSER: Final = "postgres"
-_VERSION_RE: Final = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 _PR_SET_PDEATHSIG: Final = 1
 T = TypeVar("T")
 
 
 class EmbeddedPostgresError(RuntimeError):
     """The server could not be found, set up, started or stopped; the message says the fix."""
-
-
-@dataclass(frozen=True, slots=True)
-class PostgresBinaries:
-    """One installation's ``bin`` folder and the version its ``postgres`` reports."""
-
-    bin_dir: Path
-    version: tuple[int, int]
-
-    @property
-    def major(self) -> int:
-        return self.version[0]
-
-    @property
-    def initdb(self) -> Path:
-        return self.bin_dir / "initdb"
-
-    @property
-    def postgres(self) -> Path:
-        return self.bin_dir / "postgres"
-
-
-def _probe(bin_dir: Path) -> PostgresBinaries | None:
-    """The binaries in ``bin_dir`` when both are there and ``postgres --version`` answers."""
-    if not all(os.access(bin_dir / name, os.X_OK) for name in ("initdb", "postgres")):
-        return None
-    try:
-        out = subprocess.run(
-            [str(bin_dir / "postgres"), "--version"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = _VERSION_RE.search(out)
-    if match is None:
-        return None
-    return PostgresBinaries(bin_dir, (int(match.group(1)), int(match.group(2) or 0)))
-
-
-def find_binaries(
-    *,
-    prefer_major: int | None = None,
-    path: str | None = None,
-    search_globs: Sequence[str] = SEARCH_GLOBS,
-    environ: dict[str, str] | None = None,
-) -> PostgresBinaries | None:
-    """The PostgreSQL server binaries to use, or None when there are none.
-
-    ``GHAR_PG_BIN`` (in ``environ``, default ``os.environ``) is the only
-    candidate when set. Otherwise: the installation whose major version is
-    ``prefer_major`` (an existing data folder's), else the one on ``path``
-    (default ``PATH``), else the newest under ``search_globs``.
-    """
-    env = os.environ if environ is None else environ
-    explicit = env.get(PG_BIN_ENV)
-    if explicit:
-        return _probe(Path(explicit))
-    found: list[PostgresBinaries] = []
-    seen: set[Path] = set()
-
-    def consider(bin_dir: Path) -> None:
-        resolved = bin_dir.resolve()
-        if resolved not in seen:
-            seen.add(resolved)
-            binaries = _probe(resolved)
-            if binaries is not None:
-                found.append(binaries)
-
-    on_path = shutil.which("postgres", path=path)
-    if on_path:
-        consider(Path(on_path).resolve().parent)  # /usr/local/bin/postgres -> the real bin/
-    for pattern in search_globs:
-        for bin_dir in glob.glob(pattern):
-            consider(Path(bin_dir))
-    if not found:
-        return None
-    if prefer_major is not None:
-        for binaries in found:
-            if binaries.major == prefer_major:
-                return binaries
-    if on_path and found[0].bin_dir == Path(on_path).resolve().parent:
-        return found[0]
-    return max(found, key=lambda b: b.version)
-
-
-def not_found_message(environ: dict[str, str] | None = None) -> str:
-    """Where we looked for the binaries and how to get them (one sentence group)."""
-    env = os.environ if environ is None else environ
-    explicit = env.get(PG_BIN_ENV)
-    if explicit:
-        where = f"{PG_BIN_ENV}={explicit} has no working initdb and postgres"
-    else:
-        where = (
-            "no PostgreSQL server binaries (initdb and postgres) were found on PATH or under "
-            + ", ".join(SEARCH_GLOBS)
-        )
-    return (
-        f"{where}. Install PostgreSQL's server package (Debian/Ubuntu: `apt-get install "
-        "postgresql`; only its binaries are used, its own service may stay stopped), or set "
-        f"{PG_BIN_ENV} to the bin folder of an installation"
-    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
