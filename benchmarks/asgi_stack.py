@@ -107,7 +107,9 @@ def _settings() -> Any:
 
 def _log_file() -> Any:
     path = Path(tempfile.gettempdir()) / f"ghar-bench-access-{os.getpid()}.log"
-    return path.open("w", encoding="utf-8")
+    handle = path.open("w", encoding="utf-8")
+    path.unlink()  # written to all the same, and gone with the process (none pile up in /tmp)
+    return handle
 
 
 def _enable_access_logger(handler: logging.Handler | None = None) -> None:
