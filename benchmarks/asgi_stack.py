@@ -107,7 +107,9 @@ def _settings() -> Any:
 
 def _log_file() -> Any:
     path = Path(tempfile.gettempdir()) / f"ghar-bench-access-{os.getpid()}.log"
-    return path.open("w", encoding="utf-8")
+    handle = path.open("w", encoding="utf-8")
+    path.unlink()  # written to all the same, and gone with the process (none pile up in /tmp)
+    return handle
 
 
 def _enable_access_logger(handler: logging.Handler | None = None) -> None:
@@ -509,6 +511,7 @@ def main() -> None:
     parser.add_argument("--tool", choices=("auto", "wrk", "aiohttp"), default="auto")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="smoke run, writes nothing")
+    parser.add_argument("--results-dir", type=Path, help="write here (with --quick too)")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port)
@@ -519,7 +522,10 @@ def main() -> None:
     if args.quick:
         args.duration, args.rounds, args.requests = 1.0, 1, 2000
     names = args.only or list(VARIANTS)
-    tool = _ensure_wrk() if args.tool == "auto" else args.tool
+    if args.quick and args.tool == "auto":
+        tool = "wrk" if shutil.which("wrk") else "aiohttp"  # a smoke run installs nothing
+    else:
+        tool = _ensure_wrk() if args.tool == "auto" else args.tool
     load_before = os.getloadavg()
 
     # In-process first, each variant in a fresh interpreter (no cross-talk).
@@ -583,12 +589,40 @@ def main() -> None:
         row["x_us"] = row["inprocess_us"] / base["inprocess_us"] if base else None
     table = _markdown(rows, tool, args, load_before, load_after)
     print(table)
-    if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "asgi_stack.md").write_text(table, encoding="utf-8")
-        (RESULTS / "asgi_stack.json").write_text(
-            json.dumps({"tool": tool, "rows": rows}, indent=2) + "\n", encoding="utf-8"
-        )
+    if args.results_dir or not args.quick:
+        out = args.results_dir or RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "asgi_stack.md").write_text(table, encoding="utf-8")
+        payload = {"tool": tool, "rows": rows, "summary": summary(rows)}
+        (out / "asgi_stack.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The figures ``python -m benchmarks`` charts: each variant against the bare callable."""
+    if not any(row["variant"] == "a" for row in rows):
+        return []
+
+    def role(variant: str) -> str:
+        return "baseline" if variant == "a" else "ours" if variant.startswith("b") else "peer"
+
+    out = []
+    for group, key, ratio, unit, better in (
+        ("throughput under uvicorn", "rps", "x_rps", "req/s", "higher"),
+        ("in-process cost per request", "inprocess_us", "x_us", "µs", "lower"),
+    ):
+        for row in rows:
+            out.append(
+                {
+                    "group": group,
+                    "label": row["label"],
+                    "role": role(row["variant"]),
+                    "value": row[key],
+                    "unit": unit,
+                    "ratio": row[ratio],
+                    "better": better,
+                }
+            )
+    return out
 
 
 def _ratio(value: float | None, digits: int) -> str:

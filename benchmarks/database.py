@@ -260,11 +260,18 @@ def render(table: dict[str, Any], args: argparse.Namespace) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument(
+        "--dsn",
+        default=os.environ.get(
+            "GHAR_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="maintenance-database DSN (default: GHAR_BENCH_DATABASE_URL, else 127.0.0.1:5432)",
+    )
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--queries", type=int, default=600)
     p.add_argument("--serverless-queries", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="tiny run, print only")
+    p.add_argument("--results-dir", type=Path, help="write here (with --quick too)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.queries, args.serverless_queries = 1, 50, 10
@@ -276,11 +283,41 @@ def run(argv: list[str]) -> int:
     table = asyncio.run(main(args))
     text = render(table, args)
     print(text)
-    if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "database.md").write_text(text, encoding="utf-8")
-        (RESULTS / "database.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    if args.results_dir or not args.quick:
+        out = args.results_dir or RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "database.md").write_text(text, encoding="utf-8")
+        payload = {"variants": table, "summary": summary(table)}
+        (out / "database.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return 0
+
+
+def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures ``python -m benchmarks`` charts: each variant against the held floor."""
+    out = []
+    for key, group in (("c1", "sequential"), ("c5", "concurrency 5")):
+        for name, cells in table.items():
+            role = (
+                "baseline"
+                if name.startswith("held, cache off")
+                else "reference"
+                if name.startswith("held")
+                else "peer"
+                if name.startswith("asyncpg")
+                else "ours"
+            )
+            out.append(
+                {
+                    "group": f"{group}, per query",
+                    "label": name,
+                    "role": role,
+                    "value": cells[key]["us_per_query"],
+                    "unit": "µs",
+                    "ratio": cells[key]["ratio_to_floor"],
+                    "better": "lower",
+                }
+            )
+    return out
 
 
 if __name__ == "__main__":

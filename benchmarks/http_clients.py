@@ -45,6 +45,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import certifi
@@ -424,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="runs of ours+bare per round")
     parser.add_argument("--quick", action="store_true", help="tiny run, print only")
+    parser.add_argument("--results-dir", type=Path, help="write here (with --quick too)")
     parser.add_argument("--serve", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -436,9 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     after = " ".join(f"{x:.2f}" for x in os.getloadavg())
     table = render(rows, pairs, args, (before, after))
     print(table)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "http_clients.md").write_text(table)
+    if args.results_dir or not args.quick:
+        out = args.results_dir or RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "http_clients.md").write_text(table)
         payload = {
             "rows": [asdict(r) for r in rows],
             "ours_over_bare_pairs": {f"{k[0]} {k[1]}": v for k, v in pairs.items()},
@@ -446,7 +449,28 @@ def main(argv: list[str] | None = None) -> None:
                 {"target": t, "measured": g, "met": ok} for t, g, ok in targets(rows, pairs)
             ],
         }
-        (RESULTS / "http_clients.json").write_text(json.dumps(payload, indent=2) + "\n")
+        payload["summary"] = summary(rows)
+        (out / "http_clients.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def summary(rows: list[Row]) -> list[dict[str, Any]]:
+    """The figures ``python -m benchmarks`` charts: wall time per request against bare aiohttp."""
+    roles = {OURS: "ours", BARE: "baseline", AIO_PER: "reference"}
+    out = []
+    for r in rows:
+        bare = next(b for b in rows if (b.scheme, b.mode, b.variant) == (r.scheme, r.mode, BARE))
+        out.append(
+            {
+                "group": f"{r.scheme} {r.mode}",
+                "label": r.variant,
+                "role": roles.get(r.variant, "peer"),
+                "value": r.wall_ms_per_req,
+                "unit": "ms/req",
+                "ratio": r.wall_ms_per_req / bare.wall_ms_per_req,
+                "better": "lower",
+            }
+        )
+    return out
 
 
 if __name__ == "__main__":

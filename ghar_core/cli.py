@@ -223,6 +223,43 @@ def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_token)
 
 
+def _cmd_dev(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ghar_core.devtools.dev import DevOptions, run_dev
+
+    options = DevOptions(
+        host=args.host,
+        port=args.port,
+        app=args.app,
+        factory=args.factory,
+        data_dir=args.data_dir,
+        email=args.email,
+    )
+    return asyncio.run(run_dev(options))
+
+
+def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser(
+        "dev",
+        help="serve the app for development, starting a database and identity provider if unset",
+    )
+    p.add_argument("--host", default=None, help="address to bind (default: HOST)")
+    p.add_argument("--port", type=int, default=None, help="port to bind (default: PORT)")
+    p.add_argument("--app", metavar="MODULE:ATTR", help="your ASGI app, as for serve")
+    p.add_argument("--factory", action="store_true", help="call --app to build the app")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="PATH",
+        help="where the embedded PostgreSQL keeps its data (default: GHAR_DEV_DIR or .ghar/dev)",
+    )
+    p.add_argument("--email", default="dev@example.com", help="the dev user's email")
+    p.set_defaults(func=_cmd_dev)
+
+
 def _cmd_identity_provider(args: argparse.Namespace) -> int:
     import asyncio
     import signal
@@ -272,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ghar-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
+    _add_dev(sub)
     _add_identity_provider(sub)
     _add_migrate(sub)
     _add_serve(sub)

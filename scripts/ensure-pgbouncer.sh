@@ -1,10 +1,12 @@
-# Run by scripts/bootstrap.sh: make Postgres (127.0.0.1:5432) and the pgbouncer
-# binary available for the database tests. Idempotent and quick when both are there.
+# Run by scripts/bootstrap.sh: make the PostgreSQL server binaries, the
+# pgbouncer binary and (when the machine has a cluster) Postgres on 127.0.0.1:5432
+# available. Idempotent and quick when all are there.
 #
-# pgbouncer comes from Debian's package; its own service must not start (tests
-# run private instances on free ports), so the install runs behind a
-# policy-rc.d that denies service starts, and any instance the package started
-# anyway is stopped.
+# The binaries let `ghar-core dev` and the tests run a PostgreSQL of their own
+# when none answers. Both come from Debian's packages; their own services must
+# not start (we run private instances on free ports), so the install runs behind
+# a policy-rc.d that denies service starts, and any instance started anyway is
+# stopped.
 set -euo pipefail
 
 as_root() {
@@ -12,20 +14,34 @@ as_root() {
         echo "ensure-pgbouncer: need root for: $*" >&2; return 1; fi
 }
 
-if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
-    echo "ensure-pgbouncer: installing Debian's pgbouncer" >&2
-    policy=/usr/sbin/policy-rc.d
-    added_policy=0
+# apt-get install "$1" with service starts denied (policy-rc.d exit 101).
+apt_install_no_service() {
+    local policy=/usr/sbin/policy-rc.d added_policy=0 status=0
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
         as_root chmod 755 "$policy"
         added_policy=1
     fi
-    status=0
     as_root env DEBIAN_FRONTEND=noninteractive sh -c \
-        'apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null' || status=$?
+        "apt-get update -qq && apt-get install -y -qq $1 >/dev/null" || status=$?
     if [ "$added_policy" = 1 ]; then as_root rm -f "$policy"; fi
-    [ "$status" = 0 ] || exit "$status"
+    return "$status"
+}
+
+has_pg_binaries() {
+    if [ -n "${GHAR_PG_BIN:-}" ]; then [ -x "$GHAR_PG_BIN/initdb" ]; return; fi
+    command -v initdb >/dev/null && return 0
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+
+if ! has_pg_binaries && command -v apt-get >/dev/null; then
+    echo "ensure-pgbouncer: installing Debian's postgresql (for its server binaries)" >&2
+    apt_install_no_service postgresql || echo "ensure-pgbouncer: could not install postgresql" >&2
+fi
+
+if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+    echo "ensure-pgbouncer: installing Debian's pgbouncer" >&2
+    apt_install_no_service pgbouncer
     # Belt and braces: no package-managed pgbouncer may hold port 6432.
     if [ -x /etc/init.d/pgbouncer ]; then as_root /etc/init.d/pgbouncer stop >/dev/null 2>&1 || true; fi
 fi
@@ -45,6 +61,6 @@ if ! pg_up; then
         as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
         for _ in $(seq 1 50); do pg_up && break; sleep 0.2; done
     fi
-    pg_up || echo "ensure-pgbouncer: Postgres is not reachable on 127.0.0.1:5432" >&2
+    pg_up || echo "ensure-pgbouncer: no Postgres on 127.0.0.1:5432; the tests start their own" >&2
 fi
 exit 0

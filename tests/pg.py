@@ -1,9 +1,13 @@
 """Postgres and PgBouncer fixtures: a pytest plugin (``pytest_plugins = ["tests.pg"]``).
 
-Real servers only. Postgres is the machine's own at 127.0.0.1:5432 (trust
-auth, user postgres; override with ``GHAR_TEST_PG_DSN``); every database a
-test uses is created with a unique name and dropped afterwards
-(``DROP ... WITH (FORCE)``). PgBouncer is Debian's binary
+Real servers only. Postgres is the test settings' ``DATABASE_URL``
+(env/.env.test: the machine's own at 127.0.0.1:5432, trust auth, user
+postgres); when nothing answers there, the session starts a throwaway cluster
+of its own from the machine's PostgreSQL binaries
+(:class:`ghar_core.devtools.postgres.EmbeddedPostgres`) and stops it at the
+end. An explicit ``GHAR_TEST_DATABASE_URL`` (a maintenance-database DSN) wins
+and is never replaced. Every database a test uses is created with a unique
+name and dropped afterwards (``DROP ... WITH (FORCE)``). PgBouncer is Debian's binary
 (``scripts/ensure-pgbouncer.sh`` installs it), started per session on a free
 loopback port in transaction mode with its own temporary config and auth
 files; it refuses to run as root, so as root it is started with
@@ -22,6 +26,7 @@ Fixtures:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -42,12 +47,14 @@ import pytest
 
 from ghar_core.config import Settings, load_settings
 from ghar_core.database import Database
+from ghar_core.devtools.postgres import EmbeddedPostgres, EmbeddedPostgresError
 from ghar_core.migrate import migrate_dsn
 from tests.conftest import require
 
 __all__ = [
     "PG_ADMIN_DSN",
     "PgBouncer",
+    "admin_dsn",
     "db",
     "db_settings",
     "free_port",
@@ -61,7 +68,8 @@ __all__ = [
     "with_database",
 ]
 
-PG_ADMIN_DSN = os.environ.get("GHAR_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+# An explicit choice: used as it is, never replaced by a cluster of our own.
+PG_ADMIN_DSN = os.environ.get("GHAR_TEST_DATABASE_URL") or os.environ.get("GHAR_TEST_PG_DSN")
 T = TypeVar("T")
 
 
@@ -82,24 +90,86 @@ def free_port() -> int:
         return port
 
 
-_available: bool | None = None
+_resolved: list[str | None] = []  # [dsn] once decided; [None]: no Postgres to be had
+_own: list[EmbeddedPostgres] = []  # the throwaway cluster, when the session started one
+_why_not: list[str] = []
+_own_folder: list[str] = []
+
+
+async def _answers(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def _own_cluster() -> str | None:
+    """Start a throwaway cluster (fast, not durable) in a temporary folder; its DSN."""
+    directory = tempfile.mkdtemp(prefix="ghar-test-pg-")
+    os.chmod(directory, 0o755)  # as root the server runs as postgres, who must enter it
+    cluster = EmbeddedPostgres(os.path.join(directory, "pg"), durable=False)
+    try:
+        dsn = cluster.start()
+    except EmbeddedPostgresError as exc:
+        _why_not.append(str(exc))
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    _own.append(cluster)
+    _own_folder.append(directory)
+    atexit.register(_stop_own_cluster)  # belt and braces: pytest_sessionfinish stops it
+    return dsn
+
+
+def _configured() -> str:
+    return load_settings(app_env="test").DATABASE_URL
+
+
+def admin_dsn() -> str | None:
+    """DSN of the maintenance database the tests use, decided once per session.
+
+    The explicit ``GHAR_TEST_DATABASE_URL`` as it is; else the test settings'
+    ``DATABASE_URL`` when it answers; else a throwaway cluster started now and
+    stopped at the end of the session. None when there is no Postgres to be had.
+    """
+    if not _resolved:
+        configured = PG_ADMIN_DSN or _configured()
+        if run_sync(_answers(configured)):
+            _resolved.append(configured)
+        elif PG_ADMIN_DSN:
+            _why_not.append(f"nothing answers at GHAR_TEST_DATABASE_URL={PG_ADMIN_DSN}")
+            _resolved.append(None)
+        else:
+            _resolved.append(_own_cluster())
+    return _resolved[0]
+
+
+def _stop_own_cluster() -> None:
+    while _own:
+        cluster = _own.pop()
+        cluster.stop()
+        shutil.rmtree(cluster.data_dir.parent, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _stop_own_cluster()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # Runs after pytest_sessionfinish: say what the session used, the cluster is gone.
+    if _resolved and not PG_ADMIN_DSN and _resolved[0] != _configured():
+        used = f"{_resolved[0]} in {_own_folder[0]}" if _own_folder else "none"
+        used += "".join(f" ({why})" for why in _why_not)
+        terminalreporter.write_line(
+            f"tests/pg.py: nothing answered at {_configured()}; "
+            f"the session ran its own PostgreSQL: {used}"
+        )
 
 
 def postgres_available() -> bool:
-    """Whether the test Postgres answers (checked once per session)."""
-    global _available
-    if _available is None:
-
-        async def probe() -> bool:
-            try:
-                conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                return False
-            await conn.close()
-            return True
-
-        _available = run_sync(probe())
-    return _available
+    """Whether the tests have a Postgres (their own when none is configured)."""
+    return admin_dsn() is not None
 
 
 def pgbouncer_binary() -> str | None:
@@ -150,8 +220,10 @@ def _temporary_database(admin_dsn: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pg_admin_dsn() -> str:
     """DSN of the maintenance database; the test skips (fails in CI) without Postgres."""
-    require(postgres_available(), "PostgreSQL at 127.0.0.1:5432")
-    return PG_ADMIN_DSN
+    dsn = admin_dsn()
+    require(dsn is not None, "PostgreSQL (" + " ".join(_why_not) + ")")
+    assert dsn is not None
+    return dsn
 
 
 @pytest.fixture(scope="module")

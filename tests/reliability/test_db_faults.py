@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -151,7 +152,8 @@ class Relay:
 
 
 async def test_outage_gives_503_and_recovers_by_itself(db_settings: Settings, db: Database) -> None:
-    relay = Relay(free_port(), ("127.0.0.1", 5432))
+    target = urlsplit(db_settings.DATABASE_URL)
+    relay = Relay(free_port(), (target.hostname or "127.0.0.1", target.port or 5432))
     dsn = with_database(
         db_settings.DATABASE_URL, db_settings.DATABASE_URL.rsplit("/", 1)[1], port=relay.port
     )
