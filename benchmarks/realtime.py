@@ -853,13 +853,91 @@ def _targets(
     return found
 
 
+def summary(
+    throughput: list[Throughput], memory: list[Memory], sockets: list[Socketed]
+) -> list[dict[str, Any]]:
+    """The figures ``python -m benchmarks`` charts: each part against its baseline."""
+    out: list[dict[str, Any]] = []
+
+    def figure(
+        group: str, label: str, role: str, value: float, unit: str, base: float, better: str
+    ) -> None:
+        out.append(
+            {
+                "group": group,
+                "label": label,
+                "role": role,
+                "value": value,
+                "unit": unit,
+                "ratio": value / base if base else 0.0,
+                "better": better,
+            }
+        )
+
+    for r in throughput:
+        if r.subscribers != 500:
+            continue
+        base = next(
+            x.per_second
+            for x in throughput
+            if x.shape == r.shape and x.subscribers == 500 and x.variant.startswith("naive")
+        )
+        role = (
+            "baseline"
+            if r.variant.startswith("naive")
+            else "ours"
+            if r.variant.startswith("ours")
+            else "peer"
+        )
+        figure(
+            f"deliveries/s at 500 subscribers ({r.shape})",
+            r.variant,
+            role,
+            r.per_second,
+            "deliveries/s",
+            base,
+            "higher",
+        )
+    idle = [m for m in memory if not m.reader]
+    naive_idle = next((m for m in idle if m.variant.startswith("naive")), None)
+    for m in idle:
+        if naive_idle is None:
+            break
+        role = "baseline" if m is naive_idle else "ours" if m.variant.startswith("ours") else "peer"
+        figure(
+            "bytes per idle subscriber",
+            m.variant,
+            role,
+            m.bytes_per_subscriber,
+            "B",
+            naive_idle.bytes_per_subscriber,
+            "lower",
+        )
+    floor = next((s for s in sockets if s.variant.startswith("bare")), None)
+    for s in sockets:
+        if floor is None:
+            break
+        role = "baseline" if s is floor else "ours" if s.variant.startswith("ours") else "peer"
+        figure(
+            "emit-to-socket p99, one stream per event",
+            s.variant,
+            role,
+            s.single_p99_ms,
+            "ms",
+            floor.single_p99_ms,
+            "lower",
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deliveries", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--subscribers", type=int, default=10_000, help="for the memory part")
     parser.add_argument("--connections", type=int, default=2000)
-    parser.add_argument("--quick", action="store_true", help="tiny run, print only")
+    parser.add_argument("--quick", action="store_true", help="tiny run; writes no files")
+    parser.add_argument("--results-dir", type=Path, help="write here (with --quick too)")
     parser.add_argument("--serve", nargs=2, metavar=("VARIANT", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -881,16 +959,18 @@ def main(argv: list[str] | None = None) -> None:
     after = " ".join(f"{x:.2f}" for x in os.getloadavg())
     table, targets = render(throughput, memory, sockets, args, (before, after))
     print(table)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "realtime.md").write_text(table)
+    out_dir = args.results_dir or (None if args.quick else RESULTS)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "realtime.md").write_text(table)
         payload = {
             "throughput": [asdict(r) | {"per_second": r.per_second} for r in throughput],
             "memory": [asdict(m) for m in memory],
             "sockets": [asdict(s) for s in sockets],
             "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets],
+            "summary": summary(throughput, memory, sockets),
         }
-        (RESULTS / "realtime.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out_dir / "realtime.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":
