@@ -238,6 +238,15 @@ class Settings:
         "Postgres DSN (direct or PgBouncer); its password is masked.",
         schemes=_PG,
     )
+    DATABASE_DIRECT_URL: str | None = _var(
+        None,
+        "url",
+        "Database",
+        "Direct Postgres DSN (never PgBouncer) for the event broker's LISTEN; "
+        "default DATABASE_URL.",
+        optional=True,
+        schemes=_PG,
+    )
     DB_POOL_MIN_SIZE: int = _var(
         1, "int", "Database", "Main pool: connections kept open.", minimum=0, maximum=1000
     )
@@ -423,6 +432,38 @@ class Settings:
         "Feature flags",
         "How events cross processes: memory or postgres (LISTEN/NOTIFY).",
         choices=("memory", "postgres"),
+    )
+    EVENT_MAX_PAYLOAD_BYTES: int = _var(
+        65_536,
+        "int",
+        "Feature flags",
+        "Largest encoded event the postgres broker accepts; larger is an error.",
+        minimum=64,
+        maximum=50_000_000,
+    )
+    EVENT_OUTBOX_RETENTION_AGE: float = _var(
+        3600.0,
+        "float",
+        "Feature flags",
+        "Seconds an outbox row is kept (the resume window of EVENT_BROKER=postgres).",
+        minimum=1,
+        maximum=86400 * 30,
+    )
+    EVENT_OUTBOX_RETENTION_COUNT: int = _var(
+        1_000_000,
+        "int",
+        "Feature flags",
+        "Most outbox rows kept; the oldest beyond are pruned.",
+        minimum=1,
+        maximum=1_000_000_000,
+    )
+    EVENT_OUTBOX_PRUNE_INTERVAL: float = _var(
+        30.0,
+        "float",
+        "Feature flags",
+        "Seconds between two outbox prunes (one instance at a time).",
+        minimum=0.1,
+        maximum=86400,
     )
     # SSE
     SSE_QUEUE_MAX_SIZE: int = _var(

@@ -34,6 +34,7 @@ from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.auth import SupabaseAuth
+from ghar_core.broker import build_broker
 from ghar_core.database import Database
 from ghar_core.exceptions import (
     BaseAPIException,
@@ -81,10 +82,13 @@ def build_default_resources(
     """
     resources: list[Resource] = []
     # Each service adds its resource here.
-    resources.append(Database(settings, migrations=migrations))  # "database": both pools
+    database = Database(settings, migrations=migrations)
+    resources.append(database)  # "database": both pools
     resources.append(HTTPClientsResource())  # shared outbound sessions; stop closes them
     resources.append(SupabaseAuth(settings))  # "auth": JWKS and token caches (issue 5)
-    resources.append(SSEEventBus(settings))  # "sse": per-user event bus; stop ends the streams
+    broker = build_broker(settings, database)
+    resources.append(broker)  # "broker": EVENT_BROKER (memory, or the Postgres outbox + LISTEN)
+    resources.append(SSEEventBus(settings, broker=broker))  # "sse": per-user event bus
     return resources
 
 
