@@ -147,11 +147,12 @@ async def connect_direct(
     except BaseException:
         conn.terminate()
         raise
-    if pid != conn.get_server_pid():
+    given = conn.get_server_pid()
+    if pid != given:
         conn.terminate()
         raise PoolerAddressError(
             "DATABASE_DIRECT_URL (default DATABASE_URL) reaches Postgres through a connection "
-            f"pooler such as PgBouncer (the start-up backend pid {conn.get_server_pid()} is not "
+            f"pooler such as PgBouncer (the start-up backend pid {given} is not "
             f"the session's {pid}): LISTEN needs a session of its own, and in PgBouncer's "
             "transaction mode notifications go to whichever client holds the server "
             "connection, so events would be lost. Set DATABASE_DIRECT_URL to Postgres's own "
@@ -442,7 +443,8 @@ class PostgresBroker:
                 self._watch(conn, lost)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 # Whatever was committed while we were away is read back now.
-                await self._resync(conn, list(self._known))
+                async with asyncio.timeout(max(5.0, 2 * self.keepalive)):
+                    await self._resync(conn, list(self._known))
                 self._conn = conn
                 self._connected.set()
                 self.connects += 1
@@ -484,11 +486,15 @@ class PostgresBroker:
 
     async def _serve(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         wake = self._wake
+        # Every query here is bounded, so a connection that went half-open
+        # while busy fails too; an idle one is probed every ``keepalive``.
+        bound = max(5.0, 2 * self.keepalive)
         while True:
             if lost.is_set() or conn.is_closed():
                 raise ConnectionError("the LISTEN connection was closed")
             if self._heads or self._ranges:
-                await self._drain(conn)
+                async with asyncio.timeout(bound):
+                    await self._drain(conn)
                 continue
             wake.clear()
             try:
@@ -496,7 +502,7 @@ class PostgresBroker:
                     await wake.wait()
             except TimeoutError:
                 # Idle: prove the connection is alive (a half-open socket says nothing).
-                async with asyncio.timeout(self.keepalive):
+                async with asyncio.timeout(self.keepalive * 0.9):
                     await conn.fetchval("SELECT 1")
                 self._sweep()
 
@@ -678,7 +684,7 @@ class PostgresBroker:
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             logger.warning("event listener cannot reach Postgres yet (%s); will retry", exc)
         else:
-            await probe.close()
+            await probe.close(timeout=self.settings.DB_CONNECT_TIMEOUT)
         self._closing = False
         loop = asyncio.get_running_loop()
         self._tasks = [
