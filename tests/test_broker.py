@@ -59,7 +59,8 @@ async def test_memory_broker_delivers_in_process_to_the_sinks_that_want_the_key(
     broker.publish_nowait(TOPIC_JOB, "job-2", "progress", b'{"p":2}')
     record = await broker.publish(TOPIC_JOB, "job-1", "done", b"{}")
     assert [r.type for r in sink.records["job-1"]] == ["progress", "done"]
-    assert record.position == 3 and "job-2" not in sink.records
+    assert record.position == 3
+    assert "job-2" not in sink.records
     with pytest.raises(EventTooLargeError, match="EVENT_MAX_PAYLOAD_BYTES=100"):
         broker.publish_nowait(TOPIC_JOB, "job-1", "big", b"x" * 101)
     assert await broker.read_since(TOPIC_JOB, "job-1", broker.epoch, 3) == []
@@ -85,7 +86,8 @@ async def test_an_event_published_on_one_instance_reaches_the_other_in_order(
         a.attach(TOPIC_USER, sink_a)
         b.attach(TOPIC_USER, sink_b)
         epoch, head = await b.head(TOPIC_USER, "u1")
-        assert head == 0 and await b.head(TOPIC_USER, "u2") != (epoch, 0)
+        assert head == 0
+        assert await b.head(TOPIC_USER, "u2") != (epoch, 0)
         await a.head(TOPIC_USER, "u1")
         for n in range(50):
             a.publish_nowait(TOPIC_USER, "u1", "t", _payload(n))
@@ -100,10 +102,12 @@ async def test_an_event_published_on_one_instance_reaches_the_other_in_order(
         assert "u2" not in sink_a.records  # nobody on A wanted u2: nothing read for it
         # Any instance answers a resume from the outbox.
         missed = await a.read_since(TOPIC_USER, "u1", epoch, 48)
-        assert isinstance(missed, list) and [r.position for r in missed] == [49, 50, 51]
+        assert isinstance(missed, list)
+        assert [r.position for r in missed] == [49, 50, 51]
         assert await a.read_since(TOPIC_USER, "u1", epoch, 99) == "unknown_position"
         assert await a.read_since(TOPIC_USER, "u1", "0000", 1) == "epoch_changed"
-        assert a.stats()["published"] == 51 and b.stats()["connected"] is True
+        assert a.stats()["published"] == 51
+        assert b.stats()["connected"] is True
 
 
 async def test_emit_from_a_script_reaches_a_running_instance(outbox_dsn: str) -> None:
@@ -127,7 +131,8 @@ async def test_emit_from_a_script_reaches_a_running_instance(outbox_dsn: str) ->
             await conn.close()
         await until(lambda: len(sink.records["7"]) == 2 and len(sink.records["job-9"]) == 1)
         assert orjson.loads(sink.records["7"][0].payload) == {"type": "note", "data": {"x": 1}}
-        assert record.position == 1 and sink.positions("7") == [1, 2]
+        assert record.position == 1
+        assert sink.positions("7") == [1, 2]
         with pytest.raises(EventTooLargeError, match="over EVENT_MAX_PAYLOAD_BYTES=1000"):
             await emit(user="7", type="big", data="x" * 2000, settings=settings)
         with pytest.raises(ValueError, match="exactly one"):
@@ -244,7 +249,8 @@ async def test_a_killed_listener_reconnects_and_reads_back_what_it_missed(
                 await emit(user="u", type="t", data=round_ * 3 + n, settings=settings)
             await until(lambda r=round_: len(sink.records["u"]) == (r + 1) * 3)
         assert sink.positions("u") == list(range(1, 16))
-        assert b.stats()["connects"] >= 6 and sink.resets == []
+        assert b.stats()["connects"] >= 6
+        assert sink.resets == []
 
 
 @contextlib.asynccontextmanager
@@ -309,7 +315,8 @@ async def test_a_truncated_outbox_changes_the_epoch_and_resets_the_subscribers(
         finally:
             await conn.close()
         after = await emit(user="u", type="t", data=2, settings=settings)
-        assert after.epoch != epoch and after.position == 1
+        assert after.epoch != epoch
+        assert after.position == 1
         await until(lambda: len(sink.resets) == 1)
         key, new_epoch, _, reason = sink.resets[0]
         assert (key, new_epoch, reason) == ("u", after.epoch, "epoch_changed")
@@ -337,7 +344,9 @@ async def test_a_head_that_went_back_gets_a_new_epoch_never_reused_positions(
         await kill_listeners(outbox_dsn)  # the catch-up on reconnect sees it
         await until(lambda: len(sink.resets) == 1)
         _, new_epoch, head, reason = sink.resets[0]
-        assert new_epoch != epoch and head == 1 and reason == "epoch_changed"
+        assert new_epoch != epoch
+        assert head == 1
+        assert reason == "epoch_changed"
         later = await emit(user="u", type="t", data=9, settings=settings)
         assert (later.epoch, later.position) == (new_epoch, 2)
         await until(lambda: sink.records["u"][-1].epoch == new_epoch)
@@ -350,7 +359,7 @@ async def test_a_pgbouncer_address_for_the_listener_is_refused_saying_why(
     outbox_dsn: str, pgbouncer: PgBouncer
 ) -> None:
     bounced = pgbouncer.dsn(outbox_dsn)
-    with pytest.raises(PoolerAddressError, match="DATABASE_DIRECT_URL.*PgBouncer.*transaction"):
+    with pytest.raises(PoolerAddressError, match=r"DATABASE_DIRECT_URL.*PgBouncer.*transaction"):
         await connect_direct(bounced)
     settings = broker_settings(bounced)
     database = Database(settings)
@@ -380,7 +389,8 @@ async def test_the_pools_through_pgbouncer_and_the_listener_direct(
         await until(lambda: len(sink.records["u"]) == 100)
         assert sink.positions("u") == list(range(1, 101))
         replay = await a.read_since(TOPIC_USER, "u", epoch, 90)
-        assert isinstance(replay, list) and len(replay) == 10
+        assert isinstance(replay, list)
+        assert len(replay) == 10
         assert await a.prune() == 0  # the advisory xact lock works through PgBouncer
 
 
@@ -405,7 +415,7 @@ def aged_outbox(outbox_dsn: str) -> Iterator[str]:
             await conn.close()
 
     run_sync(fill())
-    yield outbox_dsn
+    return outbox_dsn
 
 
 async def test_retention_prunes_by_age_and_count_in_batches_one_instance_at_a_time(
@@ -430,10 +440,12 @@ async def test_retention_prunes_by_age_and_count_in_batches_one_instance_at_a_ti
         # 70 rows are past the age; of the other 50, the 10 oldest are beyond the count.
         assert await broker.prune(batch=10, max_batches=100) == 80
         stats = broker.stats()
-        assert stats["outbox_rows"] == 40 and stats["outbox_oldest_age"] < 60
+        assert stats["outbox_rows"] == 40
+        assert stats["outbox_oldest_age"] < 60
         assert await broker.read_since(TOPIC_USER, "old", "e1", 10) == "history_expired"
         replay = await broker.read_since(TOPIC_USER, "old", "e1", 100)
-        assert isinstance(replay, list) and len(replay) == 20
+        assert isinstance(replay, list)
+        assert len(replay) == 20
     finally:
         await database.stop(grace=2)
 
