@@ -457,6 +457,14 @@ class Settings:
         minimum=1,
         maximum=1_000_000_000,
     )
+    EVENT_OUTBOX_SYNCHRONOUS_COMMIT: bool = _var(
+        True,
+        "bool",
+        "Feature flags",
+        "Wait for the WAL flush of each outbox batch; off cuts the emit-to-delivery latency "
+        "by the disk's fsync, and a Postgres crash (not a restart) can lose the last "
+        "fraction of a second of events.",
+    )
     EVENT_OUTBOX_PRUNE_INTERVAL: float = _var(
         30.0,
         "float",

@@ -41,7 +41,7 @@ logger = logging.getLogger("ghar_core.broker")
 
 LISTEN_APPLICATION_NAME: Final = "ghar-core-listen"
 PUBLISH_SQL: Final = (
-    "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5)"
+    "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5, $6)"
 )
 _LOOKUP_SQL: Final = "SELECT id, stream, epoch, position FROM ghar_event_outbox WHERE batch = $1"
 _ROW_COLUMNS: Final = (
@@ -105,6 +105,20 @@ class _Batch:
         self.unknown = False  # the last attempt may have committed: look it up first
 
 
+class _Lane:
+    """One writer's queue: the streams hashed to it, written in order, one batch in flight."""
+
+    __slots__ = ("queue", "retry", "wake")
+
+    def __init__(self) -> None:
+        self.queue: deque[_Pending] = deque()
+        self.retry: _Batch | None = None
+        self.wake = asyncio.Event()
+
+    def pending(self) -> int:
+        return len(self.queue) + (len(self.retry.items) if self.retry else 0)
+
+
 class _Backoff:
     """Jittered exponential delays from ``first`` to ``cap`` seconds."""
 
@@ -162,10 +176,23 @@ async def connect_direct(
 
 
 async def publish_rows(
-    conn: Any, streams: list[str], types: list[str], payloads: list[bytes], batch: uuid.UUID
+    conn: Any,
+    streams: list[str],
+    types: list[str],
+    payloads: list[bytes],
+    batch: uuid.UUID,
+    *,
+    durable: bool = True,
 ) -> list[Any]:
-    """Write events to the outbox on ``conn`` (the caller's transaction, if any) and NOTIFY."""
-    rows: list[Any] = await conn.fetch(PUBLISH_SQL, streams, types, payloads, batch, NOTIFY_CHANNEL)
+    """Write events to the outbox on ``conn`` (the caller's transaction, if any) and NOTIFY.
+
+    ``durable=False`` lets this transaction commit without waiting for the WAL
+    flush (``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``); inside a caller's transaction
+    that applies to the whole transaction, so only the broker's writer uses it.
+    """
+    rows: list[Any] = await conn.fetch(
+        PUBLISH_SQL, streams, types, payloads, batch, NOTIFY_CHANNEL, durable
+    )
     return rows
 
 
@@ -190,8 +217,12 @@ class PostgresBroker:
     (default ``DATABASE_DIRECT_URL``, else ``DATABASE_URL``) and checked not
     to be a pooler. ``keepalive``: seconds between liveness probes of an idle
     listener (a loss is noticed within twice that). ``prune``: run the
-    retention task. ``queue_limit``: events that may wait for the outbox
-    before ``publish_nowait`` refuses (503). Owned by the app's lifespan:
+    retention task. ``queue_limit``: events that may wait for the outbox, per
+    writer, before ``publish_nowait`` refuses (503). ``writers``: writer tasks
+    committing in parallel; a stream always goes to the same one, so one
+    process's events of a stream are stored in the order emitted.
+    ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT=false`` lets the writers commit without
+    waiting for the WAL flush. Owned by the app's lifespan:
     ``start`` runs the tasks, ``stop`` flushes what is queued (bounded) and
     closes the connection.
     """
@@ -207,13 +238,16 @@ class PostgresBroker:
         direct_dsn: str | None = None,
         keepalive: float = 1.0,
         batch_size: int = 500,
+        writers: int = 2,
         queue_limit: int = 100_000,
         head_timeout: float = 5.0,
         prune: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if keepalive <= 0 or batch_size < 1 or queue_limit < 1 or head_timeout <= 0:
-            raise ValueError("keepalive and head_timeout must be > 0, batch/queue sizes >= 1")
+        if keepalive <= 0 or head_timeout <= 0:
+            raise ValueError("keepalive and head_timeout must be > 0")
+        if batch_size < 1 or queue_limit < 1 or writers < 1:
+            raise ValueError("batch_size, queue_limit and writers must be >= 1")
         self.settings = settings
         self.database = database
         self.direct_dsn = direct_dsn or settings.DATABASE_DIRECT_URL or settings.DATABASE_URL
@@ -226,12 +260,12 @@ class PostgresBroker:
         self.retention_age = settings.EVENT_OUTBOX_RETENTION_AGE
         self.retention_count = settings.EVENT_OUTBOX_RETENTION_COUNT
         self.prune_interval = settings.EVENT_OUTBOX_PRUNE_INTERVAL
+        self.synchronous_commit = settings.EVENT_OUTBOX_SYNCHRONOUS_COMMIT
         self.clock = clock
         self._sinks: dict[str, list[Sink]] = {topic: [] for topic in TOPICS}
-        # Publishing: one writer task drains this queue in order.
-        self._queue: deque[_Pending] = deque()
-        self._retry: _Batch | None = None
-        self._write_wake = asyncio.Event()
+        # Publishing: a stream always goes to the same lane, whose one writer task
+        # writes in order; lanes commit in parallel (other streams, other rows).
+        self._lanes = [_Lane() for _ in range(writers)]
         # Listening: what this process has delivered per stream, and the work waiting.
         self._known: dict[str, tuple[str, int]] = {}
         self._ranges: list[tuple[int, int]] = []
@@ -240,6 +274,7 @@ class PostgresBroker:
         self._connected = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._writers: list[asyncio.Task[None]] = []
         self._closing = False
         self.started = False
         # Counters for stats().
@@ -293,34 +328,40 @@ class PostgresBroker:
         stream = check_event(topic, key, type, payload, self.max_payload)
         if self._closing:
             raise BrokerUnavailableError("The server is stopping; the event was not stored.")
-        if len(self._queue) >= self.queue_limit:
+        lanes = self._lanes
+        lane = lanes[hash(stream) % len(lanes)] if len(lanes) > 1 else lanes[0]
+        if len(lane.queue) >= self.queue_limit:
             self.refused += 1
-            raise BrokerBusyError(details={"queued": len(self._queue)})
-        self._queue.append(_Pending(stream, type, payload, future))
-        self._write_wake.set()
+            raise BrokerBusyError(details={"queued": len(lane.queue)})
+        lane.queue.append(_Pending(stream, type, payload, future))
+        lane.wake.set()
 
-    async def _write_forever(self) -> None:
+    def queued(self) -> int:
+        """Events not yet committed to the outbox."""
+        return sum(lane.pending() for lane in self._lanes)
+
+    async def _write_forever(self, lane: _Lane) -> None:
         backoff = _Backoff(0.05, 1.0)
         warned = 0.0
         while True:
-            batch = self._retry
+            batch = lane.retry
             if batch is None:
-                if not self._queue:
+                if not lane.queue:
                     if self._closing:
                         return
-                    self._write_wake.clear()
-                    await self._write_wake.wait()
+                    lane.wake.clear()
+                    await lane.wake.wait()
                     continue
-                count = min(len(self._queue), self.batch_size)
-                batch = _Batch([self._queue.popleft() for _ in range(count)])
-            self._retry = batch
+                count = min(len(lane.queue), self.batch_size)
+                batch = _Batch([lane.queue.popleft() for _ in range(count)])
+            lane.retry = batch
             try:
                 rows = await self._write(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if _permanent(exc):
-                    self._retry = None
+                    lane.retry = None
                     self._fail(batch, exc)
                     continue
                 batch.unknown = batch.unknown or _maybe_committed(exc)
@@ -330,14 +371,11 @@ class PostgresBroker:
                         "event outbox write failed (%s: %s); %d event(s) wait, retrying",
                         type(exc).__name__,
                         exc,
-                        len(batch.items) + len(self._queue),
+                        lane.pending(),
                     )
-                if self._closing and not self._queue:
-                    await asyncio.sleep(0.05)
-                else:
-                    await asyncio.sleep(backoff.next())
+                await asyncio.sleep(0.05 if self._closing else backoff.next())
                 continue
-            self._retry = None
+            lane.retry = None
             backoff.reset()
             self._settle(batch, rows)
 
@@ -355,6 +393,7 @@ class PostgresBroker:
                 [p.type for p in items],
                 [p.payload for p in items],
                 batch.id,
+                durable=self.synchronous_commit,
             )
 
     def _settle(self, batch: _Batch, rows: list[Any]) -> None:
@@ -687,10 +726,11 @@ class PostgresBroker:
             await probe.close(timeout=self.settings.DB_CONNECT_TIMEOUT)
         self._closing = False
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._write_forever(), name="ghar-broker-writer"),
-            loop.create_task(self._listen_forever(), name="ghar-broker-listener"),
+        self._writers = [
+            loop.create_task(self._write_forever(lane), name=f"ghar-broker-writer-{i}")
+            for i, lane in enumerate(self._lanes)
         ]
+        self._tasks = [loop.create_task(self._listen_forever(), name="ghar-broker-listener")]
         if self.prune_enabled:
             self._tasks.append(loop.create_task(self._prune_forever(), name="ghar-broker-prune"))
         self.started = True
@@ -713,29 +753,30 @@ class PostgresBroker:
         if not self.started:
             return
         self._closing = True
-        self._write_wake.set()
+        for lane in self._lanes:
+            lane.wake.set()
         bound = self.settings.SHUTDOWN_STEP_TIMEOUT * 0.8 if grace is None else grace
-        writer, *others = self._tasks
-        for task in others:
+        for task in self._tasks:
             task.cancel()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(bound):
-                await asyncio.shield(writer)
-        writer.cancel()
-        for task in self._tasks:
+                await asyncio.shield(asyncio.gather(*self._writers))
+        for task in self._writers:
+            task.cancel()
+        for task in self._writers + self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        left = len(self._queue) + (len(self._retry.items) if self._retry else 0)
+        left = self.queued()
         if left:
             logger.error("event broker stopped with %d event(s) not stored", left)
             self.failed += left
-        for future in [p.future for p in self._queue] + [
-            p.future for p in (self._retry.items if self._retry else ())
-        ]:
-            if future is not None and not future.done():
-                future.set_exception(BrokerUnavailableError("The server stopped first."))
-        self._queue.clear()
-        self._retry = None
+        for lane in self._lanes:
+            for item in [*lane.queue, *(lane.retry.items if lane.retry else ())]:
+                if item.future is not None and not item.future.done():
+                    item.future.set_exception(BrokerUnavailableError("The server stopped first."))
+            lane.queue.clear()
+            lane.retry = None
+        self._writers = []
         self._tasks = []
         self.started = False
 
@@ -748,7 +789,7 @@ class PostgresBroker:
         return {
             "kind": "postgres",
             "connected": self._connected.is_set(),
-            "queued": len(self._queue),
+            "queued": self.queued(),
             "published": self.published,
             "failed": self.failed,
             "refused": self.refused,

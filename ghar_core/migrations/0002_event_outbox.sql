@@ -36,8 +36,11 @@ LANGUAGE sql VOLATILE AS $$ SELECT left(md5(gen_random_uuid()::text), 16) $$;
 -- Publish events (parallel arrays, in order) in the caller's transaction and
 -- wake the listeners with one small NOTIFY carrying the range of new ids.
 -- Streams are locked in sorted order, so concurrent batches cannot deadlock.
+-- p_durable false: this transaction commits without waiting for the WAL flush
+-- (set_config(..., true) lasts until the transaction ends, no longer).
 CREATE FUNCTION ghar_event_publish(
-    p_streams text[], p_types text[], p_payloads bytea[], p_batch uuid, p_channel text
+    p_streams text[], p_types text[], p_payloads bytea[], p_batch uuid, p_channel text,
+    p_durable boolean DEFAULT true
 ) RETURNS TABLE (id bigint, stream text, epoch text, "position" bigint)
 LANGUAGE sql VOLATILE AS $$
     WITH input AS (
@@ -61,8 +64,11 @@ LANGUAGE sql VOLATILE AS $$
         RETURNING o.id, o.stream, o.epoch, o.position
     ), woken AS (
         SELECT pg_notify(p_channel, min(a.id)::text || ' ' || max(a.id)::text) FROM added a
+    ), commit_mode AS (
+        SELECT CASE WHEN p_durable THEN NULL
+                    ELSE set_config('synchronous_commit', 'off', true) END
     )
-    SELECT a.id, a.stream, a.epoch, a.position FROM added a, woken ORDER BY a.id
+    SELECT a.id, a.stream, a.epoch, a.position FROM added a, woken, commit_mode ORDER BY a.id
 $$;
 
 -- The epoch and head of each stream, creating the streams never seen yet
