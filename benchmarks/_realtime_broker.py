@@ -59,7 +59,9 @@ def _pct(values: list[float], q: float) -> float:
 async def _database() -> AsyncIterator[str]:
     from ghar_core.migrate import migrate_dsn
 
-    admin = os.environ.get("GHAR_BENCH_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    admin = (
+        os.environ.get("GHAR_BENCH_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
     name = f"ghar_bench_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(admin)
     try:
@@ -335,7 +337,9 @@ def targets_cross(rows: list[CrossInstance]) -> list[tuple[str, str, bool]]:
                     ours.latency_p99_ms <= peer.latency_p99_ms,
                 )
             )
-        found.append((f"{name}: no event lost across instances", f"{ours.lost} lost", ours.lost == 0))
+        found.append(
+            (f"{name}: no event lost across instances", f"{ours.lost} lost", ours.lost == 0)
+        )
     return found
 
 

@@ -28,6 +28,14 @@ measures, side by side:
    stream at once, 5 times. The floor writes the same frames to the same
    sockets from a bare loop.
 
+5. **Across instances over one Postgres** (``EVENT_BROKER=postgres``): emit
+   on instance A, delivered to a subscriber of instance B -- latency p50/p99
+   at 1 000 publishes/s and the publish rate one instance sustains -- ours
+   (the outbox broker, durable and with ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``
+   off) beside encode/broadcaster's Postgres backend and the floor, a bare
+   asyncpg NOTIFY -> LISTEN round trip (see ``benchmarks/_realtime_broker.py``).
+   Postgres: ``GHAR_BENCH_DATABASE_URL``, else the machine's.
+
     .venv/bin/python benchmarks/realtime.py            # writes benchmarks/results/
     .venv/bin/python benchmarks/realtime.py --quick    # smoke run, no files
 """
@@ -55,6 +63,15 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _realtime_broker import (  # the sibling module of this script
+    CrossInstance,
+    measure_cross_instance,
+    render_cross,
+    summary_cross,
+    targets_cross,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -721,6 +738,7 @@ def render(
     throughput: list[Throughput],
     memory: list[Memory],
     sockets: list[Socketed],
+    cross: list[CrossInstance],
     args: argparse.Namespace,
     load: tuple[str, str],
 ) -> tuple[str, list[tuple[str, str, bool]]]:
@@ -796,8 +814,9 @@ def render(
         "its streams, then SIGTERM).",
         "",
     ]
-    targets = _targets(throughput, memory, sockets)
-    out += ["## Targets (issue 13)", "", "| target | measured | met |", "|---|---:|:---:|"]
+    out += render_cross(cross)
+    targets = _targets(throughput, memory, sockets) + targets_cross(cross)
+    out += ["## Targets (issues 13, 15)", "", "| target | measured | met |", "|---|---:|:---:|"]
     for name, measured, met in targets:
         out.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
     return "\n".join(out) + "\n", targets
@@ -949,15 +968,18 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [1, 100, 500]
     before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    async def run() -> tuple[list[Throughput], list[Memory], list[Socketed]]:
+    latency_events, rate_events = (300, 2000) if args.quick else (3000, 20_000)
+
+    async def run() -> tuple[list[Throughput], list[Memory], list[Socketed], list[CrossInstance]]:
         throughput = await measure_throughput(sizes, args.deliveries, args.rounds)
         memory = await measure_memory(args.subscribers)
         sockets = await measure_sockets(args.connections)
-        return throughput, memory, sockets
+        cross = await measure_cross_instance(latency_events, rate_events)
+        return throughput, memory, sockets, cross
 
-    throughput, memory, sockets = asyncio.run(run())
+    throughput, memory, sockets, cross = asyncio.run(run())
     after = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    table, targets = render(throughput, memory, sockets, args, (before, after))
+    table, targets = render(throughput, memory, sockets, cross, args, (before, after))
     print(table)
     out_dir = args.results_dir or (None if args.quick else RESULTS)
     if out_dir is not None:
@@ -967,8 +989,9 @@ def main(argv: list[str] | None = None) -> None:
             "throughput": [asdict(r) | {"per_second": r.per_second} for r in throughput],
             "memory": [asdict(m) for m in memory],
             "sockets": [asdict(s) for s in sockets],
+            "cross_instance": [asdict(c) for c in cross],
             "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets],
-            "summary": summary(throughput, memory, sockets),
+            "summary": summary(throughput, memory, sockets) + summary_cross(cross),
         }
         (out_dir / "realtime.json").write_text(json.dumps(payload, indent=2) + "\n")
 
