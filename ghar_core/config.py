@@ -783,7 +783,7 @@ class Settings:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{name}={value!r}" for name, value in self.masked_items())
-        return f"Settings({parts})"
+        return f"{type(self).__name__}({parts})"
 
     __str__ = __repr__
 

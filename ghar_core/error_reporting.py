@@ -87,7 +87,7 @@ class ErrorReporter:
     def __init__(self, settings: Settings, *, timeout: float = 2.0) -> None:
         dsn = settings.SENTRY_DSN
         self.dsn = dsn.get_secret_value() if dsn else ""
-        self.environment = settings.environment_label
+        self.environment = settings.environment_label  # ENVIRONMENT, else APP_ENV
         self.release = f"{settings.PROJECT_NAME}@{settings.VERSION}"
         self.timeout = timeout
         self._client: Any = None
