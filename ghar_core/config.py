@@ -1075,8 +1075,8 @@ def _unknown_keys(
             found.append((key, _closest(key, known, 0.6), "env file"))
             seen.add(key)
     for key in env:
-        if key in specs or key in _CONTROL_VARS or key in seen or not key.isupper():
-            continue
+        if key in specs or key in seen or key.startswith("GHAR_") or not key.isupper():
+            continue  # GHAR_*: the tools' own variables (GHAR_DEV_DIR, GHAR_SERVE_APP, ...)
         near = _closest(key, known, 0.88)
         if near is not None:
             found.append((key, near, "environment"))
