@@ -214,8 +214,12 @@ def test_ghar_settings_names_the_schema_for_every_command(tmp_path: Path) -> Non
     assert "GEOCODER_KEY='**********'" in shown.stdout
     assert "never-printed" not in shown.stdout + shown.stderr
     assert "unknown" not in shown.stderr
+    table = run("config", "--table")  # GHAR_SETTINGS from the env file
+    assert "| `GEOCODER_KEY` | App | secret |" in table.stdout, table.stderr
+    _write_env(env_dir, {"GEOCODER_KEY": "never-printed"})
     table = run("--settings", "listings_settings:AppSettings", "config", "--table")
     assert "| `GEOCODER_KEY` | App | secret |" in table.stdout, table.stderr
+    assert "GEOCODER_KEY" not in run("config", "--table").stdout  # the core's alone
     wrong = run("--settings", "listings_settings:Nope", "config")
     assert wrong.returncode == 2
     assert "GHAR_SETTINGS: 'listings_settings' has no 'Nope'" in wrong.stderr
