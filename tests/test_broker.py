@@ -31,7 +31,7 @@ from ghar_core.broker import (
     connect_direct,
     emit,
 )
-from ghar_core.broker.postgres import publish_rows
+from ghar_core.broker.outbox import publish_rows
 from ghar_core.database import Database
 from ghar_core.migrate import migrate_dsn
 from tests.broker_support import Recorder, broker_settings, instance, kill_listeners, until

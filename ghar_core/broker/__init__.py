@@ -12,10 +12,13 @@ The outbox. Each event is a row of ``ghar_event_outbox`` (migration
 epoch and head. One NOTIFY per writing transaction wakes every listener; its
 payload is only the range of new row ids (``"<first> <last>"``), never the
 event, so it stays far under Postgres's 8000-byte limit and the commit-time
-NOTIFY lock is held briefly. Events are written by one writer task per
-process in batches (one transaction, one NOTIFY each) through the main pool,
-which may be PgBouncer; :func:`emit` writes from scripts, optionally inside
-the caller's own transaction.
+NOTIFY lock is held briefly. Events are written by writer tasks in batches
+(one transaction, one NOTIFY each) through the main pool, which may be
+PgBouncer; a stream always goes to the same writer, so one process's events
+of a stream are stored in the order they were emitted. A batch whose
+connection died mid-statement is looked up by its batch id before it is
+written again, so no event is stored twice. :func:`emit` writes from
+scripts, optionally inside the caller's own transaction.
 
 Positions come from the outbox, so any instance can serve a
 ``Last-Event-ID`` resume for any user (``read_since``), and the epoch is the
@@ -77,7 +80,8 @@ from ghar_core.broker.base import (
 )
 from ghar_core.broker.emit import emit, encode_event
 from ghar_core.broker.memory import MemoryBroker
-from ghar_core.broker.postgres import PostgresBroker, connect_direct
+from ghar_core.broker.outbox import connect_direct
+from ghar_core.broker.postgres import PostgresBroker
 
 if TYPE_CHECKING:
     from ghar_core.config import Settings

@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 
 from ghar_core.broker.base import TOPIC_JOB, TOPIC_USER, Record, check_event, split_stream
-from ghar_core.broker.postgres import publish_rows
+from ghar_core.broker.outbox import publish_rows
 
 if TYPE_CHECKING:
     from ghar_core.config import Settings
