@@ -40,6 +40,7 @@ from ghar_core.exceptions import (
     BaseAPIException,
     DatabaseUnavailableException,
     PoolExhaustedException,
+    ServiceUnavailableException,
 )
 from ghar_core.logging import get_request_id
 
@@ -48,6 +49,7 @@ __all__ = [
     "TRANSIENT_MESSAGE_MARKERS",
     "TRANSIENT_SQLSTATES",
     "TRANSIENT_SQLSTATE_CLASSES",
+    "CommitOutcomeUnknownException",
     "TransactionSource",
     "execute_with_transient_retry",
     "is_transient_error",
@@ -90,6 +92,22 @@ TRANSIENT_MESSAGE_MARKERS: Final = (
 )
 #: Seconds slept before the single retry (uniformly jittered).
 RETRY_DELAY_RANGE: Final = (0.05, 0.2)
+
+
+class CommitOutcomeUnknownException(ServiceUnavailableException):
+    """The connection failed while COMMIT was in flight and nobody could tell its fate.
+
+    The write may or may not be applied: it is never retried (that could apply
+    it twice). A client seeing ``DB_COMMIT_OUTCOME_UNKNOWN`` should read the
+    state back, or resend with the same idempotency key, after ``Retry-After``.
+    """
+
+    error_code = "DB_COMMIT_OUTCOME_UNKNOWN"
+    message = (
+        "The database connection failed while the change was being committed; it may or may "
+        "not have been applied. Check before retrying, or retry with the same idempotency key."
+    )
+    default_headers = {"Retry-After": "5"}
 
 
 def is_transient_error(exc: BaseException) -> bool:
