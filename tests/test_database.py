@@ -293,7 +293,7 @@ async def test_server_side_state_can_be_declared(one_conn_db: Database) -> None:
             "CREATE OR REPLACE FUNCTION pg_temp.sneaky() RETURNS void LANGUAGE sql AS "
             "$$ SELECT set_config('app.sneaky', 'yes', false) $$"
         )
-        conn._ghar_dirty = False  # the CREATE above was flagged; start clean
+        conn._con._ghar_dirty = False  # the CREATE above was flagged; start clean
         await conn.fetchval("SELECT pg_temp.sneaky()")
         conn.mark_session_state()
     async with one_conn_db.connection() as conn:

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ghar_core"
 LAYERS = {
     0: {"config", "logging", "exceptions", "utils", "constants", "cache", "lifecycle", "envfile"},
     1: {
+        "_db_session",
         "database",
         "db_resilience",
         "http",
