@@ -368,6 +368,24 @@ async def test_serverless_keeps_nothing_connected(
         await database.stop()
 
 
+async def test_serverless_keeps_the_cap_and_fails_fast(db_settings: Settings) -> None:
+    settings = dataclasses.replace(
+        db_settings, SERVERLESS_ENABLED=True, DB_POOL_MAX_SIZE=2, DB_POOL_ACQUIRE_TIMEOUT=0.2
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        async with holding(database, 2):
+            assert database.stats()["main"]["in_use"] == 2
+            with pytest.raises(PoolExhaustedException):
+                async with database.connection():
+                    pass
+        async with database.connection() as conn:
+            assert await conn.fetchval("SELECT 3") == 3
+    finally:
+        await database.stop()
+
+
 async def test_idle_connections_age_out(
     pg_admin_dsn: str, fresh_database: str, db_settings: Settings
 ) -> None:
