@@ -482,14 +482,16 @@ class _Lease:
         # running. Other transient failures may leave the protocol mid-way: drop.
         waits = isinstance(exc, TimeoutError | asyncio.CancelledError)
         try:
-            if lost or (not waits and is_transient_error(exc)):
+            if lost or raw.is_closed() or (not waits and is_transient_error(exc)):
                 pool.discard(raw)
             elif tx is not None:
                 try:
                     await tx.rollback()
-                except BaseException:
+                except BaseException as failed:
+                    # The original error is the one to report; this connection is done.
                     pool.discard(raw)
-                    raise
+                    if not isinstance(failed, Exception):
+                        raise
         finally:
             await pool.release(conn, raw)
         if lost or _should_translate(exc):
