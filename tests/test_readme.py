@@ -78,3 +78,15 @@ async def test_retries_example_applies_a_payment_once(db: object) -> None:
     assert await record(db, "req-1", 42, 500) is False  # type: ignore[operator]
     async with db.connection() as conn:  # type: ignore[attr-defined]
         assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+
+
+def test_app_settings_example_loads_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    (block,) = [b for b in BLOCKS if "class ListingsSettings(Settings)" in b]
+    monkeypatch.setenv("APP_ENV", "test")
+    monkeypatch.setenv("GEOCODER_KEY", "geo-secret")
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md[app-settings]", "exec"), namespace)
+    loaded = namespace["settings"]
+    assert type(loaded).__name__ == "ListingsSettings"
+    assert loaded.GEOCODER_URL == "http://127.0.0.1:8081"  # type: ignore[attr-defined]
+    assert "geo-secret" not in repr(loaded)
