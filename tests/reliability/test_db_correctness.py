@@ -155,24 +155,31 @@ async def _rows(db: Database, op: str) -> int:
 # --- COMMIT outcome --------------------------------------------------------------------------
 
 
-async def test_lost_commit_answer_applies_a_non_idempotent_append_once(
-    db: Database, relayed: tuple[Database, CommitRelay]
+@pytest.mark.parametrize(
+    ("lose", "runs"),
+    [("answer", 1), ("commit", 2)],
+    ids=["answer-lost-found-committed", "commit-lost-found-aborted"],
+)
+async def test_lost_commit_applies_a_non_idempotent_append_exactly_once(
+    db: Database, relayed: tuple[Database, CommitRelay], lose: str, runs: int
 ) -> None:
+    """Committed: the first result stands, nothing re-runs. Aborted: the retry runs."""
     database, relay = relayed
+    op = f"once-{lose}"
     calls = 0
 
-    async def append(conn: asyncpg.Connection) -> str:
+    async def append(conn: asyncpg.Connection) -> int:
         nonlocal calls
         calls += 1
         if calls == 1:
-            relay.arm("answer")
-        await conn.execute("INSERT INTO appends (op) VALUES ('once')")
-        return "done"
+            relay.arm(lose)
+        await conn.execute("INSERT INTO appends (op) VALUES ($1)", op)
+        return calls
 
-    assert await execute_with_transient_retry(database, append, operation_name="append") == "done"
+    assert await execute_with_transient_retry(database, append, operation_name="append") == runs
     assert relay.fired.is_set()
-    assert calls == 1, "a committed write must not run again"
-    assert await _rows(db, "once") == 1
+    assert calls == runs
+    assert await _rows(db, op) == 1
 
 
 async def test_lost_commit_answer_in_a_bare_transaction_is_a_success(
@@ -184,24 +191,6 @@ async def test_lost_commit_answer_in_a_bare_transaction_is_a_success(
         relay.arm("answer")
     assert relay.fired.is_set()
     assert await _rows(db, "bare") == 1
-
-
-async def test_lost_commit_is_found_aborted_and_retried(
-    db: Database, relayed: tuple[Database, CommitRelay]
-) -> None:
-    database, relay = relayed
-    calls = 0
-
-    async def append(conn: asyncpg.Connection) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            relay.arm("commit")
-        await conn.execute("INSERT INTO appends (op) VALUES ('aborted')")
-        return calls
-
-    assert await execute_with_transient_retry(database, append, operation_name="append") == 2
-    assert await _rows(db, "aborted") == 1
 
 
 async def test_unknown_commit_outcome_is_its_own_503_and_never_retried(
