@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from ghar_core.broker import (
     TOPIC_JOB,
+    TOPIC_SOCKET,
     TOPIC_USER,
     EventTooLargeError,
     MemoryBroker,
@@ -29,6 +30,7 @@ from ghar_core.broker import (
     PostgresBroker,
     build_broker,
     connect_direct,
+    decode_socket_message,
     emit,
 )
 from ghar_core.broker.outbox import publish_rows
@@ -113,11 +115,13 @@ async def test_an_event_published_on_one_instance_reaches_the_other_in_order(
 async def test_emit_from_a_script_reaches_a_running_instance(outbox_dsn: str) -> None:
     settings = broker_settings(outbox_dsn, EVENT_MAX_PAYLOAD_BYTES=1000)
     async with instance(outbox_dsn) as b:
-        sink = Recorder("7", "job-9")
+        sink, sockets = Recorder("7", "job-9"), Recorder("7")
         b.attach(TOPIC_USER, sink)
         b.attach(TOPIC_JOB, sink)
+        b.attach(TOPIC_SOCKET, sockets)
         await b.head(TOPIC_USER, "7")
         await b.head(TOPIC_JOB, "job-9")
+        await b.head(TOPIC_SOCKET, "7")
         record = await emit(user="7", type="note", data={"x": 1}, settings=settings)
         await emit(job="job-9", type="progress", data=50, settings=settings)
         # Inside the caller's transaction: published exactly when it commits.
@@ -131,6 +135,13 @@ async def test_emit_from_a_script_reaches_a_running_instance(outbox_dsn: str) ->
             await conn.close()
         await until(lambda: len(sink.records["7"]) == 2 and len(sink.records["job-9"]) == 1)
         assert orjson.loads(sink.records["7"][0].payload) == {"type": "note", "data": {"x": 1}}
+        # The user's sockets get the same event with its id; the job's get a job message.
+        await until(lambda: len(sockets.records["7"]) == 2)
+        text, end = decode_socket_message(sockets.records["7"][0].payload)
+        assert orjson.loads(text) == {"type": "note", "data": {"x": 1}, "id": f"{record.epoch}:1"}
+        assert end is None
+        text, _ = decode_socket_message(sink.records["job-9"][0].payload)
+        assert orjson.loads(text) == {"type": "progress", "job_id": "job-9", "data": 50}
         assert record.position == 1
         assert sink.positions("7") == [1, 2]
         with pytest.raises(EventTooLargeError, match="over EVENT_MAX_PAYLOAD_BYTES=1000"):

@@ -7,8 +7,9 @@ default) is :class:`MemoryBroker`: one process, nothing stored.
 database deliver every event to the right user, wherever it was emitted.
 
 The outbox. Each event is a row of ``ghar_event_outbox`` (migration
-``0002_event_outbox`` of the core's set) with its stream (``u:<user>`` or
-``j:<job>``), epoch and position; ``ghar_event_streams`` holds each stream's
+``0002_event_outbox`` of the core's set) with its stream (``u:<user>``: the
+user's event stream; ``w:<user>``, ``j:<job>``: WebSocket messages to a
+user's or a job's sockets), epoch and position; ``ghar_event_streams`` holds each stream's
 epoch and head. One NOTIFY per writing transaction wakes every listener; its
 payload is only the range of new row ids (``"<first> <last>"``), never the
 event, so it stays far under Postgres's 8000-byte limit and the commit-time
@@ -64,6 +65,7 @@ from typing import TYPE_CHECKING
 from ghar_core.broker.base import (
     NOTIFY_CHANNEL,
     TOPIC_JOB,
+    TOPIC_SOCKET,
     TOPIC_USER,
     TOPICS,
     Broker,
@@ -75,6 +77,8 @@ from ghar_core.broker.base import (
     Record,
     Sink,
     check_event,
+    decode_socket_message,
+    encode_socket_message,
     split_stream,
     stream_of,
 )
@@ -91,6 +95,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "TOPICS",
     "TOPIC_JOB",
+    "TOPIC_SOCKET",
     "TOPIC_USER",
     "Broker",
     "BrokerBusyError",
@@ -105,8 +110,10 @@ __all__ = [
     "build_broker",
     "check_event",
     "connect_direct",
+    "decode_socket_message",
     "emit",
     "encode_event",
+    "encode_socket_message",
     "split_stream",
     "stream_of",
 ]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
+import orjson
+
 from ghar_core.exceptions import ServiceUnavailableException
 
 __all__ = [
     "NOTIFY_CHANNEL",
     "TOPICS",
     "TOPIC_JOB",
+    "TOPIC_SOCKET",
     "TOPIC_USER",
     "Broker",
     "BrokerBusyError",
@@ -21,15 +24,19 @@ __all__ = [
     "Record",
     "Sink",
     "check_event",
+    "decode_socket_message",
+    "encode_socket_message",
     "split_stream",
     "stream_of",
 ]
 
 #: A user's stream: SSE events and WebSocket notifications of one user.
 TOPIC_USER: Final = "u"
-#: A job's stream: the WebSocket updates of one background job.
+#: A job's stream: the WebSocket messages of one background job.
 TOPIC_JOB: Final = "j"
-TOPICS: Final = (TOPIC_USER, TOPIC_JOB)
+#: A user's socket stream: WebSocket messages to one user that are not SSE events.
+TOPIC_SOCKET: Final = "w"
+TOPICS: Final = (TOPIC_USER, TOPIC_JOB, TOPIC_SOCKET)
 #: The one NOTIFY channel of the Postgres broker (per database).
 NOTIFY_CHANNEL: Final = "ghar_events"
 _TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
@@ -89,6 +96,17 @@ def stream_of(topic: str, key: str) -> str:
 def split_stream(stream: str) -> tuple[str, str]:
     topic, _, key = stream.partition(":")
     return topic, key
+
+
+def encode_socket_message(text: str, end: tuple[int, str] | None = None) -> bytes:
+    """A WebSocket message as a record's payload: its text and, when it ends the sockets, how."""
+    return orjson.dumps({"text": text, "end": list(end) if end is not None else None})
+
+
+def decode_socket_message(payload: bytes) -> tuple[str, tuple[int, str] | None]:
+    body = orjson.loads(payload)
+    end = body.get("end")
+    return body["text"], (int(end[0]), str(end[1])) if end else None
 
 
 def check_event(topic: str, key: str, type: str, payload: bytes, max_bytes: int) -> str:
