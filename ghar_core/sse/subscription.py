@@ -183,6 +183,19 @@ class Subscription:
                 self.epoch, self.cursor = reset.epoch, reset.position
             self.dropped_position = 0
             epoch, cursor = self.epoch, self.cursor
+            first, last, count = queue[0], queue[-1], len(queue)
+            if (
+                count <= limit - len(out)
+                and (first.epoch != epoch or first.position > cursor)
+                and last.epoch == first.epoch
+                and last.position - first.position == count - 1
+            ):
+                # The usual case: one run of consecutive positions, all after the
+                # cursor (so none was replayed): hand the whole queue over at once.
+                out.extend(queue)
+                queue.clear()
+                self.epoch, self.cursor = last.epoch, last.position
+                return out
             while queue and len(out) < limit:
                 event = queue.popleft()
                 if event.epoch == epoch and event.position <= cursor:
