@@ -493,16 +493,18 @@ class SupabaseAuth:
                 "The identity provider is not configured (set SUPABASE_URL)."
             )
         try:
-            return self.verifier.decide_now(token)
+            verdict = self.verifier.judge_now(token)
         except TokenRejected as exc:
-            known = _LOCAL_REFUSALS.get(exc.message)
-            if known is None:
-                raise AuthenticationException(exc.reason, exc.message) from None
-            if jwks is not None:  # an unknown kid, judged against this fresh key set
-                self.local_refusals.remember(token, (known, jwks.keys))
-            raise known.again() from None
+            raise AuthenticationException(exc.reason, exc.message) from None
         except CannotDecide:
             return None
+        if not isinstance(verdict, TokenRejected):
+            return verdict
+        # A kid the fresh key set lacks (returned, not raised: the storm's path).
+        known = _LOCAL_REFUSALS[verdict.message]
+        if jwks is not None:
+            self.local_refusals.remember(token, (known, jwks.keys))
+        raise known.again()
 
     async def verify_token(self, token: str | None) -> SupabaseUser:
         """The user the token belongs to; raises the 401/503 exceptions above."""

@@ -722,7 +722,22 @@ class JWTVerifier(Generic[T]):
         Saves the second lookup on the path a refusal takes (the auth layer
         checks its caches first).
         """
+        verdict = self.judge_now(token)
+        if isinstance(verdict, TokenRejected):
+            raise verdict.again()
+        return verdict
+
+    def judge_now(self, token: str) -> T | TokenRejected | None:
+        """:meth:`decide_now`, but a kid the fresh key set lacks is returned, not raised.
+
+        That refusal is a shared constant: raise ``verdict.again()``, never it.
+        A random-kid storm is the attacker's cheapest traffic, and raising
+        through the verifier costs as much as parsing the header did; every
+        other refusal raises :class:`TokenRejected` as usual.
+        """
         examined = self._examine(token)
+        if isinstance(examined, TokenRejected):
+            return examined
         key = None
         if examined.alg != _HS256:
             key = self._jwks().held(examined.kid or "")
@@ -745,6 +760,8 @@ class JWTVerifier(Generic[T]):
     async def verify_uncached(self, token: str) -> dict[str, Any]:
         """Full verification with no cache: parse, key id, claims, key, signature."""
         examined = self._examine(token)
+        if isinstance(examined, TokenRejected):
+            raise examined.again()
         key = None
         if examined.alg != _HS256:
             # No kid is looked up as "": the key set never holds a key without one.
@@ -761,12 +778,13 @@ class JWTVerifier(Generic[T]):
             raise CannotDecide("no identity provider key set is configured")
         return self.jwks
 
-    def _examine(self, token: str) -> _Examined:
+    def _examine(self, token: str) -> _Examined | TokenRejected:
         """Everything but the signature: structure, header, key id, claims, encoding.
 
         The header comes first and alone: an asymmetric token whose kid a
         fresh key set lacks is refused before the payload is even validated,
-        so a storm of random kids stays cheap.
+        so a storm of random kids stays cheap (that refusal is returned, the
+        shared constant of :meth:`_unknown_key`; the others raise).
         """
         header_b64, header = _header(token)
         alg = header.get("alg")
@@ -783,8 +801,8 @@ class JWTVerifier(Generic[T]):
         if kid is not None and type(kid) is not str:
             raise TokenRejected(AuthFailureReason.MALFORMED, "the token's `kid` is not a string")
         jwks = self.jwks
-        if alg != _HS256 and jwks is not None and kid not in jwks.keys and jwks.is_fresh():
-            raise self._unknown_key(kid)
+        if alg != _HS256 and jwks is not None and kid not in jwks._keys and jwks.is_fresh():
+            return self._unknown_key(kid)
         payload_b64, signature_b64 = _rest(token, header_b64)
         claims = _json_object(payload_b64, "payload")
         self.check_claims(claims)
@@ -812,7 +830,7 @@ class JWTVerifier(Generic[T]):
         if alg == _HS256:
             ok = self._verify_hs256(kid, signing_input, signature)
         elif key is None:
-            raise self._unknown_key(kid)
+            raise self._unknown_key(kid).again()
         elif key.alg != alg:
             raise TokenRejected(
                 AuthFailureReason.INVALID_SIGNATURE, "the algorithm does not match the key"
@@ -840,10 +858,10 @@ class JWTVerifier(Generic[T]):
         return hmac.compare_digest(expected, signature)
 
     def _unknown_key(self, kid: str | None) -> TokenRejected:
-        # Constant messages (the kid is the client's own, echoing it helps no one)
-        # and a copy instead of __init__: this is the refusal of a random-kid storm.
+        # Constant messages (the kid is the client's own, echoing it helps no one),
+        # shared: whoever raises one raises a copy (again()).
         self.unknown_kid_refusals += 1
-        return (_UNKNOWN_KID if kid else _NO_KID).again()
+        return _UNKNOWN_KID if kid else _NO_KID
 
     def check_claims(self, claims: Mapping[str, Any]) -> None:
         """Registered claims: exp (required), nbf, iat, aud, iss, sub (required)."""
