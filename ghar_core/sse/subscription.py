@@ -54,6 +54,7 @@ class Subscription:
         "epoch",
         "full_cycles",
         "last_event_id",
+        "ordered",
         "queue",
         "touched",
         "user",
@@ -64,6 +65,9 @@ class Subscription:
         self.user = user
         self.last_event_id = last_event_id
         self.queue: deque[Event] | None = None  # made on the first event
+        # Everything queued came from the bus's own log (in order, one apart);
+        # False once a broker delivered into the queue, until it is drained.
+        self.ordered = True
         self._backlog: list[Event] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._opened = False
@@ -185,13 +189,14 @@ class Subscription:
             epoch, cursor = self.epoch, self.cursor
             first, last, count = queue[0], queue[-1], len(queue)
             if (
-                count <= limit - len(out)
+                self.ordered
+                and count <= limit - len(out)
                 and (first.epoch != epoch or first.position > cursor)
                 and last.epoch == first.epoch
                 and last.position - first.position == count - 1
             ):
-                # The usual case: one run of consecutive positions, all after the
-                # cursor (so none was replayed): hand the whole queue over at once.
+                # The usual case: our own log's events, one run of consecutive
+                # positions after the cursor (so none was replayed): all at once.
                 out.extend(queue)
                 queue.clear()
                 self.epoch, self.cursor = last.epoch, last.position
@@ -203,6 +208,8 @@ class Subscription:
                 out.append(event)
                 epoch, cursor = event.epoch, event.position
             self.epoch, self.cursor = epoch, cursor
+            if not queue:
+                self.ordered = True
         if not out and self.closed:
             return None
         return out
