@@ -329,6 +329,19 @@ async def test_a_broker_delivering_twice_and_out_of_order_is_read_against_the_cu
         assert sub.ordered
 
 
+async def test_wait_returns_false_when_its_time_is_up_and_true_on_an_event_or_a_close() -> None:
+    bus = make_bus()
+    async with bus.subscribe("u") as sub:
+        assert await sub.wait(0.01) is False
+        assert not sub.waiting
+        asyncio.get_running_loop().call_later(0.01, bus.emit, "u", {"type": "t"})
+        assert await sub.wait(5) is True
+        assert positions(sub.take()) == [1]
+        asyncio.get_running_loop().call_later(0.01, sub.close)
+        assert await sub.wait(5) is True
+        assert sub.take() is None
+
+
 # --- reaping -----------------------------------------------------------------------------
 
 

@@ -204,7 +204,7 @@ class SSEEventBus:
                 full.add(sub)
             waiter = sub._waiter
             if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
         count = len(subs)
         self.delivered += count
         return count

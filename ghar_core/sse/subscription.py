@@ -30,6 +30,11 @@ REAPED_IDLE: Final = "idle"
 SHUTDOWN: Final = "shutdown"
 
 
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 class Subscription:
     """One open stream of one user: a bounded queue plus where its reader stands.
 
@@ -69,7 +74,7 @@ class Subscription:
         # False once a broker delivered into the queue, until it is drained.
         self.ordered = True
         self._backlog: list[Event] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
         self._opened = False
         self.closed = False
         self.close_reason: str | None = None
@@ -222,19 +227,20 @@ class Subscription:
         """
         if self.closed or self._backlog or self.queue:
             return True
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        # A timer that resolves the waiter, not asyncio.timeout(): every stream
+        # waits once per event, and a timeout context (its object, and a task
+        # cancellation when it fires) costs more than the wake it bounds.
+        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
         try:
-            if seconds is None:
-                await waiter
-            else:
-                async with asyncio.timeout(seconds):
-                    await waiter
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             self._waiter = None
             self.touched = self._bus.clock()
-        return True
 
     @property
     def waiting(self) -> bool:
@@ -259,7 +265,7 @@ class Subscription:
         self._bus._unregister(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.closed else "open"
