@@ -148,7 +148,7 @@ class SSEEventBus:
             user, kind, payload = self._encode(user_id, event)
             self.broker.publish_nowait(TOPIC_USER, user, kind, payload)
             return 0
-        count = self.deliver(self._store(user_id, event))
+        count = self._deliver(self._store(user_id, event))
         self._count += 1  # _tick(), inlined on the hottest path
         if self._count >= _REAP_EVERY:
             self._count = 0
@@ -164,7 +164,7 @@ class SSEEventBus:
         if self.broker is not None:
             raise RuntimeError("the bus publishes through a remote broker: await bus.send(...)")
         stored = self._store(user_id, event)
-        count = self.deliver(stored)
+        count = self._deliver(stored)
         self._tick()
         return Published(stored, count)
 
@@ -216,7 +216,17 @@ class SSEEventBus:
             self._types.add(kind)
 
     def deliver(self, event: Event) -> int:
-        """Put an already-positioned event into its user's queues (a broker's entry point)."""
+        """Put an already-positioned event into its user's queues (a broker's entry point).
+
+        A broker may deliver late, twice or out of order: its events are read
+        one by one against each reader's cursor, never handed over in bulk.
+        """
+        for sub in self._subs.get(event.user, ()):
+            sub.ordered = False
+        return self._deliver(event)
+
+    def _deliver(self, event: Event) -> int:
+        # Events of our own log: positions in order, one apart per user.
         subs = self._subs.get(event.user)
         if not subs:
             return 0
@@ -240,7 +250,7 @@ class SSEEventBus:
                 full.add(sub)
             waiter = sub._waiter
             if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
         count = len(subs)
         self.delivered += count
         return count
