@@ -111,12 +111,30 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_migrate)
 
 
+#: The settings ``ghar-core serve`` also takes as flags (``--head-timeout 5``).
+SERVE_LIMITS = (
+    "MAX_HEADER_BYTES",
+    "MAX_HEADERS",
+    "MAX_URL_BYTES",
+    "HEAD_TIMEOUT",
+    "BODY_TIMEOUT",
+    "KEEP_ALIVE_TIMEOUT",
+    "MAX_CONCURRENCY",
+    "MAX_CONNECTIONS",
+)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ghar_core.asgi.limits import uvicorn_options
     from ghar_core.config import load_settings
     from ghar_core.logging import configure_logging
 
+    for setting in SERVE_LIMITS:  # into the environment: read here and by every worker
+        value = getattr(args, setting.lower())
+        if value is not None:
+            os.environ[setting] = value
     loaded = load_settings()
     if args.app:
         from ghar_core.asgi.app import SERVE_APP_ENV, SERVE_FACTORY_ENV, load_app_target
@@ -143,6 +161,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         server_header=False,
         timeout_graceful_shutdown=int(loaded.SHUTDOWN_STEP_TIMEOUT) or 1,
+        **uvicorn_options(loaded),  # header, head/body, keep-alive and concurrency limits
     )
     return 0
 
@@ -160,6 +179,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--factory", action="store_true", help="call --app with no arguments to build the app"
     )
+    limits = p.add_argument_group("limits per worker (ghar_core/asgi/limits.py)")
+    for setting in SERVE_LIMITS:
+        flag = "--" + setting.lower().replace("_", "-")
+        limits.add_argument(flag, metavar="VALUE", help=f"sets {setting}")
     p.set_defaults(func=_cmd_serve)
 
 
