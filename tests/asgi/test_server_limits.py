@@ -26,13 +26,15 @@ import aiohttp
 import orjson
 import pytest
 
+from ghar_core.asgi.limits import PROTOCOL
 from tests.asgi.sse_support import SERVED_ENV, token_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAM = "/api/v1/events/stream"
 HEAD_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE = 1.0, 1.5, 1.0
 LONGEST = max(HEAD_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE)
-APP = ("--app", "tests.asgi.hostile_app:app")
+SERVE = ("-m", "ghar_core", "serve", "--app", "tests.asgi.hostile_app:app")
+PLAIN_UVICORN = ("-m", "uvicorn", "tests.asgi.hostile_app:app", "--http", PROTOCOL)
 
 
 def _free_port() -> int:
@@ -51,7 +53,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def _serve(tmp: Path, *flags: str, **env: str) -> Iterator[Served]:
+def _serve(tmp: Path, *flags: str, command: tuple[str, ...] = (), **env: str) -> Iterator[Served]:
     port = _free_port()
     log = tmp / f"server-{port}.log"
     environ = {
@@ -474,3 +476,23 @@ async def test_past_the_connection_cap_a_new_connection_gets_a_503(capped: Serve
             writer.close()
     await asyncio.sleep(0.3)
     await _healthy(capped.port)
+
+
+# --- the same protocol under plain uvicorn, limits from the settings ------------------------
+
+
+async def test_plain_uvicorn_with_our_protocol_enforces_the_settings(tmp_path: Path) -> None:
+    env = {"HEAD_TIMEOUT": "1", "MAX_HEADERS": "20"}
+    with _serve(tmp_path, command=PLAIN_UVICORN, **env) as served:
+        fields = b"".join(b"X-H%d: v\r\n" % i for i in range(30))
+        raw = await _exchange(
+            served.port, b"GET /health HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n"
+        )
+        assert _envelope(raw, 431, "TOO_MANY_HEADERS")["details"] == {"max_headers": 20}
+        _envelope(
+            await _exchange(served.port, b"GET /health HTTP/1.1\r\n\r\n"), 400, "BAD_HOST_HEADER"
+        )
+        silent, after = await _silent(served.port)
+        assert silent == b""
+        assert after < 2.5
+        await _healthy(served.port)
