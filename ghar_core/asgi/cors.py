@@ -153,6 +153,7 @@ class CORSMiddleware:
                     error_code="CORS_ORIGIN_NOT_ALLOWED",
                     details={"origin": origin.decode("latin-1")[:256]},
                 ),
+                extra_headers=_VARY_ONLY,  # refused for this Origin: caches must know
             )
             return
         if method.upper() not in self.methods:
@@ -164,6 +165,7 @@ class CORSMiddleware:
                     error_code="CORS_METHOD_NOT_ALLOWED",
                     details={"method": method.decode("latin-1")[:32]},
                 ),
+                extra_headers=_VARY_ONLY,  # refused for this Origin: caches must know
             )
             return
         headers = [

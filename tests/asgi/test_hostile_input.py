@@ -233,7 +233,7 @@ def _vary_tokens(raw: list[tuple[bytes, bytes]]) -> set[str]:
     credentials=st.booleans(),
     origin=st.sampled_from([None, ALLOWED, "https://evil.example", "null"]),
     app_acao=st.sampled_from([None, "*", ALLOWED, "https://other.example"]),
-    method=st.sampled_from(["GET", "POST", "OPTIONS"]),
+    method=st.sampled_from(["GET", "POST", "OPTIONS", "PREFLIGHT"]),
 )
 async def test_cors_follows_the_fetch_standard(
     allow_all: bool, credentials: bool, origin: str | None, app_acao: str | None, method: str
@@ -242,6 +242,8 @@ async def test_cors_follows_the_fetch_standard(
     app = CORSMiddleware(_cors_app(app_acao), allow_origins=origins, allow_credentials=credentials)
     client = TestClient(app)
     headers = {"Origin": origin} if origin is not None else {}
+    if method == "PREFLIGHT":
+        method, headers = "OPTIONS", {**headers, "Access-Control-Request-Method": "GET"}
     r = await client.request(method, "/x", headers=headers)
     raw = r.raw_headers
     acao = _values(raw, b"access-control-allow-origin")
