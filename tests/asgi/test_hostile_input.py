@@ -76,7 +76,7 @@ async def test_300_nested_arrays_are_a_400_naming_the_limit(settings: Settings) 
     assert r.headers["x-request-id"]
 
 
-@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hsettings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), depth=st.integers(JSON_MAX_DEPTH - 3, JSON_MAX_DEPTH + 3))
 async def test_hypothesis_json_round_trips_at_the_limit_and_is_refused_past_it(
     data: st.DataObject, depth: int
