@@ -29,14 +29,16 @@ streams and WebSockets (which leave this protocol) live as long as they
 need. One timer per connection, re-armed lazily: a request that arrives in
 one read costs no timer work at all.
 
-``ghar-core serve`` uses it; under plain uvicorn pass
-``--http ghar_core.asgi.limits:LimitedHttpToolsProtocol`` (the limits are
-then read from the settings, as the app's are).
+``ghar-core serve`` uses it with the limits of the settings it serves with
+(:func:`uvicorn_options`); under plain uvicorn pass ``--http
+ghar_core.asgi.limits:LimitedHttpToolsProtocol``, and the limits are read
+from the process settings (``ghar_core.config.get_settings()``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
 from dataclasses import dataclass
@@ -395,11 +397,14 @@ def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """What ``uvicorn.run``/``uvicorn.Config`` need to enforce the limits of ``settings``.
 
-    Our protocol (it reads the same settings in each worker), uvicorn's own
-    keep-alive timeout, and no ``limit_concurrency`` (ours answers the envelope).
+    Our protocol bound to these limits (a ``functools.partial``, which pickles
+    into every worker process), uvicorn's own keep-alive timeout, and no
+    ``limit_concurrency`` (ours answers the envelope).
     """
     return {
-        "http": PROTOCOL,
+        "http": functools.partial(
+            LimitedHttpToolsProtocol, limits=ServerLimits.from_settings(settings)
+        ),
         "timeout_keep_alive": settings.KEEP_ALIVE_TIMEOUT,
         "limit_concurrency": None,
     }
