@@ -262,11 +262,13 @@ async def test_garbage_is_a_400_envelope(server: Served) -> None:
 # --- slow clients: head and body deadlines, idle keep-alive ----------------------------
 
 
-async def _slowloris(port: int) -> bytes:
+async def _trickle(port: int, head: bytes, drip: bytes) -> bytes:
+    """Send ``head``, then ``drip`` one byte every 0.2 s until the server answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
     got = b""
     try:
-        for byte in b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 1000:
+        for byte in drip:
             writer.write(bytes([byte]))
             await writer.drain()
             with contextlib.suppress(TimeoutError):
@@ -283,6 +285,15 @@ async def _slowloris(port: int) -> bytes:
     return got
 
 
+def _slowloris(port: int) -> Any:
+    return _trickle(port, b"", b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 1000)
+
+
+def _slow_body(port: int) -> Any:
+    head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+    return _trickle(port, head, b"x" * 100)
+
+
 async def _silent(port: int) -> tuple[bytes, float]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     start = time.monotonic()
@@ -291,29 +302,6 @@ async def _silent(port: int) -> tuple[bytes, float]:
             return await reader.read(-1), time.monotonic() - start
     finally:
         writer.close()
-
-
-async def _slow_body(port: int) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
-    writer.write(head)
-    got = b""
-    try:
-        for _ in range(100):
-            writer.write(b"x")
-            await writer.drain()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    got += await reader.read(65536)
-            if got:
-                break
-        async with asyncio.timeout(3):
-            got += await reader.read(-1)
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-    return got
 
 
 async def _idle_after_a_response(port: int) -> tuple[int, float]:
