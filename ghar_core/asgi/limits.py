@@ -228,11 +228,32 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         limits = self.limits
         headers = self.headers
+        hosts = 0
+        for name, _ in headers:
+            if name == b"host":
+                hosts += 1
+        cap = limits.max_concurrency
+        # One combined test on the hot path; which limit it was is worked out after.
+        if (
+            hosts != 1
+            or self._head_bytes > limits.max_header_bytes
+            or len(headers) > limits.max_headers
+            or len(self.url) > limits.max_url_bytes
+            or (cap and len(self.tasks) >= cap)
+        ):
+            self._check_head(hosts)
+        self._head_bytes = 0
+        HttpToolsProtocol.on_headers_complete(self)
+        self._phase = _BODY
+
+    def _check_head(self, hosts: int) -> None:
+        """Raise the refusal for the limit a complete head broke, if it broke one."""
+        limits = self.limits
+        headers = self.headers
         if self._head_bytes > limits.max_header_bytes and (
             _head_size(self.url, headers) > limits.max_header_bytes
         ):
             raise _head_too_large(limits.max_header_bytes)
-        self._head_bytes = 0
         if len(headers) > limits.max_headers:
             raise _refusal(
                 431,
@@ -247,10 +268,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 f"The request target is longer than {limits.max_url_bytes} bytes.",
                 max_url_bytes=limits.max_url_bytes,
             )
-        hosts = 0
-        for name, _ in headers:
-            if name == b"host":
-                hosts += 1
         if hosts != 1 and (hosts > 1 or self.parser.get_http_version() == "1.1"):
             raise _refusal(
                 400,
@@ -268,11 +285,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     details={"max_concurrency": cap},
                 )
             )
-        super().on_headers_complete()
-        self._phase = _BODY
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
         # Read whole: from here the app has all the time it needs (streams, SSE).
         self._phase = _IDLE
         self._deadline = None
