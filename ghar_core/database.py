@@ -67,6 +67,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -89,6 +90,7 @@ __all__ = [
     "MAIN_APPLICATION_NAME",
     "Database",
     "GharConnection",
+    "held_connection",
     "touches_session_state",
 ]
 
@@ -501,6 +503,29 @@ class _Pool:
             _warn(f"unclosed {self.label} database pool", ResourceWarning, source=self)
 
 
+# The connection the current task holds through a lease (with that task), so
+# code deep inside an operation (current_user's users-row sync) can use it
+# instead of taking a second one from the pool (a pool of 1 would deadlock).
+_held: ContextVar[tuple[GharConnection, asyncio.Task[Any] | None] | None] = ContextVar(
+    "ghar_held_connection", default=None
+)
+
+
+def held_connection() -> GharConnection | None:
+    """The pooled connection this task holds right now (``async with db.transaction()``).
+
+    ``None`` outside a lease, and in tasks spawned inside one: a connection
+    runs one statement at a time, so only its holder may use it.
+    """
+    held = _held.get()
+    if held is None:
+        return None
+    conn, task = held
+    if task is not asyncio.current_task() or conn.is_closed():
+        return None
+    return conn
+
+
 class _Lease:
     """``async with`` over one pooled connection, optionally inside a transaction.
 
@@ -508,13 +533,14 @@ class _Lease:
     request's path and a generator-based manager costs several µs more.
     """
 
-    __slots__ = ("_conn", "_pool", "_transactional", "_tx")
+    __slots__ = ("_conn", "_held_token", "_pool", "_transactional", "_tx")
 
     def __init__(self, pool: _Pool, transactional: bool) -> None:
         self._pool = pool
         self._transactional = transactional
         self._conn: GharConnection | None = None
         self._tx: Any = None
+        self._held_token: Token[Any] | None = None
 
     async def __aenter__(self) -> GharConnection:
         pool = self._pool
@@ -540,6 +566,7 @@ class _Lease:
                     raise _unavailable(again) from again
             self._tx = tx
         self._conn = conn
+        self._held_token = _held.set((conn, asyncio.current_task()))
         return conn
 
     async def __aexit__(
@@ -551,6 +578,12 @@ class _Lease:
         conn = self._conn
         assert conn is not None, "lease exited without being entered"
         self._conn = None
+        token, self._held_token = self._held_token, None
+        if token is not None:
+            try:
+                _held.reset(token)
+            except ValueError:  # exited in another context than entered: just forget it
+                _held.set(None)
         tx, self._tx = self._tx, None
         # A cancelled or transiently failed connection may be mid-protocol: drop it.
         # An error from a connection that is closed now is a lost connection

@@ -39,7 +39,7 @@ class Counting:
 
 
 def _app(settings: Settings, resource: Counting):
-    app = create_app(settings, resources=[resource])
+    app = create_app(settings, core_resources=False, resources=[resource])
 
     @app.get("/use")
     async def use(request):
@@ -102,7 +102,7 @@ async def test_health_does_not_start_resources(settings: Settings) -> None:
 
 async def test_ready_names_the_failing_check(settings: Settings) -> None:
     ok, bad = Counting("db"), Counting("idp")
-    app = create_app(settings, resources=[ok, bad])
+    app = create_app(settings, core_resources=False, resources=[ok, bad])
     async with app.lifespan():
         client = TestClient(app)
         assert (await client.get("/ready")).json() == {
@@ -141,7 +141,7 @@ async def test_shutdown_failure_is_raised_after_all_stops(settings: Settings) ->
             raise RuntimeError("stuck")
 
     a, b = Counting("a"), BadStop("b")
-    app = create_app(settings, resources=[a, b])
+    app = create_app(settings, core_resources=False, resources=[a, b])
     await app.startup()
     with pytest.raises(LifecycleError, match="b: RuntimeError: stuck"):
         await app.shutdown()
@@ -198,7 +198,7 @@ async def test_settings_default_from_process(monkeypatch) -> None:
     from ghar_core import config
 
     monkeypatch.setattr(config, "_cached", make_settings(PROJECT_NAME="Mine"))
-    app = create_app(resources=[])
+    app = create_app(core_resources=False, resources=[])
     assert (await TestClient(app).get("/health")).json()["name"] == "Mine"
 
 

@@ -25,7 +25,7 @@ class Named:
 
 
 def echo_app(settings: Settings):
-    app = create_app(settings, resources=[Named("db")])
+    app = create_app(settings, core_resources=False, resources=[Named("db")])
 
     @app.post("/echo")
     async def echo(request):
