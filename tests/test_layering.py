@@ -29,7 +29,7 @@ LAYERS = {
         "migrations",
     },
     2: {"asgi", "testing"},
-    3: {"cli", "devtools", "__main__", "__init__"},
+    3: {"cli", "server", "devtools", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 

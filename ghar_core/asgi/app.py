@@ -10,13 +10,11 @@ any added with :meth:`App.add_middleware`, then the router) and owns its
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ghar_core.asgi.accesslog import AccessLogMiddleware, AccessSink, BufferedAccessLog
+from ghar_core.asgi.accesslog import AccessLogMiddleware, AccessSink
 from ghar_core.asgi.auth import register_auth_routes
 from ghar_core.asgi.cors import CORSMiddleware
 from ghar_core.asgi.datastructures import State
@@ -51,13 +49,9 @@ if TYPE_CHECKING:
     from ghar_core.migrate import MigrationSet
 
 __all__ = [
-    "SERVE_APP_ENV",
-    "SERVE_FACTORY_ENV",
     "App",
     "build_default_resources",
     "create_app",
-    "create_app_for_server",
-    "load_app_target",
 ]
 
 logger = logging.getLogger("ghar_core.asgi")
@@ -156,6 +150,21 @@ class App:
         middleware before serving.
         """
         self._user_middleware.append((factory, options))
+        self._stack = self._build_stack()
+
+    @property
+    def access_log_enabled(self) -> bool:
+        """Whether the access-log middleware is in the stack."""
+        return self._access_log
+
+    def use_access_sink(self, sink: AccessSink) -> None:
+        """Write the access lines through ``sink`` from now on (the app flushes it at shutdown).
+
+        ``ghar-core serve`` calls it with its buffered writer on an app that
+        logs through the logging module; call it before serving.
+        """
+        self._access_log = True
+        self.access_log_sink = sink
         self._stack = self._build_stack()
 
     # --- routes ------------------------------------------------------------------
@@ -483,7 +492,7 @@ def create_app(
         specs.extend(resources)
         owned = Resources(specs, step_timeout=settings.SHUTDOWN_STEP_TIMEOUT)
     if access_log is None:
-        access_log = (_served_access_sink or True) if settings.ACCESS_LOG else False
+        access_log = settings.ACCESS_LOG
     app = App(settings, owned, access_log=access_log, cors=cors)
     if builtin_endpoints:
         app.add_route("/health", health, ("GET",), lazy_start=False)
@@ -491,60 +500,3 @@ def create_app(
         register_auth_routes(app)  # GET {API_V1_STR}/me (issue 5)
         register_sse_routes(app)  # GET .../events/stream, POST .../events/test (ENABLE_SSE)
     return app
-
-
-#: Environment variables through which ``ghar-core serve --app`` reaches its workers.
-SERVE_APP_ENV = "GHAR_SERVE_APP"
-SERVE_FACTORY_ENV = "GHAR_SERVE_FACTORY"
-
-# Set by create_app_for_server in each worker: an app built there with the
-# default access log writes through the buffered sink (under 1 us a line)
-# rather than the logging module (about 8 us).
-_served_access_sink: AccessSink | None = None
-
-
-def load_app_target(target: str, *, factory: bool = False) -> Any:
-    """The object ``"package.module:attr"`` names (called first when ``factory``).
-
-    Raises ``ValueError`` with a message that names the target and the cause.
-    """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{target!r} is not of the form 'package.module:attribute'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r}: {exc}") from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if factory:
-        obj = obj()
-    if not callable(obj):
-        raise ValueError(f"{target!r} is not an ASGI application (got {type(obj).__name__})")
-    return obj
-
-
-def create_app_for_server() -> ASGIApp:
-    """The uvicorn factory of ``ghar-core serve``: load settings, configure logging, build.
-
-    Each worker process calls it, so every worker owns its own resources.
-    With ``--app`` (passed as ``GHAR_SERVE_APP``) it serves the named app or
-    factory instead of the bare core app; apps built with ``create_app()``
-    there still get the buffered access log.
-    """
-    global _served_access_sink
-    from ghar_core.config import get_settings
-    from ghar_core.logging import configure_logging, uses_json_logs
-
-    settings = get_settings()
-    configure_logging(settings)
-    if settings.ACCESS_LOG:
-        _served_access_sink = BufferedAccessLog(json=uses_json_logs(settings))
-    target = os.environ.get(SERVE_APP_ENV)
-    if target:
-        app: ASGIApp = load_app_target(target, factory=os.environ.get(SERVE_FACTORY_ENV) == "1")
-        return app
-    return create_app(settings)
