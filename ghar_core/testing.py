@@ -16,12 +16,13 @@ app called through its ASGI interface. Works with any ASGI 3 app::
         async with client.websocket_connect("/ws") as ws:
             await ws.send_json({"hi": 1}); await ws.receive_json()
 
-Our own apps with resources (``create_app``'s defaults) must be entered with ``async with``: it starts
-their resources and stops them again; a request through a client that was
-not entered raises at once, saying so, instead of starting pools and
-sessions lazily that no one closes (which surfaced only as ResourceWarnings
-at the end of the run). An app started by the test itself (``async with
-app.lifespan():``) and any other ASGI app need no ``async with``. The client owns every task it starts: a request's app task is
+Our own apps with resources (``create_app``'s defaults) must be entered with
+``async with``: it starts their resources and stops them again; a request
+through a client that was not entered raises at once, saying so, instead of
+starting pools and sessions lazily that no one closes (which surfaced only
+as ResourceWarnings at the end of the run). An app started by the test
+itself (``async with app.lifespan():``) and any other ASGI app need no
+``async with``. The client owns every task it starts: a request's app task is
 awaited (or cancelled, bounded by ``timeout``) before the call returns.
 """
 
