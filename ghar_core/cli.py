@@ -23,13 +23,19 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from ghar_core.config import config_table_markdown, env_file_path, load_settings
+    from ghar_core.config import (
+        config_table_markdown,
+        env_file_path,
+        load_settings,
+        settings_schema,
+    )
 
     if args.table:
-        sys.stdout.write(config_table_markdown())
+        target = os.environ.get("GHAR_SETTINGS")
+        sys.stdout.write(config_table_markdown(settings_schema(target) if target else None))
         return 0
     source = env_file_path()
-    loaded = load_settings()
+    loaded = load_settings()  # GHAR_SETTINGS (or --settings) names the app's schema
     state = "read" if source.is_file() else "not found: defaults and the environment only"
     print(f"# env file: {source} ({state})")
     for name, value in loaded.masked_items():
@@ -39,7 +45,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
-    p.add_argument("--table", action="store_true", help="print the README configuration table")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print the configuration table (with --settings: your app's rows too)",
+    )
     p.set_defaults(func=_cmd_config)
 
 
@@ -149,23 +159,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.log_level:
         os.environ["LOG_LEVEL"] = args.log_level.upper()  # the workers read it too
-    loaded = load_settings()
     if args.reload and args.workers != 1:
         print("ghar-core serve: --reload runs one worker; drop --workers", file=sys.stderr)
         return 2
+    if args.factory and not args.app:
+        print("ghar-core serve: --factory needs --app MODULE:ATTR", file=sys.stderr)
+        return 2
+    loaded: Settings | None = None
     if args.app:
+        from ghar_core.asgi.app import App
+
         # Check here, where the error can be shown plainly; each worker process
         # loads it again (a single worker reuses this import).
         try:
-            load_app_target(args.app, factory=args.factory)
+            target = load_app_target(args.app, factory=args.factory)
         except AppLoadError as exc:
             print(f"ghar-core serve: cannot load --app {args.app}: {exc}", file=sys.stderr)
             return 2
         os.environ[SERVE_APP_ENV] = args.app
         os.environ[SERVE_FACTORY_ENV] = "1" if args.factory else "0"
-    elif args.factory:
-        print("ghar-core serve: --factory needs --app MODULE:ATTR", file=sys.stderr)
-        return 2
+        if isinstance(target, App):
+            loaded = target.settings  # the app's own settings (its schema) rule
+    if loaded is None:
+        loaded = load_settings()
     configure_logging(loaded)
     # The factory runs in every worker: each builds its own app and resources.
     uvicorn.run("ghar_core.server:create_app_for_server", **_uvicorn_options(args, loaded))
@@ -364,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="The 360Ghar core: serve the app, migrate, inspect settings, dev tools.",
     )
     parser.add_argument("--version", action="version", version=f"ghar-core {__version__}")
+    parser.add_argument(
+        "--settings",
+        metavar="MODULE:CLASS",
+        help="your Settings subclass (sets GHAR_SETTINGS for this command and its workers)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
     _add_dev(sub)
@@ -382,6 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ghar_core.config import ConfigError
+
+    # As uvicorn's CLI does: run from the project folder, its modules import
+    # without PYTHONPATH=. (--settings, --app, GHAR_SETTINGS).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    if args.settings:
+        os.environ["GHAR_SETTINGS"] = args.settings
 
     try:
         result: int = func(args)

@@ -120,7 +120,8 @@ def _flush_before_other_lines(sink: BufferedAccessLog) -> None:
 def create_app_for_server() -> ASGIApp:
     """The uvicorn factory of ``ghar-core serve``: load settings, configure logging, build.
 
-    Each worker process calls it, so every worker owns its own resources.
+    Each worker process calls it, so every worker owns its own resources;
+    logging is configured from the served app's settings.
     With ``--app`` (passed as ``GHAR_SERVE_APP``) it serves the named app or
     factory instead of the bare core app; an :class:`~ghar_core.asgi.App`
     whose access log goes through the logging module is switched to the
@@ -131,14 +132,15 @@ def create_app_for_server() -> ASGIApp:
     from ghar_core.config import get_settings
     from ghar_core.logging import configure_logging, uses_json_logs
 
-    settings = get_settings()
-    configure_logging(settings)
     target = os.environ.get(SERVE_APP_ENV)
     app: ASGIApp
     if target:
         app = load_app_target(target, factory=os.environ.get(SERVE_FACTORY_ENV) == "1")
     else:
-        app = create_app(settings)
+        app = create_app(get_settings())
+    # The app's own settings (its schema, its LOG_FORMAT) when it is ours.
+    settings = app.settings if isinstance(app, App) else get_settings()
+    configure_logging(settings)
     if isinstance(app, App) and app.access_log_enabled and app.access_log_sink is None:
         sink = BufferedAccessLog(json=uses_json_logs(settings))
         app.use_access_sink(sink)

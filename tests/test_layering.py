@@ -15,7 +15,17 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ghar_core"
 
 LAYERS = {
-    0: {"config", "logging", "exceptions", "utils", "constants", "cache", "lifecycle", "envfile"},
+    0: {
+        "config",
+        "logging",
+        "exceptions",
+        "utils",
+        "constants",
+        "cache",
+        "lifecycle",
+        "envfile",
+        "error_reporting",
+    },
     1: {
         "database",
         "db_resilience",

@@ -33,6 +33,7 @@ from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.auth import SupabaseAuth
 from ghar_core.database import Database
+from ghar_core.error_reporting import ErrorReporter
 from ghar_core.exceptions import (
     BaseAPIException,
     MethodNotAllowedException,
@@ -118,7 +119,9 @@ class App:
         self.access_log_sink: AccessSink | None = (
             None if isinstance(access_log, bool) else access_log
         )
-        self.lifespan_manager = LifespanManager(resources, after_shutdown=self._flush_access_log)
+        #: Unhandled errors go to Sentry when SENTRY_DSN is set (closed at shutdown).
+        self.error_reporter = ErrorReporter(settings)
+        self.lifespan_manager = LifespanManager(resources, after_shutdown=self._after_shutdown)
         self._cors = cors
         self._user_middleware: list[tuple[Callable[..., ASGIApp], dict[str, Any]]] = []
         self._no_startup: set[int] = set()
@@ -138,7 +141,7 @@ class App:
                 allow_credentials=s.CORS_ALLOW_CREDENTIALS,
                 max_age=s.CORS_MAX_AGE,
             )
-        app = ErrorEnvelopeMiddleware(app)
+        app = ErrorEnvelopeMiddleware(app, report=self.error_reporter.report)
         if self._access_log:
             app = AccessLogMiddleware(app, sink=self.access_log_sink)
         return RequestIDMiddleware(app)
@@ -218,9 +221,16 @@ class App:
         return self.route(path, ("DELETE",))
 
     def add_websocket_route(self, path: str, handler: WebSocketHandler) -> None:
-        """Register ``async def handler(ws)`` for WebSocket connections on ``path``."""
+        """Register ``async def handler(ws)`` for WebSocket connections on ``path``.
+
+        With ``ENABLE_WEBSOCKETS=false`` the route is not added: a handshake
+        on ``path`` is refused like any unknown route (404).
+        """
         if not is_async_callable(handler):
             raise TypeError(f"websocket handler for {path!r} must be an async function")
+        if not self.settings.ENABLE_WEBSOCKETS:
+            logger.debug("ENABLE_WEBSOCKETS is off: not serving the WebSocket route %s", path)
+            return
         self.websocket_router.add(path, handler, ("WS",))
 
     def websocket_route(self, path: str) -> Callable[[F], F]:
@@ -241,14 +251,16 @@ class App:
     async def shutdown(self) -> None:
         """Stop the resources in reverse, every stop attempted, each bounded.
 
-        A buffered access log is flushed afterwards, whatever happened.
+        A buffered access log and the error reporter are flushed afterwards,
+        whatever happened.
         """
         await self.lifespan_manager.shutdown()
 
-    def _flush_access_log(self) -> None:
+    def _after_shutdown(self) -> None:
         flush = getattr(self.access_log_sink, "flush", None)
         if flush is not None:
             flush()
+        self.error_reporter.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:
@@ -385,6 +397,7 @@ class App:
             close_code = 1013 if status == 503 else 1011 if status >= 500 else 1008
             await _refuse(ws, scope, send, exc, close_code, exc.error_code[:120])
         except Exception as exc:
+            self.error_reporter.report(exc)
             logger.error("websocket handler for %s failed", safe_for_log(path), exc_info=exc)
             await _refuse(ws, scope, send, exc, 1011, "internal error")
         finally:
