@@ -40,7 +40,7 @@ LAYERS = {
         "migrations",
     },
     2: {"asgi", "testing"},
-    3: {"cli", "server", "devtools", "__main__", "__init__"},
+    3: {"cli", "server", "devtools", "pytest_plugin", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
