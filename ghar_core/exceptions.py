@@ -237,7 +237,7 @@ class BookingNotFoundException(NotFoundException):
 
 
 class BookingConflictError(ConflictException):
-    """The seed's name (an ``Error``, unlike its neighbours): kept so its callers import it as is."""
+    """The seed's name (an ``Error``, unlike its neighbours), kept for its callers."""
 
     error_code = "BOOKING_CONFLICT"
     message = "The dates overlap an existing booking."

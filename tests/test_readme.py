@@ -81,3 +81,14 @@ def test_event_stream_example_emits() -> None:
         set_default_bus(previous)
     assert namespace["delivered"] == 0  # nobody is listening
     assert bus.stats()["emitted"] == 1
+
+
+def test_fastapi_host_example_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run for real by tests/asgi/test_hosts.py; here: the README's code as written builds."""
+    (block,) = [b for b in BLOCKS if "fastapi_current_user(core)" in b]
+    module = types.ModuleType("readme_host")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(block, "README.md[hosts]", "exec"), module.__dict__)
+    api = module.__dict__["api"]
+    paths = {getattr(route, "path", None) for route in api.routes}
+    assert {"/listings/mine", "/core"} <= paths
