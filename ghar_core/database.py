@@ -70,6 +70,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -663,6 +664,9 @@ class Database:
         self._bg: _Pool | None = None
         self._migrations_pending = settings.DB_MIGRATE_ON_STARTUP
         self._last_connect_warning = 0.0
+        self._reached = False  # any connection opened since start: outages vs. setup errors
+        where = urlsplit(self.dsn)
+        self._where = f"{where.hostname or 'localhost'}:{where.port or 5432}{where.path}"
         self._stopped = False
 
     # --- connections ----------------------------------------------------------------
@@ -682,15 +686,31 @@ class Database:
             now = time.monotonic()
             if now - self._last_connect_warning > 5.0:
                 self._last_connect_warning = now
-                logger.warning(
-                    "cannot connect to Postgres for %s: %s: %s",
-                    application_name,
-                    type(exc).__name__,
-                    exc,
-                )
+                if self._reached:
+                    logger.warning(
+                        "cannot connect to Postgres for %s: %s: %s",
+                        application_name,
+                        type(exc).__name__,
+                        exc,
+                    )
+                else:
+                    # Never reached since start: more likely a wrong DATABASE_URL or
+                    # a server that is not running than a blip; say so.
+                    logger.error(
+                        "cannot connect to Postgres at %s for %s: %s: %s; it has not answered "
+                        "since this instance started: is it running, and is DATABASE_URL "
+                        "right? (`ghar-core dev` starts one for development)",
+                        self._where,
+                        application_name,
+                        type(exc).__name__,
+                        exc,
+                    )
             raise DatabaseUnavailableException(
-                "The database cannot be reached right now; please retry.",
+                "The database cannot be reached right now; please retry."
+                if self._reached
+                else "The database has not answered since this service started; please retry.",
             ) from exc
+        self._reached = True
         for typename in ("json", "jsonb"):
             await conn.set_type_codec(
                 typename, schema="pg_catalog", encoder=_encode_json, decoder=orjson.loads
