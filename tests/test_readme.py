@@ -92,3 +92,15 @@ def test_fastapi_host_example_builds(monkeypatch: pytest.MonkeyPatch) -> None:
     api = module.__dict__["api"]
     paths = {getattr(route, "path", None) for route in api.routes}
     assert {"/listings/mine", "/core"} <= paths
+
+
+def test_app_settings_example_loads_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    (block,) = [b for b in BLOCKS if "class ListingsSettings(Settings)" in b]
+    monkeypatch.setenv("APP_ENV", "test")
+    monkeypatch.setenv("GEOCODER_KEY", "geo-secret")
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md[app-settings]", "exec"), namespace)
+    loaded = namespace["settings"]
+    assert type(loaded).__name__ == "ListingsSettings"
+    assert loaded.GEOCODER_URL == "http://127.0.0.1:8081"  # type: ignore[attr-defined]
+    assert "geo-secret" not in repr(loaded)

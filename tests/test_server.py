@@ -228,3 +228,29 @@ def test_a_wrong_target_is_one_line_and_no_traceback(
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert says in done.stderr
+
+
+async def test_an_app_with_its_own_settings_is_served_from_its_folder(tmp_path: Path) -> None:
+    """The app's schema reads its key from the project's env file; nothing warns about it."""
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / ".env.test").write_text(
+        "GEOCODER_URL=http://geo.test:8081\nGEOCODER_KEY=geo-key-secret\nLOG_FORMAT=json\n"
+    )
+    (tmp_path / "listings.py").write_text(
+        "import dataclasses\n"
+        "from ghar_core.asgi import create_app\n"
+        "from ghar_core.config import Secret, Settings, load_settings, setting\n"
+        "@dataclasses.dataclass(frozen=True, slots=True, repr=False)\n"
+        "class ListingsSettings(Settings):\n"
+        "    GEOCODER_URL: str = setting('http://127.0.0.1:1', 'url', 'The geocoder.')\n"
+        "    GEOCODER_KEY: Secret | None = setting(None, 'secret', 'Its key.', optional=True)\n"
+        "app = create_app(load_settings(schema=ListingsSettings), resources=[])\n"
+        "@app.get('/api/v1/geocoder')\n"
+        "async def geocoder(request):\n"
+        "    return {'url': request.settings.GEOCODER_URL}\n"
+    )
+    async with serve_cli(tmp_path, "--app", "listings:app", STRICT_SETTINGS="true") as served:
+        body = await get_json(served.base + "/api/v1/geocoder")
+    assert body == {"url": "http://geo.test:8081"}, served.log
+    assert "unknown setting" not in served.log
+    assert "geo-key-secret" not in served.log
