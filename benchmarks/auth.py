@@ -179,6 +179,8 @@ async def run(rounds: int, quick: bool) -> tuple[list[Row], dict[str, Any]]:
     verify_calls = 200 if quick else 2_000
     introspect_calls = 50 if quick else 400
 
+    clients = http.HTTPClients()  # the provider sessions' owner, as in an app
+    await clients.start()
     keys = KeyServer()
     await keys.start()
     base = load_settings(app_env="test", environ={})
@@ -366,7 +368,7 @@ async def run(rounds: int, quick: bool) -> tuple[list[Row], dict[str, Any]]:
     await idp_auth.stop()
     await idp.stop()
     await keys.stop()
-    await http.close_all_clients()
+    await clients.stop()
     return rows, meta
 
 
