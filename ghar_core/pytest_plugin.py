@@ -10,6 +10,8 @@ project that depends on ghar_core has these fixtures without a conftest:
     test settings' ``DATABASE_URL`` when it answers; else a throwaway
     PostgreSQL started from the machine's binaries for the session (stopped at
     its end). With none of these the test fails, saying which were tried.
+``ghar_admin_dsn``
+    The maintenance DSN those databases are made on (override to choose).
 ``ghar_migrations``
     The app's :class:`~ghar_core.migrate.MigrationSet`\\ s: by default those the
     app's ``"database"`` resource carries (``create_app(migrations=[...])``).
@@ -67,6 +69,7 @@ except ImportError:  # pragma: no cover - the fixtures then need another async p
     _async_fixture = pytest.fixture
 
 __all__ = [
+    "ghar_admin_dsn",
     "ghar_app",
     "ghar_base_settings",
     "ghar_client",
@@ -239,11 +242,15 @@ def ghar_migrations(
 
 
 @pytest.fixture
-def ghar_database(
-    ghar_base_settings: Settings, ghar_migrations: Sequence[MigrationSet]
-) -> Iterator[str]:
+def ghar_admin_dsn(ghar_base_settings: Settings) -> str:
+    """The maintenance DSN databases are made on (decided once; see the module doc)."""
+    return _server.admin_dsn(ghar_base_settings)
+
+
+@pytest.fixture
+def ghar_database(ghar_admin_dsn: str, ghar_migrations: Sequence[MigrationSet]) -> Iterator[str]:
     """DSN of a throwaway database with the core's and the app's migrations; dropped after."""
-    admin = _server.admin_dsn(ghar_base_settings)
+    admin = ghar_admin_dsn
     name = f"ghar_test_{uuid.uuid4().hex[:16]}"
     dsn = _run(_create_migrated(admin, name, ghar_migrations))
     try:
