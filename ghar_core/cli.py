@@ -23,16 +23,11 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from ghar_core.config import (
-        config_table_markdown,
-        env_file_path,
-        load_settings,
-        settings_schema,
-    )
+    from ghar_core.config import chosen_schema, config_table_markdown, env_file_path, load_settings
 
     if args.table:
-        target = os.environ.get("GHAR_SETTINGS")
-        sys.stdout.write(config_table_markdown(settings_schema(target) if target else None))
+        # The table needs the schema only, not valid values.
+        sys.stdout.write(config_table_markdown(chosen_schema()))
         return 0
     source = env_file_path()
     loaded = load_settings()  # GHAR_SETTINGS (or --settings) names the app's schema

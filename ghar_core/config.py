@@ -54,6 +54,7 @@ __all__ = [
     "ConfigError",
     "Secret",
     "Settings",
+    "chosen_schema",
     "config_table_markdown",
     "env_file_path",
     "format_env_value",
@@ -1053,6 +1054,34 @@ def settings_schema(target: str) -> type[Settings]:
     return schema
 
 
+def _read_env_file(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([(str(path), f"cannot read the env file: {exc}")]) from None
+    try:
+        return parse_env_text(text, str(path))
+    except EnvSyntaxError as exc:
+        raise ConfigError(exc.problems) from None
+
+
+def _schema_named(env: Mapping[str, str], from_file: Mapping[str, str]) -> type[Settings]:
+    target = env.get("GHAR_SETTINGS") or from_file.get("GHAR_SETTINGS")
+    return settings_schema(target) if target else Settings
+
+
+def chosen_schema(
+    app_env: str | None = None,
+    env_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> type[Settings]:
+    """The schema :func:`load_settings` would use: ``GHAR_SETTINGS`` (environment, then file)."""
+    env = os.environ if environ is None else environ
+    return _schema_named(env, _read_env_file(env_file_path(app_env, env_dir, env)))
+
+
 def _closest(name: str, known: Iterable[str], cutoff: float) -> str | None:
     match = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
     return match[0] if match else None
@@ -1075,8 +1104,8 @@ def _unknown_keys(
             found.append((key, _closest(key, known, 0.6), "env file"))
             seen.add(key)
     for key in env:
-        if key in specs or key in _CONTROL_VARS or key in seen or not key.isupper():
-            continue
+        if key in specs or key in seen or key.startswith("GHAR_") or not key.isupper():
+            continue  # GHAR_*: the tools' own variables (GHAR_DEV_DIR, GHAR_SERVE_APP, ...)
         near = _closest(key, known, 0.88)
         if near is not None:
             found.append((key, near, "environment"))
@@ -1131,19 +1160,9 @@ def load_settings(
     env = os.environ if environ is None else environ
     path = env_file_path(app_env, env_dir, env)
     chosen = path.name.removeprefix(".env.")
-    from_file: dict[str, str] = {}
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([(str(path), f"cannot read the env file: {exc}")]) from None
-        try:
-            from_file = parse_env_text(text, str(path))
-        except EnvSyntaxError as exc:
-            raise ConfigError(exc.problems) from None
+    from_file = _read_env_file(path)
     if schema is None:
-        target = env.get("GHAR_SETTINGS") or from_file.get("GHAR_SETTINGS")
-        schema = settings_schema(target) if target else Settings
+        schema = _schema_named(env, from_file)
     specs = _specs_of(schema)
     raw = {k: v for k, v in from_file.items() if k in specs}
     raw.update({k: v for k, v in env.items() if k in specs})

@@ -127,7 +127,9 @@ def test_unknown_env_file_keys_are_one_warning_with_the_closest_names(
         tmp_path, {"DATABSE_URL": "postgresql://x/y", "GEOCODER_URL": "http://g", "ZZZ": "1"}
     )
     with caplog.at_level(logging.WARNING, logger="ghar_core.config"):
-        loaded = load_settings(env_dir=tmp_path, environ={"DB_POOL_MAX_SIZ": "3", "HOME": "/"})
+        loaded = load_settings(
+            env_dir=tmp_path, environ={"DB_POOL_MAX_SIZ": "3", "HOME": "/", "GHAR_DEV_DIR": "/x"}
+        )
     default = load_settings(env_dir="/nonexistent", environ={})
     assert loaded.DATABASE_URL == default.DATABASE_URL  # the typo did not set it
     records = [r for r in caplog.records if r.name == "ghar_core.config"]
@@ -139,6 +141,7 @@ def test_unknown_env_file_keys_are_one_warning_with_the_closest_names(
     assert "ZZZ" in message
     assert "DB_POOL_MAX_SIZ (did you mean DB_POOL_MAX_SIZE?)" in message  # a near miss in env
     assert "HOME" not in message  # the rest of the environment is not ours to judge
+    assert "GHAR_DEV_DIR" not in message  # the tools' own variables (close to GHAR_ENV_DIR)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ghar_core.config"):
         load_settings(env_dir=tmp_path, environ={}, schema=ListingsSettings)
@@ -211,8 +214,12 @@ def test_ghar_settings_names_the_schema_for_every_command(tmp_path: Path) -> Non
     assert "GEOCODER_KEY='**********'" in shown.stdout
     assert "never-printed" not in shown.stdout + shown.stderr
     assert "unknown" not in shown.stderr
+    table = run("config", "--table")  # GHAR_SETTINGS from the env file
+    assert "| `GEOCODER_KEY` | App | secret |" in table.stdout, table.stderr
+    _write_env(env_dir, {"GEOCODER_KEY": "never-printed"})
     table = run("--settings", "listings_settings:AppSettings", "config", "--table")
     assert "| `GEOCODER_KEY` | App | secret |" in table.stdout, table.stderr
+    assert "GEOCODER_KEY" not in run("config", "--table").stdout  # the core's alone
     wrong = run("--settings", "listings_settings:Nope", "config")
     assert wrong.returncode == 2
     assert "GHAR_SETTINGS: 'listings_settings' has no 'Nope'" in wrong.stderr
