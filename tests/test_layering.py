@@ -27,6 +27,7 @@ LAYERS = {
         "error_reporting",
     },
     1: {
+        "_db_session",
         "database",
         "db_resilience",
         "http",
