@@ -22,6 +22,7 @@ from ghar_core.asgi import create_app
 from ghar_core.auth import SupabaseAuth
 from ghar_core.broker import PostgresBroker
 from ghar_core.database import Database
+from ghar_core.http import HTTPClients
 from ghar_core.migrate import migrate_dsn
 from ghar_core.sse import SSEEventBus
 from tests.asgi.sse_support import SERVED_ENV, parse_blocks, sse_settings, token_for
@@ -45,7 +46,11 @@ def _instance(dsn: str, **changes: Any) -> tuple[Any, PostgresBroker, SSEEventBu
     database = Database(settings)
     broker = PostgresBroker(settings, database)
     bus = SSEEventBus(settings, broker=broker, handle_signals=False)
-    app = create_app(settings, resources=[database, SupabaseAuth(settings), broker, bus])
+    app = create_app(
+        settings,
+        core_resources=False,
+        resources=[HTTPClients(), database, SupabaseAuth(settings), broker, bus],
+    )
     return app, broker, bus
 
 
