@@ -33,6 +33,7 @@ from ghar_core.asgi.responses import Response, dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
+from ghar_core.asgi.ws_routes import register_websocket_routes
 from ghar_core.auth import SupabaseAuth
 from ghar_core.database import Database
 from ghar_core.exceptions import (
@@ -44,6 +45,7 @@ from ghar_core.exceptions import (
 from ghar_core.http import HTTPClientsResource
 from ghar_core.lifecycle import Resource, Resources
 from ghar_core.sse import SSEEventBus
+from ghar_core.websocket import ConnectionManager
 
 if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Receive, Scope, Send
@@ -84,7 +86,10 @@ def build_default_resources(
     resources.append(Database(settings, migrations=migrations))  # "database": both pools
     resources.append(HTTPClientsResource())  # shared outbound sessions; stop closes them
     resources.append(SupabaseAuth(settings))  # "auth": JWKS and token caches (issue 5)
-    resources.append(SSEEventBus(settings))  # "sse": per-user event bus; stop ends the streams
+    bus = SSEEventBus(settings)
+    resources.append(bus)  # "sse": per-user event bus; stop ends the streams
+    # "websocket": job and user sockets; notifications may also go to `bus`; stop closes (1001)
+    resources.append(ConnectionManager(settings, sse=bus))
     return resources
 
 
@@ -468,6 +473,7 @@ def create_app(
         app.add_route("/ready", ready, ("GET",))
         register_auth_routes(app)  # GET {API_V1_STR}/me (issue 5)
         register_sse_routes(app)  # GET .../events/stream, POST .../events/test (ENABLE_SSE)
+        register_websocket_routes(app)  # .../ws/jobs/{job_id}, .../ws/notifications
     return app
 
 
