@@ -9,6 +9,6 @@ if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null 2>&1 && SUDO="sudo -n" || { echo "wrk missing and not root" >&2; exit 1; }
 fi
 command -v apt-get >/dev/null 2>&1 || { echo "wrk missing and no apt-get" >&2; exit 1; }
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
+$SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq wrk >/dev/null
 command -v wrk >/dev/null 2>&1

@@ -15,14 +15,14 @@ as_root() {
 if [ ! -x /usr/bin/chromium ]; then
     echo "ensure-browser: installing Debian's chromium" >&2
     as_root env DEBIAN_FRONTEND=noninteractive sh -c \
-        'apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null' \
+        'apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium >/dev/null' \
         || echo "ensure-browser: could not install chromium" >&2
 fi
 
 if ! command -v npm >/dev/null; then
     echo "ensure-browser: installing Debian's nodejs and npm" >&2
     as_root env DEBIAN_FRONTEND=noninteractive sh -c \
-        'apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null' \
+        'apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends nodejs npm >/dev/null' \
         || echo "ensure-browser: could not install npm" >&2
 fi
 

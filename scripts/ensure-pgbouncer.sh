@@ -23,7 +23,7 @@ apt_install_no_service() {
         added_policy=1
     fi
     as_root env DEBIAN_FRONTEND=noninteractive sh -c \
-        "apt-get update -qq && apt-get install -y -qq $1 >/dev/null" || status=$?
+        "apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq $1 >/dev/null" || status=$?
     if [ "$added_policy" = 1 ]; then as_root rm -f "$policy"; fi
     return "$status"
 }

@@ -146,6 +146,38 @@ def _stop(running: Running, signum: int, *, group: bool = False) -> None:
     assert [pid for pid in running.started if _alive(pid)] == []
 
 
+def _printed_stream_gets_the_printed_test_event(running: Running, token: str) -> None:
+    """The two event lines of the printout, pasted into two shells: the stream shows the event."""
+    stream = running.value(r"^  (curl -sN .*/events/stream)$")
+    post = running.value(r"^  (curl -s -X POST .*/events/test)$")
+    env = {**_clean_env(), "GHAR_TOKEN": token}
+    reader = subprocess.Popen(
+        ["sh", "-c", f"exec {stream}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None
+        first = reader.stdout.readline()  # the stream is open once its first frame arrives
+        assert first.startswith(("retry:", ":", "id:", "event:")), first
+        posted = subprocess.run(
+            ["sh", "-c", post], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert posted.returncode == 0, posted.stderr
+        got: list[str] = [first]
+        deadline = time.monotonic() + 15
+        while "event: test" not in "".join(got) and time.monotonic() < deadline:
+            got.append(reader.stdout.readline())
+        assert "event: test" in "".join(got), got
+    finally:
+        reader.kill()
+        reader.wait(10)
+        if reader.stdout is not None:
+            reader.stdout.close()
+
+
 async def _get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
@@ -185,6 +217,7 @@ def test_scripts_run_serves_me_with_the_printed_token_and_stops_clean(
         assert status == 200, body
         assert body["email"] == "dev@example.com"
         assert (data_dir / "pg" / "postmaster.pid").exists()
+        _printed_stream_gets_the_printed_test_event(first, token)
         # The printed command for another token works as pasted into a new shell.
         another = first.value(r"^  (\S*ghar\S* token .*--email someone@example.com)$")
         minted = subprocess.run(
@@ -297,6 +330,11 @@ def test_the_examples_use_the_token_and_the_served_urls() -> None:
         token="header.payload.signature",
     )
     text = "\n".join(example_lines(session))
+    events = "http://127.0.0.1:8000/api/v1/events"
+    assert f'curl -sN -H "Authorization: Bearer $GHAR_TOKEN" {events}/stream' in text
+    assert f'curl -s -X POST -H "Authorization: Bearer $GHAR_TOKEN" {events}/test' in text
+    no_sse = "\n".join(example_lines(dataclasses.replace(session, sse=False)))
+    assert "/events/" not in no_sse
     assert "export GHAR_TOKEN='header.payload.signature'" in text
     assert 'curl -s -H "Authorization: Bearer $GHAR_TOKEN" http://127.0.0.1:8000/api/v1/me' in text
     assert "--provider-url http://127.0.0.1:40000" in text  # not the default port

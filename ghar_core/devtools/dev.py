@@ -103,6 +103,7 @@ class DevSession:
     user_id: str | None
     token: str | None
     cli: str = "ghar-core"  # how to call our CLI from a new shell in the working folder
+    sse: bool = True  # ENABLE_SSE: the event-stream lines only when its routes are served
 
     @property
     def me_url(self) -> str:
@@ -126,6 +127,14 @@ def example_lines(session: DevSession) -> list[str]:
         "# who am I (the users row is created on first use)",
         f'curl -s -H "Authorization: Bearer $GHAR_TOKEN" {session.me_url}',
     ]
+    events = f"{session.app_url}{session.api_prefix}/events"
+    if session.sse:
+        lines += [
+            "# your event stream (leave it open in one shell; -N: print as it arrives)",
+            f'curl -sN -H "Authorization: Bearer $GHAR_TOKEN" {events}/stream',
+            "# from another shell: a test event to your own stream",
+            f'curl -s -X POST -H "Authorization: Bearer $GHAR_TOKEN" {events}/test',
+        ]
     another = f"{session.cli} token"
     if session.provider_url != DEV_PROVIDER_URL:
         another += f" --provider-url {session.provider_url}"
@@ -432,6 +441,7 @@ class _Dev:
             user_id=user_id,
             token=token,
             cli=_cli_command(),
+            sse=self.settings.ENABLE_SSE,
         )
         sys.stdout.write(banner(session))
         sys.stdout.flush()
