@@ -184,7 +184,14 @@ async def _post(port: int, path: str) -> dict[str, Any]:
     return dict(orjson.loads(data.split(b"\r\n\r\n", 1)[1]))
 
 
-async def _stalled_client(port: int, path: str) -> socket.socket:
+async def open_stalled_client(port: int, path: str, headers: str = "") -> socket.socket:
+    """A WebSocket handshake on a bare socket with a 4 KB receive buffer, frames left unread.
+
+    Nobody reads the socket afterwards: the server's writes to it block once
+    the buffers fill (a client that stopped reading), and it never answers a
+    ping (a client that vanished without a close). ``headers``: extra
+    request header lines, each ending in CRLF.
+    """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -193,12 +200,12 @@ async def _stalled_client(port: int, path: str) -> socket.socket:
     key = base64.b64encode(os.urandom(16)).decode()
     request = (
         f"GET {path} HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
     )
     await loop.sock_sendall(sock, request.encode())
     head = b""
     while b"\r\n\r\n" not in head:
-        head += await loop.sock_recv(sock, 1)
+        head += await loop.sock_recv(sock, 1)  # byte by byte: leave the frames unread
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
 
@@ -262,7 +269,7 @@ async def measure_broadcast(sizes: list[int], rounds: int, send_timeout: float) 
                             arrived.clear()
                             sock = None
                             if stalled:
-                                sock = await _stalled_client(port, path + "&stall=1")
+                                sock = await open_stalled_client(port, path + "&stall=1")
                                 await asyncio.sleep(0.05)
                                 filled = await _post(port, f"/bench/ws/fill?variant={variant}")
                                 assert filled["blocked"], filled

@@ -319,32 +319,27 @@ class ConnectionManager:
         """
         user, job = str(user_id), str(job_id)
         self.check_job(job, user)
-        self._admit(user)
-        conn = Connection(ws, user, job, self.clock())
-        self._add(self.job_connections, job, conn)  # counted before accept: no race past the cap
-        try:
-            await ws.accept()
-        except BaseException:
-            self._drop(conn, CLOSE_NORMAL, "accept failed", drain=False)
-            raise
-        return conn
+        return await self._accept(ws, user, job)
 
     async def connect_user(self, ws: ManagedSocket, user_id: Any) -> Connection:
         """Accept ``ws`` for ``user_id``'s notifications; 429 past the cap, 503 when stopping."""
-        user = str(user_id)
+        return await self._accept(ws, str(user_id), None)
+
+    async def _accept(self, ws: ManagedSocket, user: str, job: str | None) -> Connection:
         self._admit(user)
-        conn = Connection(ws, user, None, self.clock())
-        self._add(self.user_connections, user, conn)
+        conn = Connection(ws, user, job, self.clock())
+        # Registered before accept: sockets racing past the cap are counted.
+        if job is None:
+            self.user_connections.setdefault(user, set()).add(conn)
+        else:
+            self.job_connections.setdefault(job, set()).add(conn)
+        self._per_user[user] = self._per_user.get(user, 0) + 1
         try:
             await ws.accept()
         except BaseException:
             self._drop(conn, CLOSE_NORMAL, "accept failed", drain=False)
             raise
         return conn
-
-    def _add(self, registry: dict[str, set[Connection]], key: str, conn: Connection) -> None:
-        registry.setdefault(key, set()).add(conn)
-        self._per_user[conn.user_id] = self._per_user.get(conn.user_id, 0) + 1
 
     def _remove(self, conn: Connection) -> None:
         if conn.job_id is not None:

@@ -10,10 +10,8 @@ one notification on both transports with one id, the flag, and shutdown.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +26,7 @@ from ghar_core.websocket import (
     CLOSE_PONG_TIMEOUT,
     CLOSE_SEND_TIMEOUT,
 )
-from tests.asgi.sse_support import SERVED_ENV, parse_blocks, token_for
+from tests.asgi.sse_support import parse_blocks, start_served, token_for
 from tests.asgi.test_e2e_uvicorn import serve
 from tests.asgi.ws_support import JOBS, NOTIFICATIONS, Client, RawClient, connect, refusal, until
 from tests.asgi.ws_support import ws_app as _app
@@ -284,36 +282,11 @@ async def test_sigterm_closes_200_sockets_going_away_and_exits_promptly(server: 
 
     port = _free_port()
     tokens = [token_for()[1] for _ in range(20)]
-    env = {
-        **os.environ,
-        **SERVED_ENV,
-        "PYTHONPATH": str(ROOT),
-        "LOG_LEVEL": "INFO",
-        "WS_MAX_CONNECTIONS_PER_USER": "10",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *SERVERS[server],
-        "--port",
-        str(port),
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    log_task = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
+    proc, log_task = await start_served(SERVERS[server], port, {"LOG_LEVEL": "INFO"})
     base = f"http://127.0.0.1:{port}"
     try:
         # limit=0: each open WebSocket holds one of the session's connections.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        async with http.get(f"{base}/health") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.05)
             async with asyncio.timeout(20):
                 clients = await asyncio.gather(
                     *(

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from benchmarks._ws_broadcast import open_stalled_client
 from ghar_core.asgi import create_app
 from ghar_core.asgi.app import App
 from ghar_core.auth import SupabaseAuth
@@ -90,12 +91,7 @@ async def refusal(
 
 
 class RawClient:
-    """A WebSocket client on a bare socket that, after the handshake, does nothing.
-
-    Its receive buffer is small and nobody reads it: the server's writes to it
-    block once the buffers fill (a client that stopped reading), and it never
-    answers a ping (a client that vanished without a close).
-    """
+    """A client that, after the handshake, does nothing (see ``open_stalled_client``)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -103,23 +99,8 @@ class RawClient:
     @classmethod
     async def open(cls, base: str, path: str, token: str) -> RawClient:
         port = int(base.rsplit(":", 1)[1])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n"
-        )
-        await loop.sock_sendall(sock, request.encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += await loop.sock_recv(sock, 1)  # byte by byte: leave the frames unread
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(sock)
+        auth = f"Authorization: Bearer {token}\r\n"
+        return cls(await open_stalled_client(port, path, auth))
 
     async def close_code(self, seconds: float = 5.0) -> int | None:
         """Read everything now and return the code of the close frame, if one came."""
