@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import time
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -26,7 +25,6 @@ from ghar_core.sse import SSEEventBus
 from tests.asgi.sse_support import parse_blocks, sse_settings, start_served, token_for
 from tests.asgi.test_e2e_uvicorn import serve
 
-ROOT = Path(__file__).resolve().parents[2]
 STREAM = "/api/v1/events/stream"
 
 

@@ -14,7 +14,6 @@ import signal
 import statistics
 import time
 import uuid
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -31,7 +30,6 @@ from tests.asgi.test_e2e_uvicorn import serve
 from tests.asgi.ws_support import JOBS, NOTIFICATIONS, Client, RawClient, connect, refusal, until
 from tests.asgi.ws_support import ws_app as _app
 
-ROOT = Path(__file__).resolve().parents[2]
 WS = {"ws": "websockets-sansio"}
 
 
