@@ -80,3 +80,15 @@ async def test_websocket_example_publishes_to_the_default_manager() -> None:
         ws._default = previous
     assert stats["published"] == 3  # nobody connected: published, delivered to none
     assert stats["jobs"] == 0  # the completion released the registration
+
+
+def test_app_settings_example_loads_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    (block,) = [b for b in BLOCKS if "class ListingsSettings(Settings)" in b]
+    monkeypatch.setenv("APP_ENV", "test")
+    monkeypatch.setenv("GEOCODER_KEY", "geo-secret")
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md[app-settings]", "exec"), namespace)
+    loaded = namespace["settings"]
+    assert type(loaded).__name__ == "ListingsSettings"
+    assert loaded.GEOCODER_URL == "http://127.0.0.1:8081"  # type: ignore[attr-defined]
+    assert "geo-secret" not in repr(loaded)
