@@ -69,6 +69,7 @@ def ws_app(send_timeout: float) -> Any:
     from benchmarks.realtime import _settings
     from ghar_core.asgi import Request, WebSocket, WebSocketDisconnect, create_app
     from ghar_core.auth import SupabaseAuth
+    from ghar_core.http import HTTPClients
     from ghar_core.websocket import ConnectionManager
 
     settings = _settings(
@@ -79,7 +80,11 @@ def ws_app(send_timeout: float) -> Any:
         WS_QUEUE_MAX_SIZE=10_000,
     )
     manager = ConnectionManager(settings)
-    app = create_app(settings, resources=[SupabaseAuth(settings), manager])
+    app = create_app(
+        settings,
+        core_resources=False,
+        resources=[HTTPClients(), SupabaseAuth(settings), manager],
+    )
     naive = NaiveManager(send_timeout)
     stalled: list[WebSocket] = []
     fillers: list[asyncio.Task[None]] = []

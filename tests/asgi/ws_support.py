@@ -18,6 +18,7 @@ from benchmarks._ws_broadcast import open_stalled_client
 from ghar_core.asgi import create_app
 from ghar_core.asgi.app import App
 from ghar_core.auth import SupabaseAuth
+from ghar_core.http import HTTPClients
 from ghar_core.sse import SSEEventBus
 from ghar_core.websocket import ConnectionManager
 from tests.asgi.sse_support import sse_settings
@@ -30,7 +31,11 @@ def ws_app(**changes: Any) -> tuple[App, ConnectionManager, SSEEventBus]:
     settings = sse_settings(**changes)
     bus = SSEEventBus(settings, handle_signals=False)
     manager = ConnectionManager(settings, sse=bus, handle_signals=False)
-    app = create_app(settings, resources=[SupabaseAuth(settings), bus, manager])
+    app = create_app(
+        settings,
+        core_resources=False,
+        resources=[HTTPClients(), SupabaseAuth(settings), bus, manager],
+    )
     return app, manager, bus
 
 
