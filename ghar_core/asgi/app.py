@@ -31,6 +31,7 @@ from ghar_core.asgi.responses import Response, dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
+from ghar_core.asgi.ws_routes import register_websocket_routes
 from ghar_core.auth import SupabaseAuth
 from ghar_core.broker import build_broker
 from ghar_core.database import Database
@@ -44,6 +45,7 @@ from ghar_core.exceptions import (
 from ghar_core.http import ClientSpec, HTTPClients
 from ghar_core.lifecycle import Resources, ResourceSpec
 from ghar_core.sse import SSEEventBus
+from ghar_core.websocket import ConnectionManager
 
 if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Receive, Scope, Send
@@ -80,6 +82,7 @@ def build_default_resources(
     """
     database = Database(settings, migrations=migrations)
     broker = build_broker(settings, database)
+    bus = SSEEventBus(settings, broker=broker)
     return [
         HTTPClients(clients),  # "http_clients": every outbound session; stops last
         database,  # "database": both pools
@@ -88,7 +91,9 @@ def build_default_resources(
             settings, client=started.get("http_clients", HTTPClients).provider("supabase_auth")
         ),
         broker,  # "broker": EVENT_BROKER (memory, or the Postgres outbox + a direct LISTEN)
-        SSEEventBus(settings, broker=broker),  # "sse": per-user event bus; stop ends the streams
+        bus,  # "sse": per-user event bus; stop ends the streams
+        # "websocket": job and user sockets; notifications may also go to `bus`; stop closes (1001)
+        ConnectionManager(settings, sse=bus, broker=broker),
     ]
 
 
@@ -516,4 +521,5 @@ def create_app(
         app.add_route("/ready", ready, ("GET",))
         register_auth_routes(app)  # GET {API_V1_STR}/me (issue 5)
         register_sse_routes(app)  # GET .../events/stream, POST .../events/test (ENABLE_SSE)
+        register_websocket_routes(app)  # .../ws/jobs/{job_id}, .../ws/notifications
     return app

@@ -167,3 +167,64 @@ async def test_the_default_resources_take_the_broker_from_the_settings(outbox_ds
     assert bus.broker is broker
     memory = create_app(sse_settings())
     assert memory.resources.get("sse", SSEEventBus).broker is None
+
+
+def _instance_ws(dsn: str) -> tuple[Any, Any]:
+    from ghar_core.websocket import ConnectionManager
+
+    settings = sse_settings(DATABASE_URL=dsn, EVENT_BROKER="postgres", SSE_HEARTBEAT_INTERVAL=0.2)
+    database = Database(settings)
+    broker = PostgresBroker(settings, database)
+    bus = SSEEventBus(settings, broker=broker, handle_signals=False)
+    manager = ConnectionManager(settings, sse=bus, broker=broker, handle_signals=False)
+    resources = [HTTPClients(), database, SupabaseAuth(settings), broker, bus, manager]
+    return create_app(settings, core_resources=False, resources=resources), manager
+
+
+async def test_websocket_messages_cross_instances(outbox_dsn: str) -> None:
+    from tests.asgi.ws_support import JOBS, NOTIFICATIONS, connect
+
+    app_a, manager_a = _instance_ws(outbox_dsn)
+    app_b, manager_b = _instance_ws(outbox_dsn)
+    _, token = token_for()
+    ws = {"ws": "websockets-sansio"}
+    async with (
+        serve(app_a, **ws) as base_a,
+        serve(app_b, **ws) as base_b,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(
+            f"{base_a}/api/v1/me", headers={"Authorization": f"Bearer {token}"}
+        ) as me:
+            user = (await me.json())["id"]
+        manager_b.register_job("job-1", user)  # job registrations are per instance
+        notes = await connect(http, base_b, NOTIFICATIONS, token)
+        job = await connect(http, base_b, f"{JOBS}/job-1", token)
+        # Published on A, by the manager and from a shell; heard on B's sockets.
+        await manager_a.send_user_notification(user, {"n": 1})
+        await manager_a.send_job_update("job-1", {"progress": 50})
+        for args in (
+            ("--user", user, "--type", "note"),
+            ("--job", "job-1", "--type", "job_update"),
+        ):
+            done = await asyncio.to_thread(_emit_cli, outbox_dsn, *args, "--data", '{"n": 2}')
+            assert done.returncode == 0, done.stderr
+        async with asyncio.timeout(10):
+            while len(notes.messages) < 2 or len(job.messages) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        got = [m for _, m in notes.messages]
+        assert got[0] == {"type": "notification", "data": {"n": 1}}
+        assert got[1]["type"] == "note"
+        assert got[1]["data"] == {"n": 2}
+        assert ":" in got[1]["id"]
+        assert [m for _, m in job.messages] == [
+            {"type": "job_update", "job_id": "job-1", "data": {"progress": 50}},
+            {"type": "job_update", "job_id": "job-1", "data": {"n": 2}},
+        ]
+        # A completion published on A closes B's job socket and releases B's registration.
+        await manager_a.broadcast_job_completion("job-1", {"ok": True})
+        async with asyncio.timeout(10):
+            await job.closed.wait()
+        assert job.of_type("job_completed")[0]["result"] == {"ok": True}
+        assert manager_b.job_owner("job-1") is None
+        await notes.close()
