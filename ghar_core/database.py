@@ -112,6 +112,8 @@ BACKGROUND_APPLICATION_NAME: Final = "360ghar_bg"
 _RESET_QUERY: Final = "DISCARD ALL"
 _RESET_TIMEOUT: Final = 5.0
 _XACT_ID_QUERY: Final = "SELECT pg_current_xact_id_if_assigned()::text"
+# After a NOTIFY: assign the id now (Postgres would only at pre-commit).
+_XACT_ID_ASSIGN_QUERY: Final = "SELECT pg_current_xact_id()::text"
 _XACT_STATUS_QUERY: Final = "SELECT pg_xact_status($1::text::xid8)"
 
 
@@ -422,7 +424,7 @@ class _Lease:
                     conn = await pool.acquire()
                     raw = conn._con
                     break
-        raw._ghar_writes = False
+        raw._ghar_writes = raw._ghar_notifies = False
         raw._ghar_failure = None
         return conn, raw
 
@@ -519,7 +521,9 @@ class _Lease:
         if writes and check:
             # Nothing is committed yet: a failure here is an ordinary (retryable) one.
             try:
-                xid = await raw.fetchval(_XACT_ID_QUERY)
+                xid = await raw.fetchval(
+                    _XACT_ID_ASSIGN_QUERY if raw._ghar_notifies else _XACT_ID_QUERY
+                )
             except BaseException as exc:
                 lost = _lost(raw, exc)
                 pool.discard(raw)
