@@ -270,6 +270,12 @@ class _Pool:
         if raw.is_in_transaction():
             raw._ghar_dirty = True  # left open: rolled back, then DISCARD ALL
         if self.serverless:
+            if raw._protocol._is_cancelling():
+                # A timed-out or cancelled statement: the caller's 503 waits until
+                # the server acknowledged the cancel (close waits for it), as a
+                # pooled release does, so nothing of ours is left running.
+                await self._close(raw)
+                return
             closer = asyncio.get_running_loop().create_task(self._close(raw))
             self._closers.add(closer)
             closer.add_done_callback(self._closers.discard)

@@ -487,3 +487,37 @@ async def test_swallowed_copy_error_inside_a_transaction_raises_at_commit(db: Da
         await swallow()
     async with db.connection() as conn:
         assert await conn.fetchval("SELECT count(*) FROM copied WHERE v = 2") == 0
+
+
+async def test_timed_out_statement_is_cancelled_on_the_server_in_serverless_mode(
+    db: Database, db_settings: Settings, pg_admin_dsn: str
+) -> None:
+    """Serverless mode closes the connection in the background: the 503 must still wait."""
+    table = f"locked_{uuid.uuid4().hex[:8]}"
+    async with db.connection() as conn:
+        await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+        await conn.execute(f"INSERT INTO {table} VALUES (1, 'before')")
+    settings = dataclasses.replace(
+        db_settings, DB_COMMAND_TIMEOUT=0.3, DB_POOL_MIN_SIZE=0, SERVERLESS_ENABLED=True
+    )
+    database = Database(settings)
+    await database.start()
+    holder = await asyncpg.connect(db_settings.DATABASE_URL)
+    admin = await asyncpg.connect(pg_admin_dsn)
+    datname = db_settings.DATABASE_URL.rsplit("/", 1)[1]
+    try:
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        await holder.execute(f"UPDATE {table} SET v = 'holder' WHERE id = 1")
+        for _ in range(5):
+            with pytest.raises(DatabaseUnavailableException):
+                async with database.connection() as conn:
+                    await conn.execute(f"UPDATE {table} SET v = 'ours' WHERE id = 1")
+            assert await _waiting_backends(admin, datname) == 0
+        await holder_tx.commit()
+        await asyncio.sleep(0.2)
+        assert await holder.fetchval(f"SELECT v FROM {table} WHERE id = 1") == "holder"
+    finally:
+        await holder.close()
+        await admin.close()
+        await database.stop(grace=1.0)
