@@ -253,6 +253,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._check_head(hosts)
         self._head_bytes = self._slack = 0
         HttpToolsProtocol.on_headers_complete(self)
+        # uvicorn appends trailer fields to this list: the app gets a copy, so a
+        # trailer never becomes a header after the head was checked (a second
+        # Host, an Authorization). Trailers are discarded (RFC 9110, 6.5.1).
+        self.scope["headers"] = headers[:]
         self._phase = _BODY
 
     def _check_head(self, hosts: int) -> None:
