@@ -221,9 +221,7 @@ async def test_an_apps_own_error_that_mentions_a_timeout_passes_through(db: Data
     async def op(conn: asyncpg.Connection) -> None:
         nonlocal calls
         calls += 1
-        await conn.execute(
-            "DO $$ BEGIN RAISE EXCEPTION 'the payment provider timed out'; END $$"
-        )
+        await conn.execute("DO $$ BEGIN RAISE EXCEPTION 'the payment provider timed out'; END $$")
 
     with pytest.raises(asyncpg.RaiseError):
         await execute_with_transient_retry(db, op, operation_name="pay")
