@@ -78,7 +78,9 @@ _ROLLBACK_TO_RE: Final = re.compile(r"^\s*ROLLBACK\s+TO\b", re.IGNORECASE)
 # A notification is a write without a transaction id until COMMIT's pre-commit
 # step: "no id yet" would read as "nothing written", and a lost COMMIT would be
 # retried into a second delivery. Over-matching only assigns an id early.
-_NOTIFY_RE: Final = re.compile(r"\b(?:NOTIFY|pg_notify)\b", re.IGNORECASE)
+_NOTIFY_RE: Final = re.compile(
+    rf"(?:^|;){_GAP}*NOTIFY\b|\bpg_notify\"?{_GAP}*\(", re.IGNORECASE | re.DOTALL
+)
 _DIRTY: Final = 1
 _WRITES: Final = 2
 _NOTIFIES: Final = 4
@@ -218,39 +220,31 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
             self._ghar_dirty = True
         return await super().prepare(query, **kwargs)
 
-    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
-        self._ghar_writes = True
+    async def _noting_failure(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            result: str = await super().copy_to_table(table_name, **kwargs)
+            return await call(*args, **kwargs)
         except BaseException as exc:
             self._failed(exc)
             raise
+
+    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
+        self._ghar_writes = True
+        result: str = await self._noting_failure(super().copy_to_table, table_name, **kwargs)
         return result
 
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
         self._ghar_writes = True
-        try:
-            result: str = await super().copy_records_to_table(table_name, **kwargs)
-        except BaseException as exc:
-            self._failed(exc)
-            raise
+        call = super().copy_records_to_table
+        result: str = await self._noting_failure(call, table_name, **kwargs)
         return result
 
     async def copy_from_table(self, table_name: str, **kwargs: Any) -> str:
-        try:
-            result: str = await super().copy_from_table(table_name, **kwargs)
-        except BaseException as exc:
-            self._failed(exc)
-            raise
+        result: str = await self._noting_failure(super().copy_from_table, table_name, **kwargs)
         return result
 
     async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> str:
         self._note(query)
-        try:
-            result: str = await super().copy_from_query(query, *args, **kwargs)
-        except BaseException as exc:
-            self._failed(exc)
-            raise
+        result: str = await self._noting_failure(super().copy_from_query, query, *args, **kwargs)
         return result
 
     def cursor(self, query: str, *args: Any, **kwargs: Any) -> Any:
