@@ -207,3 +207,22 @@ async def test_transient_once_then_success(db: Database) -> None:
     assert await execute_with_transient_retry(db, op, operation_name="flaky") == "ok"
     assert calls == 2
     assert loop.time() - started >= 0.05  # the jittered pause happened
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: the message markers apply to any error, so an app's own RAISE EXCEPTION"
+    " (SQLSTATE P0001) whose text says 'timed out' is re-run and answered as a 503",
+)
+async def test_an_apps_own_error_that_mentions_a_timeout_passes_through(db: Database) -> None:
+    """README: errors that are not transient (... your own exceptions) pass through unchanged."""
+    calls = 0
+
+    async def op(conn: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        await conn.execute("DO $$ BEGIN RAISE EXCEPTION 'the payment provider timed out'; END $$")
+
+    with pytest.raises(asyncpg.RaiseError):
+        await execute_with_transient_retry(db, op, operation_name="pay")
+    assert calls == 1
