@@ -160,7 +160,8 @@ class AuthenticationException(UnauthorizedException):
         instance twice: its traceback, context and headers are per request).
         """
         copy = _new_exception(AuthenticationException, self.message)
-        copy.__dict__.update(self.__dict__)
+        # One dict copy replaces the instance dict (cheaper than filling a new one).
+        copy.__dict__ = self.__dict__.copy()
         copy.headers = self.headers.copy()
         return copy
 
