@@ -487,7 +487,13 @@ class SupabaseAuth:
             raise refusal.again()
         jwks = self.verifier.jwks
         local = self.local_refusals.get(token)
-        if local is not None and jwks is not None and jwks.keys is local[1] and jwks.is_fresh():
+        if (
+            local is not None
+            and jwks is not None
+            and jwks._keys is local[1]
+            and (fetched_at := jwks._fetched_at) is not None
+            and jwks._clock() - fetched_at < jwks.min_refresh_interval  # is_fresh(), inlined
+        ):
             raise local[0].again()
         if self.base_url is None:
             raise AuthProviderUnavailableException(
@@ -504,7 +510,7 @@ class SupabaseAuth:
         # A kid the fresh key set lacks (returned, not raised: the storm's path).
         known = _LOCAL_REFUSALS[verdict.message]
         if jwks is not None:
-            self.local_refusals.remember(token, (known, jwks.keys))
+            self.local_refusals.remember(token, (known, jwks._keys))
         raise known.again()
 
     async def verify_token(self, token: str | None) -> SupabaseUser:

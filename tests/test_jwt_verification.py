@@ -740,8 +740,10 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 def _reference_header_refusal(segment: str) -> str:
     """The message of the header check before its three scans became one translate."""
+    if not segment.isascii():  # the whole token is refused
+        return "the token is not a JWT (header.payload.signature)"
     segment = segment.partition(".")[0]  # the token's first segment
-    if not segment or not segment.isascii():
+    if not segment:
         return "the token is not a JWT (header.payload.signature)"
     if "+" in segment or "/" in segment or "=" in segment:
         return "the token is not a JWT (header.payload.signature)"
