@@ -63,6 +63,7 @@ __all__ = [
     "pg_database",
     "pgbouncer",
     "pgbouncer_binary",
+    "pgbouncer_config",
     "postgres_available",
     "run_sync",
     "with_database",
@@ -296,6 +297,44 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float)
     return False
 
 
+def pgbouncer_config(
+    directory: str,
+    *,
+    listen_port: int,
+    server_host: str,
+    server_port: int,
+    user: str,
+    extra: dict[str, str] | None = None,
+) -> str:
+    """Write a transaction-mode pgbouncer.ini (trust auth, log file) in ``directory``; its path.
+
+    ``extra`` adds or overrides ``[pgbouncer]`` settings (e.g. ``server_login_retry``).
+    """
+    ini = os.path.join(directory, "pgbouncer.ini")
+    auth = os.path.join(directory, "userlist.txt")
+    with open(auth, "w", encoding="utf-8") as fh:
+        fh.write(f'"{user}" ""\n')
+    settings = {
+        "listen_addr": "127.0.0.1",
+        "listen_port": str(listen_port),
+        "unix_socket_dir": "",
+        "auth_type": "trust",
+        "auth_file": auth,
+        "pool_mode": "transaction",
+        "default_pool_size": "20",
+        "max_client_conn": "200",
+        "server_reset_query": "",
+        "ignore_startup_parameters": "extra_float_digits",
+        "logfile": os.path.join(directory, "pgbouncer.log"),
+    } | (extra or {})
+    with open(ini, "w", encoding="utf-8") as fh:
+        fh.write(f"[databases]\n* = host={server_host} port={server_port}\n[pgbouncer]\n")
+        fh.writelines(f"{name} = {value}\n" for name, value in settings.items())
+    for path in (ini, auth):
+        os.chmod(path, 0o644)
+    return ini
+
+
 @pytest.fixture(scope="session")
 def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
     """pgbouncer on a free loopback port, transaction mode, 20 server connections."""
@@ -306,34 +345,18 @@ def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
     user = admin.username or "postgres"
     directory = tempfile.mkdtemp(prefix="ghar-pgbouncer-")
     port = free_port()
-    ini = os.path.join(directory, "pgbouncer.ini")
-    auth = os.path.join(directory, "userlist.txt")
-    with open(auth, "w", encoding="utf-8") as fh:
-        fh.write(f'"{user}" ""\n')
-    with open(ini, "w", encoding="utf-8") as fh:
-        fh.write(
-            "[databases]\n"
-            f"* = host={admin.hostname or '127.0.0.1'} port={admin.port or 5432}\n"
-            "[pgbouncer]\n"
-            "listen_addr = 127.0.0.1\n"
-            f"listen_port = {port}\n"
-            "unix_socket_dir =\n"
-            "auth_type = trust\n"
-            f"auth_file = {auth}\n"
-            "pool_mode = transaction\n"
-            "default_pool_size = 20\n"
-            "max_client_conn = 200\n"
-            "server_reset_query =\n"
-            "ignore_startup_parameters = extra_float_digits\n"
-            f"logfile = {os.path.join(directory, 'pgbouncer.log')}\n"
-        )
+    ini = pgbouncer_config(
+        directory,
+        listen_port=port,
+        server_host=admin.hostname or "127.0.0.1",
+        server_port=admin.port or 5432,
+        user=user,
+    )
     command = [binary, ini]
     if os.geteuid() == 0:
         # pgbouncer refuses to run as root: switch to the postgres user.
         runas = pwd.getpwnam("postgres")
         os.chmod(directory, 0o777)
-        for path in (ini, auth):
-            os.chmod(path, 0o644)
         os.chown(directory, runas.pw_uid, runas.pw_gid)
         command = [binary, "-u", "postgres", ini]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
