@@ -21,11 +21,14 @@ have requests in flight.
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any
 
-from ghar_core.asgi import App, Request, create_app, current_user
+from ghar_core.asgi import App, Request, build_default_resources, create_app, current_user
+from ghar_core.auth import SupabaseAuth
+from ghar_core.config import get_settings
 from ghar_core.database import Database
 from ghar_core.db_resilience import execute_with_transient_retry
 from ghar_core.exceptions import BadRequestException, NotFoundException, ValidationException
@@ -133,8 +136,21 @@ async def slow(request: Request) -> dict[str, Any]:
 
 
 def build() -> App:
-    """The factory ``ghar-core serve --app tests.reliability.app:build --factory`` calls."""
-    app = create_app(migrations=[MIGRATIONS])
+    """The factory ``ghar-core serve --app tests.reliability.app:build --factory`` calls.
+
+    ``RELIABILITY_AUTH_TIMEOUT`` (seconds) gives the auth resource a shorter
+    deadline than its 5 s default, so the slow-provider case stays short: an
+    app replaces a default resource by passing its own list.
+    """
+    settings = get_settings()
+    resources = build_default_resources(settings, migrations=[MIGRATIONS])
+    timeout = os.environ.get("RELIABILITY_AUTH_TIMEOUT")
+    if timeout:
+        resources = [
+            SupabaseAuth(settings, timeout=float(timeout)) if r.name == "auth" else r
+            for r in resources
+        ]
+    app = create_app(settings, resources=resources)
     prefix = app.settings.API_V1_STR
     app.add_route(f"{prefix}/writes", create_write, ("POST",))
     app.add_route(f"{prefix}/writes/{{id:uuid}}", read_write, ("GET",))
