@@ -28,6 +28,8 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
     def add(self, what: str, figure: object) -> None:
+        if isinstance(figure, dict):
+            figure = ", ".join(f"{key}: {value}" for key, value in figure.items())
         self.rows.append((what, str(figure)))
 
     def note(self, line: str) -> None:
