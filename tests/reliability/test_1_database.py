@@ -132,10 +132,16 @@ async def test_postgres_and_pgbouncer_faults_under_load(stack: Stack) -> None:
     assert bouncer_back <= RECOVERY_BOUND
     assert audit.missing == set()
     assert audit.twice == {}
-    assert audit.applied_after_503 == set()
     assert audit.counter_mismatches == {}
     assert pools["waiters"] == 0 and pools["in_use"] <= 1
     assert pools["size"] <= pools["max_size"]
+    if audit.applied_after_503:
+        # Only when a fault hit a COMMIT in flight and the retry failed too: timing, so
+        # not every run. test_a_lost_commit_acknowledgement... reproduces it every time.
+        pytest.xfail(
+            f"issue 9: {len(audit.applied_after_503)} writes answered 503 were committed "
+            "(a COMMIT in flight when the fault hit, then a failed retry)"
+        )
 
 
 @pytest.mark.xfail(
@@ -181,3 +187,100 @@ async def test_a_statement_past_the_command_timeout_is_a_503_and_cancelled_on_th
     assert elapsed < 15
     assert ok.status == 200
     assert still_running == 0
+
+
+class CommitEater:
+    """A TCP relay to PgBouncer that swallows the answer to the COMMIT of every write.
+
+    A transaction that claimed an idempotency key (``reliability_keys``) has
+    its COMMIT forwarded and the connection cut before the answer comes
+    back: the server commits, the app sees its connection drop while COMMIT
+    is in flight, the one case where the outcome is unknown to the client.
+    Other transactions (the users upsert) pass untouched.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.eaten = 0
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        committing = asyncio.Event()
+
+        async def upstream() -> None:
+            claimed = False
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+                claimed = claimed or b"reliability_keys" in data
+                if b"COMMIT" in data.upper():
+                    if claimed:
+                        self.eaten += 1
+                        committing.set()
+                        return
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if committing.is_set():
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0.2)  # let the COMMIT reach Postgres, then cut both ways
+        except OSError:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for w in (writer, up_writer):
+                w.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9: a COMMIT whose acknowledgement is lost is retried blindly and answered 503",
+)
+async def test_a_lost_commit_acknowledgement_is_never_a_503_for_a_committed_write(
+    stack: Stack,
+) -> None:
+    relay = CommitEater(stack.bouncer.port)
+    await relay.start()
+    server = None
+    try:
+        dsn = stack.bouncer.dsn(stack.db_password).replace(f":{stack.bouncer.port}/", f":{relay.port}/")
+        server = await asyncio.to_thread(stack.new_server, "commit-lost", DATABASE_URL=dsn)
+        token = stack.provider.token()
+        ledger = Ledger()
+        async with aiohttp.ClientSession() as session:
+            answers = [(await write(session, server.url, token, ledger))[1] for _ in range(3)]
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        await relay.stop()
+    audit = await verify_writes(stack.cluster.dsn, ledger)
+    report = section(1, "Postgres and PgBouncer faults under a read/write load")
+    report.add(
+        "lost COMMIT acknowledgements (a relay swallowing every COMMIT's answer), 3 writes",
+        f"answers {[a.status for a in answers]}; {len(audit.applied_after_503)} answered 503 "
+        f"yet committed; {relay.eaten} COMMITs swallowed",
+    )
+    assert relay.eaten >= 3
+    assert all(a.status in (200, 503) for a in answers)
+    # A 503 must mean "not applied"; a committed write is a success (or an explicit unknown).
+    assert audit.applied_after_503 == set()
+    assert audit.missing == set() and audit.twice == {}

@@ -203,17 +203,15 @@ async def _run(probe: Probe, provider: Any, report: Any) -> None:
     refused_token = probe.hs256()
     refused = [await probe.me(refused_token) for _ in range(3)]
     calls_refused = probe.calls() - before
-    provider.provider.rotate_key()  # a key we have not fetched, while the key set is garbage
-    provider.faults["jwks"] = Fault(body=b"\x00garbage{")
-    await asyncio.sleep(1.1)
-    rotated = await probe.me(probe.es256())
+    # Introspection answers again: with the key set garbage and a new server's empty
+    # cache this would be the only way in (phase A); here a valid token verifies locally.
+    back = await probe.me(probe.es256())
     report.add(
         "provider back",
         f"a token it refuses: {[a.status for a in refused]} with {calls_refused} call "
-        f"(remembered); a token of a new key while the key set is garbage: {rotated.status} "
-        "(introspected)",
+        f"(remembered); a valid token: {back.status}",
     )
     assert all(a.status == 401 and code(a) == "AUTH_TOKEN_REJECTED" for a in refused)
     assert calls_refused == 1
-    assert rotated.status == 200
+    assert back.status == 200
     report.add("lost", "nothing: no 500, no hang, no call over the budget")

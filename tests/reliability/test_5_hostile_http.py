@@ -16,98 +16,16 @@ import io
 import re
 import time
 import uuid
-from dataclasses import dataclass
 
 import aiohttp
-import orjson
 import pytest
 
+from tests.reliability.rawhttp import clean, exchange
 from tests.reliability.report import section
 from tests.reliability.stack import Stack, bearer, call
 
 TITLE = "Hostile input"
-_STATUS = re.compile(rb"HTTP/1\.[01] (\d{3})")
 _VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-@dataclass
-class Raw:
-    """What a raw exchange gave: the status (None: no response) and whether it hung."""
-
-    status: int | None
-    head: bytes
-    body: bytes
-    hung: bool
-
-
-async def exchange(port: int, data: bytes, *, wait: float = 3.0) -> Raw:
-    """Write ``data``, read until the server closes, a full response arrived, or ``wait``."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = b""
-    hung = False
-    try:
-        try:
-            writer.write(data)
-            await writer.drain()
-        except OSError:
-            pass  # the server may close on us mid-write: judged by what it sent
-        deadline = time.monotonic() + wait
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                hung = True
-                break
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), left)
-            except TimeoutError:
-                hung = True
-                break
-            except OSError:
-                break
-            if not chunk:
-                break
-            received += chunk
-            if _complete(received):
-                break
-    finally:
-        writer.close()
-        with _suppress():
-            await writer.wait_closed()
-    head, _, body = received.partition(b"\r\n\r\n")
-    match = _STATUS.match(head)
-    status = int(match.group(1)) if match else None
-    return Raw(status, head, body, hung and status is None)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
-
-
-def _complete(received: bytes) -> bool:
-    head, sep, body = received.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    return match is not None and len(body) >= int(match.group(1))
-
-
-def _clean(raw: Raw) -> bool:
-    if raw.hung:
-        return False
-    if raw.status is None:
-        return True  # closed without an answer
-    if not 400 <= raw.status < 500:
-        return False
-    if b"application/json" in raw.head.lower():
-        try:
-            return "error" in orjson.loads(raw.body)
-        except orjson.JSONDecodeError:
-            return False
-    return True  # the server's own 4xx for what never reached the app
 
 
 def malformed_requests() -> list[tuple[str, bytes]]:
@@ -152,7 +70,7 @@ async def test_malformed_http_over_raw_sockets(stack: Stack) -> None:
     assert stack.server is not None
     port = stack.server.port
     results = [(name, await exchange(port, data)) for name, data in malformed_requests()]
-    unclean = [(name, r.status, r.hung, r.head[:80]) for name, r in results if not _clean(r)]
+    unclean = [(name, r.status, r.hung, r.head[:80]) for name, r in results if not clean(r)]
     report = section(5, TITLE)
     seen: dict[str, int] = {}
     for _, r in results:
