@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
 from ghar_core.devtools.pg_binaries import find_binaries
+from tests.conftest import require
 from tests.pg import pgbouncer_binary
-from tests.reliability.report import write_report
+from tests.reliability.report import section, write_report
 from tests.reliability.stack import Stack
 
 _HERE = Path(__file__).parent
@@ -48,6 +48,33 @@ def stack() -> Iterator[Stack]:
     _stacks.append(built)  # its folder (server logs) stays until the secrets case has read it
     try:
         built.start()
+        _describe(built)
         yield built
     finally:
         built.close()
+
+
+def _describe(stack: Stack) -> None:
+    env = stack.env()
+    report = section(0, "The stack")
+    assert stack.cluster.server.binaries is not None
+    report.add("PostgreSQL", f"{stack.cluster.server.binaries.major}, own cluster, fsync off")
+    report.add(
+        "PgBouncer",
+        "own, transaction mode, default_pool_size 20, server_login_retry 0, query_wait_timeout 10",
+    )
+    report.add(
+        "identity provider", "ghar_core.devtools local provider, ES256, in a thread of its own"
+    )
+    report.add("app", "ghar-core serve --app tests.reliability.app:build --factory (one worker)")
+    keys = (
+        "DB_POOL_MIN_SIZE",
+        "DB_POOL_MAX_SIZE",
+        "DB_POOL_ACQUIRE_TIMEOUT",
+        "DB_COMMAND_TIMEOUT",
+        "DB_CONNECT_TIMEOUT",
+        "SHUTDOWN_STEP_TIMEOUT",
+        "SSE_MAX_SUBSCRIBERS",
+        "SSE_SEND_TIMEOUT",
+    )
+    report.add("settings", ", ".join(f"{key}={env[key]}" for key in keys))

@@ -66,7 +66,7 @@ async def write(
     ledger: Ledger,
     *,
     hold: float = 0.0,
-    timeout: float = 15.0,
+    within: float = 15.0,
 ) -> tuple[str, Answer]:
     """One write with a fresh id, recorded in ``ledger``."""
     key = str(uuid.uuid4())
@@ -75,7 +75,7 @@ async def write(
         session,
         "POST",
         target,
-        timeout=timeout,
+        within=within,
         headers=bearer(token) | {"Idempotency-Key": key},
         json={"payload": f"payload-{key}"},
     )
@@ -106,7 +106,9 @@ async def run_load(
                 budget[0] -= 1
             if mine and rng.random() < read_share:
                 key = rng.choice(mine)
-                answer = await call(session, "GET", f"{url}/api/v1/writes/{key}", headers=bearer(token))
+                answer = await call(
+                    session, "GET", f"{url}/api/v1/writes/{key}", headers=bearer(token)
+                )
                 ledger.record_read(key, f"payload-{key}", answer)
             else:
                 key, answer = await write(session, url, token, ledger)

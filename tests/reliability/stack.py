@@ -422,14 +422,14 @@ async def call(
     method: str,
     url: str,
     *,
-    timeout: float = 15.0,
+    within: float = 15.0,
     **options: Any,
 ) -> Answer:
-    """One request; a transport failure or a hang past ``timeout`` is status 0."""
+    """One request; a transport failure or a hang past ``within`` seconds is status 0."""
     started = time.perf_counter()
     try:
         async with (
-            asyncio.timeout(timeout),
+            asyncio.timeout(within),
             session.request(method, url, **options) as resp,
         ):
             raw = await resp.read()

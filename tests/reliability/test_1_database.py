@@ -48,7 +48,7 @@ async def _recovery(stack: Stack, token: str, ledger: Ledger) -> float:
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
         while time.monotonic() - started < 30:
-            _, answer = await write(session, stack.url, token, ledger, timeout=10)
+            _, answer = await write(session, stack.url, token, ledger, within=10)
             if 200 <= answer.status < 300:
                 return time.monotonic() - started
             await asyncio.sleep(0.05)
@@ -80,10 +80,11 @@ async def test_postgres_and_pgbouncer_faults_under_load(stack: Stack) -> None:
     load = asyncio.create_task(run_load(stack.url, tokens, stop, ledger))
     try:
         await asyncio.sleep(1.5)
+        killed = []
         for _ in range(4):
-            killed = await _terminate_backends(stack.cluster.dsn, 2)
-            faults.append(f"pg_terminate_backend of {killed} random backends")
+            killed.append(await _terminate_backends(stack.cluster.dsn, 2))
             await asyncio.sleep(0.4)
+        faults.append(f"pg_terminate_backend of random backends, 4 times 0.4 s apart: {killed}")
         await asyncio.sleep(1.0)
 
         await asyncio.to_thread(stack.bouncer.kill)
@@ -110,10 +111,15 @@ async def test_postgres_and_pgbouncer_faults_under_load(stack: Stack) -> None:
     report.add("load", f"{WORKERS} users writing (70%) and reading back (30%) without pause")
     report.add("requests", sum(statuses.values()))
     report.add("answers by status", dict(sorted(statuses.items())))
-    report.add("writes acknowledged / refused with 503", f"{len(ledger.acknowledged)} / {len(ledger.refused)}")
+    report.add(
+        "writes acknowledged / refused with 503",
+        f"{len(ledger.acknowledged)} / {len(ledger.refused)}",
+    )
     report.add("latency, all requests (ms)", percentiles(ledger.latencies()))
     report.add("back after PgBouncer restart (s)", f"{bouncer_back:.2f}")
-    report.add(f"back after Postgres returned (s, bound {RECOVERY_BOUND:g})", f"{postgres_back:.2f}")
+    report.add(
+        f"back after Postgres returned (s, bound {RECOVERY_BOUND:g})", f"{postgres_back:.2f}"
+    )
     report.add("main pool after the load", pools)
     report.add(
         "lost",
@@ -127,17 +133,22 @@ async def test_postgres_and_pgbouncer_faults_under_load(stack: Stack) -> None:
     assert ledger.unexpected == [], ledger.unexpected[:10]
     assert ledger.bad_reads == []
     assert set(statuses) <= {200, 503}
-    assert statuses[200] > 0 and statuses[503] > 0  # the faults were felt, and survived
+    assert statuses[200] > 0
+    assert statuses[503] > 0
     assert postgres_back <= RECOVERY_BOUND
     assert bouncer_back <= RECOVERY_BOUND
     assert audit.missing == set()
     assert audit.twice == {}
     assert audit.counter_mismatches == {}
-    assert pools["waiters"] == 0 and pools["in_use"] <= 1
+    assert pools["waiters"] == 0
+    assert pools["in_use"] <= 1
     assert pools["size"] <= pools["max_size"]
     if audit.applied_after_503:
         # Only when a fault hit a COMMIT in flight and the retry failed too: timing, so
         # not every run. test_a_lost_commit_acknowledgement... reproduces it every time.
+        report.note(
+            f"OPEN (issue 9): {len(audit.applied_after_503)} writes answered 503 were committed"
+        )
         pytest.xfail(
             f"issue 9: {len(audit.applied_after_503)} writes answered 503 were committed "
             "(a COMMIT in flight when the fault hit, then a failed retry)"
@@ -146,7 +157,8 @@ async def test_postgres_and_pgbouncer_faults_under_load(stack: Stack) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 9: a statement past the command timeout is abandoned, not cancelled on the server",
+    reason="issue 9: a statement past the command timeout is abandoned, not cancelled on the "
+    "server",
 )
 async def test_a_statement_past_the_command_timeout_is_a_503_and_cancelled_on_the_server(
     stack: Stack,
@@ -183,6 +195,8 @@ async def test_a_statement_past_the_command_timeout_is_a_503_and_cancelled_on_th
         f"answers {[a.status for a in answers]} in {elapsed:.1f} s; "
         f"{still_running} still running on the server 0.5 s later",
     )
+    if still_running:
+        report.note(f"OPEN (issue 9): {still_running} statements past the timeout kept running")
     assert all(a.is_clean_503() for a in answers), answers
     assert elapsed < 15
     assert ok.status == 200
@@ -224,11 +238,10 @@ class CommitEater:
                 up_writer.write(data)
                 await up_writer.drain()
                 claimed = claimed or b"reliability_keys" in data
-                if b"COMMIT" in data.upper():
-                    if claimed:
-                        self.eaten += 1
-                        committing.set()
-                        return
+                if b"COMMIT" in data.upper() and claimed:
+                    self.eaten += 1
+                    committing.set()
+                    return
 
         async def downstream() -> None:
             while data := await up_reader.read(65536):
@@ -262,7 +275,9 @@ async def test_a_lost_commit_acknowledgement_is_never_a_503_for_a_committed_writ
     await relay.start()
     server = None
     try:
-        dsn = stack.bouncer.dsn(stack.db_password).replace(f":{stack.bouncer.port}/", f":{relay.port}/")
+        dsn = stack.bouncer.dsn(stack.db_password).replace(
+            f":{stack.bouncer.port}/", f":{relay.port}/"
+        )
         server = await asyncio.to_thread(stack.new_server, "commit-lost", DATABASE_URL=dsn)
         token = stack.provider.token()
         ledger = Ledger()
@@ -279,8 +294,14 @@ async def test_a_lost_commit_acknowledgement_is_never_a_503_for_a_committed_writ
         f"answers {[a.status for a in answers]}; {len(audit.applied_after_503)} answered 503 "
         f"yet committed; {relay.eaten} COMMITs swallowed",
     )
+    if audit.applied_after_503:
+        report.note(
+            f"OPEN (issue 9): {len(audit.applied_after_503)} writes whose COMMIT answer was lost "
+            "were answered 503 but are committed"
+        )
     assert relay.eaten >= 3
     assert all(a.status in (200, 503) for a in answers)
     # A 503 must mean "not applied"; a committed write is a success (or an explicit unknown).
     assert audit.applied_after_503 == set()
-    assert audit.missing == set() and audit.twice == {}
+    assert audit.missing == set()
+    assert audit.twice == {}

@@ -37,7 +37,9 @@ class Probe:
         self.provider = stack.provider.provider
 
     async def me(self, token: str) -> Answer:
-        return await call(self.session, "GET", f"{self.server.url}/api/v1/me", headers=bearer(token))
+        return await call(
+            self.session, "GET", f"{self.server.url}/api/v1/me", headers=bearer(token)
+        )
 
     async def many(self, tokens: list[str], each: int = 1) -> list[Answer]:
         return await asyncio.gather(*(self.me(t) for t in tokens for _ in range(each)))
@@ -109,8 +111,12 @@ async def _run(probe: Probe, provider: Any, report: Any) -> None:
     before = probe.calls()
     answers = await probe.many([probe.es256() for _ in range(3)])
     calls = probe.calls() - before
-    report.add("key-less key set: 3 valid tokens", f"statuses {[a.status for a in answers]}, {calls} provider calls")
-    assert all(a.status == 200 for a in answers) and calls <= 3
+    report.add(
+        "key-less key set: 3 valid tokens",
+        f"statuses {[a.status for a in answers]}, {calls} provider calls",
+    )
+    assert all(a.status == 200 for a in answers)
+    assert calls <= 3
 
     # C. The real key set is back: valid tokens verify locally, no introspection.
     del provider.faults["jwks"]
@@ -119,8 +125,12 @@ async def _run(probe: Probe, provider: Any, report: Any) -> None:
     before = probe.calls()
     answers = await probe.many([probe.es256() for _ in range(10)])
     calls = probe.calls() - before
-    report.add("key set back: 10 new valid tokens", f"statuses {sorted({a.status for a in answers})}, {calls} provider calls")
-    assert all(a.status == 200 for a in answers) and calls == 0
+    report.add(
+        "key set back: 10 new valid tokens",
+        f"statuses {sorted({a.status for a in answers})}, {calls} provider calls",
+    )
+    assert all(a.status == 200 for a in answers)
+    assert calls == 0
 
     # D. Provider down: local tokens keep working, HS256 ones are an outage, forged ones a 401.
     await asyncio.to_thread(provider.down)
@@ -128,19 +138,24 @@ async def _run(probe: Probe, provider: Any, report: Any) -> None:
         local = await probe.many([probe.es256() for _ in range(5)])
         legacy = await probe.many([probe.hs256() for _ in range(3)])
         forged_token = probe.es256()
-        forged = await probe.me(forged_token[:-4] + ("AAAA" if forged_token[-4:] != "AAAA" else "BBBB"))
+        forged = await probe.me(
+            forged_token[:-4] + ("AAAA" if forged_token[-4:] != "AAAA" else "BBBB")
+        )
     finally:
         await asyncio.to_thread(provider.up)
     report.add(
         "provider down",
         f"valid ES256 {sorted({a.status for a in local})}; HS256 {[a.status for a in legacy]} "
-        f"(Retry-After {sorted({a.retry_after for a in legacy})}); forged signature {forged.status}",
+        f"(Retry-After {sorted({a.retry_after for a in legacy})}); "
+        f"forged signature {forged.status}",
     )
     assert all(a.status == 200 for a in local)
     assert all(outage(a, {"5"}) for a in legacy), legacy
-    assert forged.status == 401 and code(forged) == "AUTH_TOKEN_INVALID_SIGNATURE"
+    assert forged.status == 401
+    assert code(forged) == "AUTH_TOKEN_INVALID_SIGNATURE"
 
-    # E. Slow past the deadline: bounded answers, at most MAX_IN_FLIGHT calls at once, one per token.
+    # E. Slow past the deadline: bounded answers, at most MAX_IN_FLIGHT calls at once,
+    # one per token.
     provider.faults["user"] = Fault(delay=DEADLINE + 2.0)
     provider.provider.peak_in_flight.clear()
     before = probe.calls()
@@ -157,11 +172,14 @@ async def _run(probe: Probe, provider: Any, report: Any) -> None:
         f"all 503 in at most {max(a.seconds for a in slow):.2f} s (Retry-After "
         f"{sorted({a.retry_after or '' for a in slow})}), {calls} provider calls, peak "
         f"{peak} in flight (cap {MAX_IN_FLIGHT}); valid ES256 meanwhile "
-        f"{sorted({a.status for a in local})} in at most {max(a.seconds for a in local) * 1000:.0f} ms",
+        f"{sorted({a.status for a in local})} in at most "
+        f"{max(a.seconds for a in local) * 1000:.0f} ms",
     )
     assert all(outage(a, {"1", "5"}) for a in slow), slow
-    assert max(a.seconds for a in slow) <= DEADLINE + 1.0 and elapsed <= DEADLINE + 2.0
-    assert calls <= MAX_IN_FLIGHT and peak <= MAX_IN_FLIGHT
+    assert max(a.seconds for a in slow) <= DEADLINE + 1.0
+    assert elapsed <= DEADLINE + 2.0
+    assert calls <= MAX_IN_FLIGHT
+    assert peak <= MAX_IN_FLIGHT
     assert all(a.status == 200 for a in local)
     await asyncio.sleep(2.2)  # let the provider finish the slow calls we abandoned
 
@@ -171,8 +189,12 @@ async def _run(probe: Probe, provider: Any, report: Any) -> None:
     failing = [probe.hs256() for _ in range(3)]
     answers = await probe.many(failing, each=3)
     calls = probe.calls() - before
-    report.add("provider answers 500: 3 HS256 tokens x 3 concurrent", f"statuses {sorted({a.status for a in answers})}, {calls} provider calls")
-    assert all(outage(a, {"5"}) for a in answers) and calls <= len(failing)
+    report.add(
+        "provider answers 500: 3 HS256 tokens x 3 concurrent",
+        f"statuses {sorted({a.status for a in answers})}, {calls} provider calls",
+    )
+    assert all(outage(a, {"5"}) for a in answers)
+    assert calls <= len(failing)
 
     # G. 429 with Retry-After: 2 -- respected: no call at all until it has passed.
     provider.faults["user"] = Fault(status=429, headers={"Retry-After": "2"})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -47,8 +48,12 @@ class Reader:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def _read(session: aiohttp.ClientSession, url: str, token: str, reader: Reader, opened: asyncio.Event) -> None:
-    async with session.get(url, headers=bearer(token), timeout=aiohttp.ClientTimeout(total=60)) as resp:
+async def _read(
+    session: aiohttp.ClientSession, url: str, token: str, reader: Reader, opened: asyncio.Event
+) -> None:
+    async with session.get(
+        url, headers=bearer(token), timeout=aiohttp.ClientTimeout(total=60)
+    ) as resp:
         assert resp.status == 200
         opened.set()
         event = None
@@ -90,6 +95,18 @@ async def _stats(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
     return stats
 
 
+async def _until(
+    done: Callable[[dict[str, int]], bool], session: aiohttp.ClientSession, url: str
+) -> dict[str, int]:
+    """The bus's counters once ``done`` holds for them (or as they are after 10 s)."""
+    deadline = time.monotonic() + 10
+    stats = await _stats(session, url)
+    while not done(stats) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        stats = await _stats(session, url)
+    return stats
+
+
 async def test_subscribers_at_the_cap_with_some_stalled(stack: Stack) -> None:
     assert stack.server is not None
     url = f"{stack.url}/api/v1/events/stream"
@@ -111,9 +128,7 @@ async def test_subscribers_at_the_cap_with_some_stalled(stack: Stack) -> None:
         for token in stalled_tokens:
             for _ in range(STALLED_PER_USER):
                 stalled.append(_stalled_stream(stack.server.port, token))
-        deadline = time.monotonic() + 10
-        while (await _stats(session, stack.url))["subscribers"] < CAP and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await _until(lambda s: s["subscribers"] >= CAP, session, stack.url)
         at_cap = await _stats(session, stack.url)
         over = await call(session, "GET", url, headers=bearer(readers_tokens[0]))
 
@@ -130,15 +145,12 @@ async def test_subscribers_at_the_cap_with_some_stalled(stack: Stack) -> None:
                 )
                 assert sent.status == 200, sent
         await asyncio.wait_for(asyncio.gather(*(r.done.wait() for _, r in readers)), 30)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            after = await _stats(session, stack.url)
-            if after["subscribers"] <= READER_USERS * READERS_PER_USER:
-                break
-            await asyncio.sleep(0.2)
+        after = await _until(
+            lambda s: s["subscribers"] <= READER_USERS * READERS_PER_USER, session, stack.url
+        )
         rss_after = stack.server.rss_kib()
         # The places the stalled took are free again.
-        again = await call(session, "GET", url, headers=bearer(readers_tokens[0]), timeout=2)
+        again = await call(session, "GET", url, headers=bearer(readers_tokens[0]), within=2)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -150,21 +162,38 @@ async def test_subscribers_at_the_cap_with_some_stalled(stack: Stack) -> None:
     ]
     dropped = after["dropped"] - baseline["dropped"]
     report = section(3, "Realtime: event-stream subscribers at the cap, some stalled")
-    report.add("streams", f"{READER_USERS * READERS_PER_USER} reading + {STALLED_USERS * STALLED_PER_USER} never reading = cap {CAP}")
+    report.add(
+        "streams",
+        f"{READER_USERS * READERS_PER_USER} reading + "
+        f"{STALLED_USERS * STALLED_PER_USER} never reading = cap {CAP}",
+    )
     report.add("one more than the cap", f"{over.status} (Retry-After {over.retry_after})")
     report.add(
         "events published",
         f"{EVENTS} x {EVENT_BYTES // 1024} KB to each reading user, {STALLED_EVENTS} x "
         f"{STALLED_EVENT_BYTES // 1024} KB to each stalled one",
     )
-    report.add("readers that got every event of their user, in order, once", f"{len(readers) - len(incomplete)}/{len(readers)}")
-    report.add("stalled streams dropped", f"{at_cap['subscribers'] - after['subscribers']} (events dropped from their queues: {dropped})")
-    report.add("server memory (RSS)", f"{rss_before // 1024} MiB before, {rss_after // 1024} MiB after")
-    report.add("a new stream after the stalled were dropped", "timed out reading (open)" if again.error == "hang" else str(again.status))
+    report.add(
+        "readers that got every event of their user, in order, once",
+        f"{len(readers) - len(incomplete)}/{len(readers)}",
+    )
+    report.add(
+        "stalled streams dropped",
+        f"{at_cap['subscribers'] - after['subscribers']} "
+        f"(events dropped from their queues: {dropped})",
+    )
+    report.add(
+        "server memory (RSS)", f"{rss_before // 1024} MiB before, {rss_after // 1024} MiB after"
+    )
+    report.add(
+        "a new stream after the stalled were dropped",
+        "timed out reading (open)" if again.error == "hang" else str(again.status),
+    )
     report.add("lost", f"{len(incomplete)} readers missed events")
 
     assert at_cap["subscribers"] == CAP
-    assert over.is_clean_503() and over.body["error"]["code"] == "SSE_UNAVAILABLE"
+    assert over.is_clean_503()
+    assert over.body["error"]["code"] == "SSE_UNAVAILABLE"
     assert incomplete == []
     assert not any(r.reset for _, r in readers)
     assert after["subscribers"] == READER_USERS * READERS_PER_USER

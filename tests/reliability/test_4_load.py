@@ -41,11 +41,15 @@ async def test_a_burst_of_authenticated_requests(stack: Stack) -> None:
             roll = rng.random()
             async with gate:
                 if roll < 0.5 or (roll >= 0.75 and not written):
-                    answer = await call(session, "GET", f"{stack.url}/api/v1/me", headers=bearer(token))
+                    answer = await call(
+                        session, "GET", f"{stack.url}/api/v1/me", headers=bearer(token)
+                    )
                     by_route["me"].append(answer)
                     ledger.answers.append(("me", answer))
                     if answer.status != 200 and not answer.is_clean_503():
-                        ledger.unexpected.append(("me", "", answer.status, answer.body or answer.error))
+                        ledger.unexpected.append(
+                            ("me", "", answer.status, answer.body or answer.error)
+                        )
                 elif roll < 0.75:
                     key = str(uuid.uuid4())
                     answer = await call(
@@ -61,7 +65,9 @@ async def test_a_burst_of_authenticated_requests(stack: Stack) -> None:
                         written.append((key, token))
                 else:
                     key, owner = rng.choice(written)
-                    answer = await call(session, "GET", f"{stack.url}/api/v1/writes/{key}", headers=bearer(owner))
+                    answer = await call(
+                        session, "GET", f"{stack.url}/api/v1/writes/{key}", headers=bearer(owner)
+                    )
                     by_route["read"].append(answer)
                     ledger.record_read(key, f"payload-{key}", answer)
 
@@ -73,17 +79,26 @@ async def test_a_burst_of_authenticated_requests(stack: Stack) -> None:
 
     report = section(4, "Load: a bounded burst on authenticated routes")
     report.add("burst", f"{REQUESTS} requests at concurrency {CONCURRENCY}, {CONCURRENCY} users")
-    report.add("mix", f"GET /me {len(by_route['me'])}, POST /writes {len(by_route['write'])}, GET /writes/{{id}} {len(by_route['read'])}")
+    report.add(
+        "mix",
+        f"GET /me {len(by_route['me'])}, POST /writes {len(by_route['write'])}, "
+        f"GET /writes/{{id}} {len(by_route['read'])}",
+    )
     report.add("answers by status", dict(sorted(statuses.items())))
     report.add("wall time (s)", f"{elapsed:.2f}")
     report.add("throughput (requests/s)", f"{REQUESTS / elapsed:.0f}")
     report.add("latency, all (ms)", percentiles(ledger.latencies()))
     for route, answers in by_route.items():
         report.add(f"latency, {route} (ms)", percentiles([a.seconds for a in answers]))
-    report.add("lost", f"{len(audit.missing)} acknowledged writes missing, {len(audit.twice)} applied twice")
+    report.add(
+        "lost",
+        f"{len(audit.missing)} acknowledged writes missing, {len(audit.twice)} applied twice",
+    )
 
     assert ledger.unexpected == [], ledger.unexpected[:5]
     assert ledger.bad_reads == []
     assert sum(statuses.values()) == REQUESTS
     assert statuses[200] >= REQUESTS * 0.95  # a burst the pool holds: refusals are the exception
-    assert audit.missing == set() and audit.twice == {} and audit.applied_after_503 == set()
+    assert audit.missing == set()
+    assert audit.twice == {}
+    assert audit.applied_after_503 == set()

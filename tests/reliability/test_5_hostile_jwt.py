@@ -84,7 +84,9 @@ class Attacker:
 
     def sign(self, claims: dict[str, Any], header: dict[str, Any]) -> str:
         # Signed by hand: PyJWT refuses to write some of the hostile headers.
-        return _raw_es256_key(self.key, {"alg": "ES256", "typ": "JWT"} | header, orjson.dumps(claims))
+        return _raw_es256_key(
+            self.key, {"alg": "ES256", "typ": "JWT"} | header, orjson.dumps(claims)
+        )
 
 
 def _catalogue(stack: Stack, attacker: Attacker) -> list[tuple[str, str]]:
@@ -100,14 +102,36 @@ def _catalogue(stack: Stack, attacker: Attacker) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for alg in ("none", "None", "NONE", "nOnE", ""):
         unsigned = f"{encode_json(header | {'alg': alg})}.{body_b64}"
-        out += [(f"alg {alg!r}, no signature", unsigned + "."), (f"alg {alg!r}, old signature", f"{unsigned}.{sig_b64}")]
+        out += [
+            (f"alg {alg!r}, no signature", unsigned + "."),
+            (f"alg {alg!r}, old signature", f"{unsigned}.{sig_b64}"),
+        ]
     out.append(("alg none, no kid", f"{encode_json({'alg': 'none', 'typ': 'JWT'})}.{body_b64}."))
     for alg, digest in (("HS256", "sha256"), ("HS384", "sha384"), ("HS512", "sha512")):
-        out.append((f"{alg} keyed with the public key PEM", _hmac(header | {"alg": alg}, claims, pem, digest)))
-    out.append(("HS256 keyed with the public JWK JSON", hs256(header | {"alg": "HS256"}, claims, jwk_json)))
-    out.append(("HS256 keyed with the public PEM, no kid", hs256({"alg": "HS256", "typ": "JWT"}, claims, pem)))
-    out.append(("HS256 keyed with an empty secret", hs256({"alg": "HS256", "typ": "JWT"}, claims, b"")))
-    out.append(("HS256 keyed with the anon key", hs256({"alg": "HS256", "typ": "JWT"}, claims, idp.anon_key.encode())))
+        out.append(
+            (
+                f"{alg} keyed with the public key PEM",
+                _hmac(header | {"alg": alg}, claims, pem, digest),
+            )
+        )
+    out.append(
+        ("HS256 keyed with the public JWK JSON", hs256(header | {"alg": "HS256"}, claims, jwk_json))
+    )
+    out.append(
+        (
+            "HS256 keyed with the public PEM, no kid",
+            hs256({"alg": "HS256", "typ": "JWT"}, claims, pem),
+        )
+    )
+    out.append(
+        ("HS256 keyed with an empty secret", hs256({"alg": "HS256", "typ": "JWT"}, claims, b""))
+    )
+    out.append(
+        (
+            "HS256 keyed with the anon key",
+            hs256({"alg": "HS256", "typ": "JWT"}, claims, idp.anon_key.encode()),
+        )
+    )
     for name, bad_kid in (
         ("path traversal", "../../../../../../dev/null"),
         ("SQL", "' OR '1'='1' --"),
@@ -120,18 +144,67 @@ def _catalogue(stack: Stack, attacker: Attacker) -> list[tuple[str, str]]:
         ("an object", {"$ne": None}),
         ("null", None),
     ):
-        out.append((f"kid injection: {name}", f"{encode_json(header | {'kid': bad_kid})}.{body_b64}.{sig_b64}"))
-        out.append((f"kid injection, attacker-signed: {name}", attacker.sign(claims, {"kid": bad_kid})))
+        out.append(
+            (
+                f"kid injection: {name}",
+                f"{encode_json(header | {'kid': bad_kid})}.{body_b64}.{sig_b64}",
+            )
+        )
+        out.append(
+            (f"kid injection, attacker-signed: {name}", attacker.sign(claims, {"kid": bad_kid}))
+        )
     out.append(("attacker key under the real kid", attacker.sign(claims, {"kid": kid})))
-    out.append(("embedded jku", attacker.sign(claims, {"kid": attacker.kid, "jku": attacker.url + "/jwks.json"})))
-    out.append(("embedded jku, real kid", attacker.sign(claims, {"kid": kid, "jku": attacker.url + "/jwks.json"})))
-    out.append(("embedded jwk", attacker.sign(claims, {"kid": attacker.kid, "jwk": attacker.jwk()})))
-    out.append(("embedded jwk, real kid", attacker.sign(claims, {"kid": kid, "jwk": attacker.jwk() | {"kid": kid}})))
-    out.append(("embedded x5c", attacker.sign(claims, {"kid": attacker.kid, "x5c": [attacker.certificate_b64()]})))
-    out.append(("embedded x5u", attacker.sign(claims, {"kid": attacker.kid, "x5u": attacker.url + "/cert.pem"})))
-    out.append(("crit extension we do not know", _resign(idp, claims, header | {"crit": ["exp"], "exp": 1})))
-    out.append(("oversize: 6 KB of claims, attacker-signed", attacker.sign(claims | {"pad": "x" * 6000}, {"kid": kid})))
-    out.append(("oversize: 60 KB header", f"{encode_json(header | {'pad': 'x' * 60_000})}.{body_b64}.{sig_b64}"))
+    out.append(
+        (
+            "embedded jku",
+            attacker.sign(claims, {"kid": attacker.kid, "jku": attacker.url + "/jwks.json"}),
+        )
+    )
+    out.append(
+        (
+            "embedded jku, real kid",
+            attacker.sign(claims, {"kid": kid, "jku": attacker.url + "/jwks.json"}),
+        )
+    )
+    out.append(
+        ("embedded jwk", attacker.sign(claims, {"kid": attacker.kid, "jwk": attacker.jwk()}))
+    )
+    out.append(
+        (
+            "embedded jwk, real kid",
+            attacker.sign(claims, {"kid": kid, "jwk": attacker.jwk() | {"kid": kid}}),
+        )
+    )
+    out.append(
+        (
+            "embedded x5c",
+            attacker.sign(claims, {"kid": attacker.kid, "x5c": [attacker.certificate_b64()]}),
+        )
+    )
+    out.append(
+        (
+            "embedded x5u",
+            attacker.sign(claims, {"kid": attacker.kid, "x5u": attacker.url + "/cert.pem"}),
+        )
+    )
+    out.append(
+        (
+            "crit extension we do not know",
+            _resign(idp, claims, header | {"crit": ["exp"], "exp": 1}),
+        )
+    )
+    out.append(
+        (
+            "oversize: 6 KB of claims, attacker-signed",
+            attacker.sign(claims | {"pad": "x" * 6000}, {"kid": kid}),
+        )
+    )
+    out.append(
+        (
+            "oversize: 60 KB header",
+            f"{encode_json(header | {'pad': 'x' * 60_000})}.{body_b64}.{sig_b64}",
+        )
+    )
     out.append(("oversize: 1 MB token", "a" * 500_000 + "." + "b" * 500_000 + ".c"))
     dup_head = b'{"alg":"ES256","kid":"%s","alg":"none"}' % kid.encode()
     out.append(("duplicated alg (ES256 then none), unsigned", f"{b64(dup_head)}.{body_b64}."))
@@ -139,10 +212,22 @@ def _catalogue(stack: Stack, attacker: Attacker) -> list[tuple[str, str]]:
     dup_body = orjson.dumps(claims)[:-1] + b',"sub":"%s"}' % other.encode()
     out.append(("duplicated sub, old signature", f"{head_b64}.{b64(dup_body)}.{sig_b64}"))
     dup_exp = orjson.dumps(claims)[:-1] + b',"exp":%d}' % (int(time.time()) + 10**8)
-    out.append(("duplicated exp (far future), old signature", f"{head_b64}.{b64(dup_exp)}.{sig_b64}"))
-    out.append(("duplicated sub, attacker-signed", _raw_es256(attacker, {"kid": kid, "alg": "ES256"}, dup_body)))
+    out.append(
+        ("duplicated exp (far future), old signature", f"{head_b64}.{b64(dup_exp)}.{sig_b64}")
+    )
+    out.append(
+        (
+            "duplicated sub, attacker-signed",
+            _raw_es256(attacker, {"kid": kid, "alg": "ES256"}, dup_body),
+        )
+    )
     expired = idp.mint_token(claims={"exp": int(time.time()) - 3600})
-    out.append(("expired, then exp duplicated far in the future", _append_claim(expired, "exp", int(time.time()) + 10**8)))
+    out.append(
+        (
+            "expired, then exp duplicated far in the future",
+            _append_claim(expired, "exp", int(time.time()) + 10**8),
+        )
+    )
     out.append(("segments swapped", f"{body_b64}.{head_b64}.{sig_b64}"))
     out.append(("four segments", f"{valid}.{sig_b64}"))
     out.append(("JWE-shaped (five segments)", f"{head_b64}..{body_b64}.{sig_b64}.tag"))
@@ -197,7 +282,9 @@ async def test_the_jwt_attack_catalogue_is_refused(stack: Stack) -> None:
             for name, token in catalogue:
                 answer = await call(session, "GET", f"{stack.url}/api/v1/me", headers=bearer(token))
                 results.append((name, answer))
-            healthy = await call(session, "GET", f"{stack.url}/api/v1/me", headers=bearer(stack.provider.token()))
+            healthy = await call(
+                session, "GET", f"{stack.url}/api/v1/me", headers=bearer(stack.provider.token())
+            )
     finally:
         await attacker.stop()
     accepted = [name for name, a in results if 200 <= a.status < 300]
@@ -243,5 +330,3 @@ async def test_generated_token_attacks_are_refused(stack: Stack, recipe: tuple[A
     )
     assert clean(answer), (recipe, answer.status, answer.head[:200], answer.body[:200])
     assert answer.status is None or 400 <= answer.status < 500
-
-

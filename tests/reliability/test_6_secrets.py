@@ -30,7 +30,12 @@ async def _traffic(stack: Stack) -> None:
         await call(session, "GET", f"{stack.url}/api/v1/me?access_token={quote(query_token)}")
         await call(session, "GET", f"{stack.url}/nowhere?access_token={quote(query_token)}&x=1")
         await call(session, "GET", f"{stack.url}/api/v1/me", headers=bearer(token[:-3] + "abc"))
-        await call(session, "GET", f"{stack.url}/api/v1/me", headers=bearer(query_token) | {"Cookie": f"sb-access-token={token}"})
+        await call(
+            session,
+            "GET",
+            f"{stack.url}/api/v1/me",
+            headers=bearer(query_token) | {"Cookie": f"sb-access-token={token}"},
+        )
         await call(
             session,
             "GET",
@@ -38,9 +43,12 @@ async def _traffic(stack: Stack) -> None:
             headers=bearer(token),  # ambiguous credentials: a 400 that must not log either
         )
         try:
-            async with asyncio.timeout(1.0), session.get(
-                f"{stack.url}/api/v1/events/stream?access_token={quote(query_token)}"
-            ) as resp:
+            async with (
+                asyncio.timeout(1.0),
+                session.get(
+                    f"{stack.url}/api/v1/events/stream?access_token={quote(query_token)}"
+                ) as resp,
+            ):
                 await resp.content.readline()
         except TimeoutError:
             pass

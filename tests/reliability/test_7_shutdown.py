@@ -24,7 +24,9 @@ HELD = 10
 BOUND = 5.0
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, token: str, opened: asyncio.Event) -> str:
+async def _stream(
+    session: aiohttp.ClientSession, url: str, token: str, opened: asyncio.Event
+) -> str:
     """How the stream ended: ``"clean"`` (final retry, then EOF) or what went wrong."""
     try:
         async with session.get(url, headers=bearer(token)) as resp:
@@ -41,7 +43,9 @@ async def _stream(session: aiohttp.ClientSession, url: str, token: str, opened: 
 
 
 async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) -> None:
-    server = await asyncio.to_thread(stack.new_server, "shutdown", SHUTDOWN_STEP_TIMEOUT=str(int(BOUND)))
+    server = await asyncio.to_thread(
+        stack.new_server, "shutdown", SHUTDOWN_STEP_TIMEOUT=str(int(BOUND))
+    )
     tokens = [stack.provider.token() for _ in range(4)]
     ledger = Ledger()
     stop = asyncio.Event()
@@ -49,7 +53,9 @@ async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) ->
     async with aiohttp.ClientSession(connector=connector) as session:
         opened = [asyncio.Event() for _ in range(STREAMS)]
         streams = [
-            asyncio.create_task(_stream(session, f"{server.url}/api/v1/events/stream", tokens[i % 4], opened[i]))
+            asyncio.create_task(
+                _stream(session, f"{server.url}/api/v1/events/stream", tokens[i % 4], opened[i])
+            )
             for i in range(STREAMS)
         ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened)), 15)
@@ -73,16 +79,26 @@ async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) ->
     other = [u for u in ledger.unexpected if u[2] != 0]
 
     report = section(7, "Graceful shutdown with open streams and requests in flight")
-    report.add("open at SIGTERM", f"{STREAMS} event streams, {HELD} writes holding their transaction 1 s, 4 users writing")
+    report.add(
+        "open at SIGTERM",
+        f"{STREAMS} event streams, {HELD} writes holding their transaction 1 s, 4 users writing",
+    )
     report.add(f"exit after SIGTERM (s, bound {BOUND:g})", f"{exit_seconds:.2f}")
-    report.add("streams ended cleanly (final retry:, end of response)", f"{ended.count('clean')}/{STREAMS}")
+    report.add(
+        "streams ended cleanly (final retry:, end of response)", f"{ended.count('clean')}/{STREAMS}"
+    )
     report.add("held writes answered", ", ".join(str(a.status or a.error) for a in held_answers))
     report.add("writes acknowledged during the run", len(ledger.acknowledged))
-    report.add("lost", f"{len(audit.missing)} acknowledged writes missing, {len(audit.twice)} applied twice")
+    report.add(
+        "lost",
+        f"{len(audit.missing)} acknowledged writes missing, {len(audit.twice)} applied twice",
+    )
 
     assert exit_seconds <= BOUND + 1.0, exit_seconds
     assert total < BOUND + 10
     assert ended == ["clean"] * STREAMS, ended
     assert all(a.status == 200 for a in held_answers), held_answers
     assert other == [], other
-    assert audit.missing == set() and audit.twice == {} and audit.applied_after_503 == set()
+    assert audit.missing == set()
+    assert audit.twice == {}
+    assert audit.applied_after_503 == set()
