@@ -87,4 +87,20 @@ def write_report() -> None:
         "Latencies are client-side wall times in milliseconds.\n"
     )
     body = "\n".join(merged[number] for number in sorted(merged))
-    REPORT_PATH.write_text(header + "\n" + body, encoding="utf-8")
+    REPORT_PATH.write_text(header + "\n" + _summary(body) + "\n" + body, encoding="utf-8")
+
+
+def _summary(body: str) -> str:
+    """What was lost in each case, and the defects still open, gathered from the sections."""
+    lines = ["## Summary", ""]
+    opened: list[str] = []
+    for part in re.split(r"^(?=## \d+\. )", body, flags=re.MULTILINE):
+        heading = _HEADING.match(part)
+        if heading is None:
+            continue
+        lost = re.search(r"^\| lost \| (.*) \|$", part, re.MULTILINE)
+        if lost is not None:
+            lines.append(f"- case {heading.group(1)}, lost: {lost.group(1)}")
+        opened += re.findall(r"^- OPEN (.*)$", part, re.MULTILINE)
+    lines += [f"- open {what}" for what in opened] or ["- open defects: none"]
+    return "\n".join(lines) + "\n"

@@ -298,6 +298,9 @@ async def test_the_jwt_attack_catalogue_is_refused(stack: Stack) -> None:
     report.add("JWT answers by status", dict(sorted(codes.items())))
     report.add("JWT attacks accepted", len(accepted))
     report.add("requests to the attacker's jku/x5u URLs", attacker.hits)
+    report.add(
+        "lost", f"nothing: {len(accepted)} hostile tokens accepted, {len(unclean)} unclean answers"
+    )
     report.note(
         "JWT catalogue: alg none (5 spellings, with and without a signature), HS256/384/512 "
         "keyed with the public key (PEM and JWK), an empty and the anon key as HMAC secret, "

@@ -87,7 +87,7 @@ async def test_no_secret_in_any_log_of_the_suite(stack: Stack) -> None:
         "secrets looked for",
         ", ".join(f"{kind}: {len(values)}" for kind, values in sorted(SECRETS.items())),
     )
-    report.add("found", len(found))
+    report.add("lost", f"{len(found)} secrets found in the logs")
     assert lines > 100  # the suite did log: an empty log would prove nothing
     assert {"bearer token", "service-role key", "database password", "JWT secret"} <= set(SECRETS)
     assert found == []
