@@ -2,8 +2,8 @@
 
 Every test under ``tests/reliability/`` is marked ``reliability`` (``-m "not
 reliability"`` leaves them out; ``./scripts/test`` runs them). Tests marked
-``last`` run after all others: the secrets case reads the logs of the whole
-suite.
+``last`` run after the suite's others: the secrets case reads the logs of the
+whole suite. The stack lives as long as the package's tests run.
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in ours:
         item.add_marker(pytest.mark.reliability)
     last = [item for item in ours if item.get_closest_marker("last") is not None]
+    if not last or len(last) == len(ours):
+        return
     for item in last:
         items.remove(item)
-        items.append(item)
+    # After the last of the suite's other tests, so the stack can go with the package.
+    mine = {id(item) for item in ours}
+    end = max(i for i, item in enumerate(items) if id(item) in mine) + 1
+    items[end:end] = last
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -39,9 +44,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _stacks.pop().cleanup()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack() -> Iterator[Stack]:
-    """Postgres, PgBouncer, the identity provider and ``ghar-core serve``, for the session."""
+    """Postgres, PgBouncer, the identity provider and ``ghar-core serve``, for the package."""
     require(find_binaries() is not None, "PostgreSQL binaries (scripts/bootstrap.sh)")
     require(pgbouncer_binary() is not None, "the pgbouncer binary (scripts/ensure-pgbouncer.sh)")
     built = Stack()
