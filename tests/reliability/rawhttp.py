@@ -28,8 +28,12 @@ class Raw:
     hung: bool
 
 
-async def exchange(port: int, data: bytes, *, wait: float = 3.0) -> Raw:
-    """Write ``data``, read until the server closes, a full response arrived, or ``wait``."""
+async def exchange(port: int, data: bytes, *, wait: float = 3.0, half_close: bool = False) -> Raw:
+    """Write ``data``, read until the server closes, a full response arrived, or ``wait``.
+
+    ``half_close`` ends our side after ``data``: a server still waiting for the
+    rest of a request then knows there is none, so no answer in ``wait`` is a hang.
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     received = b""
     hung = False
@@ -37,6 +41,8 @@ async def exchange(port: int, data: bytes, *, wait: float = 3.0) -> Raw:
         try:
             writer.write(data)
             await writer.drain()
+            if half_close:
+                writer.write_eof()
         except OSError:
             pass  # the server may close on us mid-write: judged by what it sent
         deadline = time.monotonic() + wait

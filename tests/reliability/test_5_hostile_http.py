@@ -18,10 +18,12 @@ import uuid
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from tests.reliability.rawhttp import clean, exchange
 from tests.reliability.report import section
 from tests.reliability.stack import Stack, bearer, call
+from tests.strategies import mutated_http_requests
 
 TITLE = "Hostile input"
 _VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -125,6 +127,19 @@ async def test_malformed_http_over_raw_sockets(stack: Stack) -> None:
     report.note("malformed HTTP: " + "; ".join(name for name, _ in results))
     assert unclean == []
     await _healthy(stack)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=mutated_http_requests)
+async def test_mutated_requests_get_a_clean_refusal(stack: Stack, data: bytes) -> None:
+    assert stack.server is not None
+    raw = await exchange(stack.server.port, data, half_close=True)
+    # Unauthenticated: whatever the server makes of it, never a success, never a 5xx.
+    assert clean(raw), (data, raw.status, raw.hung, raw.head[:120])
 
 
 async def test_hostile_request_ids_are_never_echoed(stack: Stack) -> None:
