@@ -12,20 +12,25 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ghar_core import __version__
+
+if TYPE_CHECKING:
+    from ghar_core.config import Settings
 
 __all__ = ["build_parser", "main"]
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from ghar_core.config import config_table_markdown, env_file_path, load_settings
+    from ghar_core.config import chosen_schema, config_table_markdown, env_file_path, load_settings
 
     if args.table:
-        sys.stdout.write(config_table_markdown())
+        # The table needs the schema only, not valid values.
+        sys.stdout.write(config_table_markdown(chosen_schema()))
         return 0
     source = env_file_path()
-    loaded = load_settings()
+    loaded = load_settings()  # GHAR_SETTINGS (or --settings) names the app's schema
     state = "read" if source.is_file() else "not found: defaults and the environment only"
     print(f"# env file: {source} ({state})")
     for name, value in loaded.masked_items():
@@ -35,7 +40,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
-    p.add_argument("--table", action="store_true", help="print the README configuration table")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print the configuration table (with --settings: your app's rows too)",
+    )
     p.set_defaults(func=_cmd_config)
 
 
@@ -111,39 +120,66 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_migrate)
 
 
+def _uvicorn_options(args: argparse.Namespace, loaded: Settings) -> dict[str, Any]:
+    """Every option ``serve`` gives uvicorn, in one place (the flags and the settings)."""
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": args.host or loaded.HOST,
+        "port": loaded.PORT if args.port is None else args.port,
+        "workers": args.workers,
+        # lifespan "on": a failed start is fatal instead of a server that answers 503s.
+        "lifespan": "on",
+        "access_log": False,  # ours is the app's own (buffered) access log
+        "log_config": None,  # our handler, from configure_logging
+        "log_level": loaded.LOG_LEVEL.lower(),
+        "server_header": False,
+        "timeout_graceful_shutdown": int(loaded.SHUTDOWN_STEP_TIMEOUT) or 1,
+        "root_path": args.root_path,
+        "proxy_headers": args.proxy_headers,
+    }
+    if args.forwarded_allow_ips is not None:
+        options["forwarded_allow_ips"] = args.forwarded_allow_ips
+    if args.reload:
+        options["reload"] = True
+        options["reload_dirs"] = [os.getcwd()]
+    return options
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ghar_core.config import load_settings
     from ghar_core.logging import configure_logging
+    from ghar_core.server import SERVE_APP_ENV, SERVE_FACTORY_ENV, AppLoadError, load_app_target
 
-    loaded = load_settings()
+    if args.log_level:
+        os.environ["LOG_LEVEL"] = args.log_level.upper()  # the workers read it too
+    if args.reload and args.workers != 1:
+        print("ghar-core serve: --reload runs one worker; drop --workers", file=sys.stderr)
+        return 2
+    if args.factory and not args.app:
+        print("ghar-core serve: --factory needs --app MODULE:ATTR", file=sys.stderr)
+        return 2
+    loaded: Settings | None = None
     if args.app:
-        from ghar_core.asgi.app import SERVE_APP_ENV, SERVE_FACTORY_ENV, load_app_target
+        from ghar_core.asgi.app import App
 
-        # Check here, where the error can be shown plainly; each worker loads it again.
+        # Check here, where the error can be shown plainly; each worker process
+        # loads it again (a single worker reuses this import).
         try:
-            load_app_target(args.app, factory=args.factory)
-        except ValueError as exc:
+            target = load_app_target(args.app, factory=args.factory)
+        except AppLoadError as exc:
             print(f"ghar-core serve: cannot load --app {args.app}: {exc}", file=sys.stderr)
             return 2
         os.environ[SERVE_APP_ENV] = args.app
         os.environ[SERVE_FACTORY_ENV] = "1" if args.factory else "0"
+        if isinstance(target, App):
+            loaded = target.settings  # the app's own settings (its schema) rule
+    if loaded is None:
+        loaded = load_settings()
     configure_logging(loaded)
-    # The factory runs in every worker: each builds its own app and resources
-    # from the same settings; lifespan "on" makes a failed start fatal.
-    uvicorn.run(
-        "ghar_core.asgi.app:create_app_for_server",
-        factory=True,
-        host=args.host or loaded.HOST,
-        port=loaded.PORT if args.port is None else args.port,
-        workers=args.workers,
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        timeout_graceful_shutdown=int(loaded.SHUTDOWN_STEP_TIMEOUT) or 1,
-    )
+    # The factory runs in every worker: each builds its own app and resources.
+    uvicorn.run("ghar_core.server:create_app_for_server", **_uvicorn_options(args, loaded))
     return 0
 
 
@@ -155,10 +191,42 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--app",
         metavar="MODULE:ATTR",
-        help="your ASGI app (e.g. myservice.main:app) instead of the bare core app",
+        help="your ASGI app (e.g. myservice.main:app) instead of the bare core app; "
+        "the current directory is on the import path",
     )
     p.add_argument(
         "--factory", action="store_true", help="call --app with no arguments to build the app"
+    )
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart when a file under the current directory changes (development)",
+    )
+    p.add_argument(
+        "--root-path",
+        default="",
+        metavar="PREFIX",
+        help="the prefix a proxy mounts the app under (e.g. /api), as ASGI root_path",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default=None,
+        help="the log level of the app and the server (default: LOG_LEVEL)",
+    )
+    p.add_argument(
+        "--proxy-headers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="take the client address and scheme from X-Forwarded-For/-Proto sent by "
+        "--forwarded-allow-ips (default: on, as uvicorn)",
+    )
+    p.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="comma-separated proxy addresses (or *) whose X-Forwarded-* are trusted "
+        "(default: uvicorn's, 127.0.0.1)",
     )
     p.set_defaults(func=_cmd_serve)
 
@@ -307,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="The 360Ghar core: serve the app, migrate, inspect settings, dev tools.",
     )
     parser.add_argument("--version", action="version", version=f"ghar-core {__version__}")
+    parser.add_argument(
+        "--settings",
+        metavar="MODULE:CLASS",
+        help="your Settings subclass (sets GHAR_SETTINGS for this command and its workers)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
     _add_dev(sub)
@@ -325,6 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ghar_core.config import ConfigError
+
+    # As uvicorn's CLI does: run from the project folder, its modules import
+    # without PYTHONPATH=. (--settings, --app, GHAR_SETTINGS).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    if args.settings:
+        os.environ["GHAR_SETTINGS"] = args.settings
 
     try:
         result: int = func(args)

@@ -25,7 +25,9 @@ Design choices, and why:
   floor in the benchmark.
 * **Our own small pool instead of asyncpg's.** asyncpg's pool sends a reset
   query (``RESET ALL; UNLISTEN *; ...``) on every release, a full round trip
-  that made it 3-4x slower than a held connection, and its acquire timeout
+  (with the statement cache off, as PgBouncer needs, it measured about 1.8x
+  the per-query time of a held connection, ours about 1.05-1.1x: see
+  ``benchmarks/results/database.md``), and its acquire timeout
   costs a task per acquire. Ours hands connections over with a deque and a
   future (a timer, not a task, bounds the wait) and resets **only connections
   that may carry session state**: :class:`GharConnection` classifies each

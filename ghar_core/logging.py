@@ -170,9 +170,11 @@ class RedactingFilter(logging.Filter):
 
 
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
+# uvicorn passes ``color_message`` (the message with ANSI escapes) that way:
+# a duplicate of "message" with escapes, never wanted in a JSON line.
 _STANDARD_ATTRS = frozenset(
     logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None).__dict__
-) | {"message", "asctime", "request_id", "taskName"}
+) | {"message", "asctime", "request_id", "taskName", "color_message"}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

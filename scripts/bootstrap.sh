@@ -10,7 +10,7 @@ fi
 STAMP=.venv/.ghar-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev,bench]'
+    .venv/bin/python -m pip install -q -e '.[dev,bench,sentry]'
     touch "$STAMP"
 fi
 # Machine services the tests need (PgBouncer, a running Postgres, ...).

@@ -14,7 +14,17 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ghar_core"
 
 LAYERS = {
-    0: {"config", "logging", "exceptions", "utils", "constants", "cache", "lifecycle", "envfile"},
+    0: {
+        "config",
+        "logging",
+        "exceptions",
+        "utils",
+        "constants",
+        "cache",
+        "lifecycle",
+        "envfile",
+        "error_reporting",
+    },
     1: {
         "database",
         "db_resilience",
@@ -29,7 +39,7 @@ LAYERS = {
         "migrations",
     },
     2: {"asgi", "testing"},
-    3: {"cli", "devtools", "__main__", "__init__"},
+    3: {"cli", "server", "devtools", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 

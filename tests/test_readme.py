@@ -62,3 +62,15 @@ def test_event_stream_example_emits() -> None:
         set_default_bus(previous)
     assert namespace["delivered"] == 0  # nobody is listening
     assert bus.stats()["emitted"] == 1
+
+
+def test_app_settings_example_loads_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    (block,) = [b for b in BLOCKS if "class ListingsSettings(Settings)" in b]
+    monkeypatch.setenv("APP_ENV", "test")
+    monkeypatch.setenv("GEOCODER_KEY", "geo-secret")
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md[app-settings]", "exec"), namespace)
+    loaded = namespace["settings"]
+    assert type(loaded).__name__ == "ListingsSettings"
+    assert loaded.GEOCODER_URL == "http://127.0.0.1:8081"  # type: ignore[attr-defined]
+    assert "geo-secret" not in repr(loaded)

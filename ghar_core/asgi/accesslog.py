@@ -14,9 +14,11 @@ Two sinks:
 - :class:`BufferedAccessLog` formats the line itself (plain or JSON, the
   same fields as ``ghar_core.logging``'s formatters) into a buffer that is
   written at most every ``flush_interval`` seconds or ``max_lines`` lines --
-  under 1 us a line. ``ghar-core serve`` uses it; it is owned by the app,
-  which flushes and closes it on shutdown (and an ``atexit`` hook flushes
-  what is left if the process ends without a shutdown).
+  under 1 us a line. ``ghar-core serve`` gives it to the served app
+  (:meth:`App.use_access_sink`) and flushes it before any other log line
+  is written, so the stream stays in order; the app flushes it on shutdown
+  (and an ``atexit`` hook flushes what is left if the process ends without
+  a shutdown).
 """
 
 from __future__ import annotations

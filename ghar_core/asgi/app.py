@@ -10,13 +10,11 @@ any added with :meth:`App.add_middleware`, then the router) and owns its
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ghar_core.asgi.accesslog import AccessLogMiddleware, AccessSink, BufferedAccessLog
+from ghar_core.asgi.accesslog import AccessLogMiddleware, AccessSink
 from ghar_core.asgi.auth import register_auth_routes
 from ghar_core.asgi.cors import CORSMiddleware
 from ghar_core.asgi.datastructures import State
@@ -35,6 +33,7 @@ from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.auth import SupabaseAuth
 from ghar_core.database import Database
+from ghar_core.error_reporting import ErrorReporter
 from ghar_core.exceptions import (
     BaseAPIException,
     MethodNotAllowedException,
@@ -51,13 +50,9 @@ if TYPE_CHECKING:
     from ghar_core.migrate import MigrationSet
 
 __all__ = [
-    "SERVE_APP_ENV",
-    "SERVE_FACTORY_ENV",
     "App",
     "build_default_resources",
     "create_app",
-    "create_app_for_server",
-    "load_app_target",
 ]
 
 logger = logging.getLogger("ghar_core.asgi")
@@ -119,7 +114,9 @@ class App:
         self.access_log_sink: AccessSink | None = (
             None if isinstance(access_log, bool) else access_log
         )
-        self.lifespan_manager = LifespanManager(resources, after_shutdown=self._flush_access_log)
+        #: Unhandled errors go to Sentry when SENTRY_DSN is set (closed at shutdown).
+        self.error_reporter = ErrorReporter(settings)
+        self.lifespan_manager = LifespanManager(resources, after_shutdown=self._after_shutdown)
         self._cors = cors
         self._user_middleware: list[tuple[Callable[..., ASGIApp], dict[str, Any]]] = []
         self._no_startup: set[int] = set()
@@ -139,7 +136,7 @@ class App:
                 allow_credentials=s.CORS_ALLOW_CREDENTIALS,
                 max_age=s.CORS_MAX_AGE,
             )
-        app = ErrorEnvelopeMiddleware(app)
+        app = ErrorEnvelopeMiddleware(app, report=self.error_reporter.report)
         if self._access_log:
             app = AccessLogMiddleware(app, sink=self.access_log_sink)
         return RequestIDMiddleware(app)
@@ -151,6 +148,21 @@ class App:
         middleware before serving.
         """
         self._user_middleware.append((factory, options))
+        self._stack = self._build_stack()
+
+    @property
+    def access_log_enabled(self) -> bool:
+        """Whether the access-log middleware is in the stack."""
+        return self._access_log
+
+    def use_access_sink(self, sink: AccessSink) -> None:
+        """Write the access lines through ``sink`` from now on (the app flushes it at shutdown).
+
+        ``ghar-core serve`` calls it with its buffered writer on an app that
+        logs through the logging module; call it before serving.
+        """
+        self._access_log = True
+        self.access_log_sink = sink
         self._stack = self._build_stack()
 
     # --- routes ------------------------------------------------------------------
@@ -204,9 +216,16 @@ class App:
         return self.route(path, ("DELETE",))
 
     def add_websocket_route(self, path: str, handler: WebSocketHandler) -> None:
-        """Register ``async def handler(ws)`` for WebSocket connections on ``path``."""
+        """Register ``async def handler(ws)`` for WebSocket connections on ``path``.
+
+        With ``ENABLE_WEBSOCKETS=false`` the route is not added: a handshake
+        on ``path`` is refused like any unknown route (404).
+        """
         if not is_async_callable(handler):
             raise TypeError(f"websocket handler for {path!r} must be an async function")
+        if not self.settings.ENABLE_WEBSOCKETS:
+            logger.debug("ENABLE_WEBSOCKETS is off: not serving the WebSocket route %s", path)
+            return
         self.websocket_router.add(path, handler, ("WS",))
 
     def websocket_route(self, path: str) -> Callable[[F], F]:
@@ -227,14 +246,16 @@ class App:
     async def shutdown(self) -> None:
         """Stop the resources in reverse, every stop attempted, each bounded.
 
-        A buffered access log is flushed afterwards, whatever happened.
+        A buffered access log and the error reporter are flushed afterwards,
+        whatever happened.
         """
         await self.lifespan_manager.shutdown()
 
-    def _flush_access_log(self) -> None:
+    def _after_shutdown(self) -> None:
         flush = getattr(self.access_log_sink, "flush", None)
         if flush is not None:
             flush()
+        self.error_reporter.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:
@@ -371,6 +392,7 @@ class App:
             close_code = 1013 if status == 503 else 1011 if status >= 500 else 1008
             await _refuse(ws, scope, send, exc, close_code, exc.error_code[:120])
         except Exception as exc:
+            self.error_reporter.report(exc)
             logger.error("websocket handler for %s failed", safe_for_log(path), exc_info=exc)
             await _refuse(ws, scope, send, exc, 1011, "internal error")
         finally:
@@ -461,7 +483,7 @@ def create_app(
         else Resources(resources, step_timeout=settings.SHUTDOWN_STEP_TIMEOUT)
     )
     if access_log is None:
-        access_log = (_served_access_sink or True) if settings.ACCESS_LOG else False
+        access_log = settings.ACCESS_LOG
     app = App(settings, owned, access_log=access_log, cors=cors)
     if builtin_endpoints:
         app.add_route("/health", health, ("GET",), lazy_start=False)
@@ -469,60 +491,3 @@ def create_app(
         register_auth_routes(app)  # GET {API_V1_STR}/me (issue 5)
         register_sse_routes(app)  # GET .../events/stream, POST .../events/test (ENABLE_SSE)
     return app
-
-
-#: Environment variables through which ``ghar-core serve --app`` reaches its workers.
-SERVE_APP_ENV = "GHAR_SERVE_APP"
-SERVE_FACTORY_ENV = "GHAR_SERVE_FACTORY"
-
-# Set by create_app_for_server in each worker: an app built there with the
-# default access log writes through the buffered sink (under 1 us a line)
-# rather than the logging module (about 8 us).
-_served_access_sink: AccessSink | None = None
-
-
-def load_app_target(target: str, *, factory: bool = False) -> Any:
-    """The object ``"package.module:attr"`` names (called first when ``factory``).
-
-    Raises ``ValueError`` with a message that names the target and the cause.
-    """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{target!r} is not of the form 'package.module:attribute'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r}: {exc}") from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if factory:
-        obj = obj()
-    if not callable(obj):
-        raise ValueError(f"{target!r} is not an ASGI application (got {type(obj).__name__})")
-    return obj
-
-
-def create_app_for_server() -> ASGIApp:
-    """The uvicorn factory of ``ghar-core serve``: load settings, configure logging, build.
-
-    Each worker process calls it, so every worker owns its own resources.
-    With ``--app`` (passed as ``GHAR_SERVE_APP``) it serves the named app or
-    factory instead of the bare core app; apps built with ``create_app()``
-    there still get the buffered access log.
-    """
-    global _served_access_sink
-    from ghar_core.config import get_settings
-    from ghar_core.logging import configure_logging, uses_json_logs
-
-    settings = get_settings()
-    configure_logging(settings)
-    if settings.ACCESS_LOG:
-        _served_access_sink = BufferedAccessLog(json=uses_json_logs(settings))
-    target = os.environ.get(SERVE_APP_ENV)
-    if target:
-        app: ASGIApp = load_app_target(target, factory=os.environ.get(SERVE_FACTORY_ENV) == "1")
-        return app
-    return create_app(settings)

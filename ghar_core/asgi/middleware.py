@@ -1,10 +1,12 @@
-"""Pure ASGI middleware: request ID, access log and the error envelope.
+"""Pure ASGI middleware: the request ID and the error envelope.
 
 Each class wraps an ASGI app, computes what it can in ``__init__``, keeps no
 per-request state on ``self`` (per-request values live in the call's local
-variables and closures) and passes through scope types it does not handle
-(``lifespan`` above all). The app stacks them outermost first: request ID,
-access log, error envelope, CORS (in :mod:`ghar_core.asgi.cors`).
+variables and closures) and passes through scope types it does not handle.
+The app stacks the middleware outermost first: request ID (here), access log
+(:mod:`ghar_core.asgi.accesslog`), error envelope (here), CORS
+(:mod:`ghar_core.asgi.cors`), then the app's own; lifespan events never
+enter the stack (the app answers them itself).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
 from itertools import count
 from typing import TYPE_CHECKING
 
@@ -143,12 +146,21 @@ class ErrorEnvelopeMiddleware:
     be sent: the error is logged and the call returns without finishing the
     body, so the server closes the connection and the client sees a
     truncated response rather than a complete-looking wrong one. A client
-    that disconnected while sending its body gets no answer.
+    that disconnected while sending its body gets no answer. ``report`` (the
+    app's :class:`~ghar_core.error_reporting.ErrorReporter`) is handed every
+    unhandled exception, with the request id still bound.
     """
 
-    def __init__(self, app: ASGIApp, *, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        logger: logging.Logger | None = None,
+        report: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.app = app
         self.logger = logger or logging.getLogger("ghar_core.errors")
+        self.report = report
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,6 +182,9 @@ class ErrorEnvelopeMiddleware:
             # Escaped: method and path come from the client (no log injection).
             method = safe_for_log(str(scope.get("method")), 32)
             where = f"{method} {safe_for_log(scope.get('path', ''))}"
+            unhandled = not isinstance(exc, BaseAPIException)
+            if unhandled and self.report is not None:
+                self.report(exc)
             if started:
                 self.logger.error(
                     "error after the response started for %s; closing the connection",
