@@ -21,20 +21,20 @@ have requests in flight.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
 
 from ghar_core.asgi import App, Request, build_default_resources, create_app, current_user
 from ghar_core.auth import SupabaseAuth
-from ghar_core.config import get_settings
+from ghar_core.config import Settings, load_settings, setting
 from ghar_core.database import Database
 from ghar_core.db_resilience import execute_with_transient_retry
 from ghar_core.exceptions import BadRequestException, NotFoundException, ValidationException
 from ghar_core.migrate import MigrationSet
 
-__all__ = ["MIGRATIONS", "build"]
+__all__ = ["MIGRATIONS", "ReliabilitySettings", "build"]
 
 MIGRATIONS = MigrationSet("reliability", Path(__file__).parent / "migrations")
 _MAX_HOLD = 5.0
@@ -135,21 +135,31 @@ async def slow(request: Request) -> dict[str, Any]:
     return {"slept": seconds}
 
 
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class ReliabilitySettings(Settings):
+    """The suite app's own setting, declared beside the core's as any app would."""
+
+    RELIABILITY_AUTH_TIMEOUT: float = setting(
+        5.0,
+        "float",
+        "Deadline of an authentication (key-set wait and introspection), in seconds.",
+        minimum=0.1,
+        maximum=60.0,
+    )
+
+
 def build() -> App:
     """The factory ``ghar-core serve --app tests.reliability.app:build --factory`` calls.
 
-    ``RELIABILITY_AUTH_TIMEOUT`` (seconds) gives the auth resource a shorter
-    deadline than its 5 s default, so the slow-provider case stays short: an
-    app replaces a default resource by passing its own list.
+    ``RELIABILITY_AUTH_TIMEOUT`` gives the auth resource a shorter deadline
+    than its 5 s default, so the slow-provider case stays short: an app
+    replaces a default resource by passing its own list.
     """
-    settings = get_settings()
-    resources = build_default_resources(settings, migrations=[MIGRATIONS])
-    timeout = os.environ.get("RELIABILITY_AUTH_TIMEOUT")
-    if timeout:
-        resources = [
-            SupabaseAuth(settings, timeout=float(timeout)) if r.name == "auth" else r
-            for r in resources
-        ]
+    settings = load_settings(schema=ReliabilitySettings)
+    resources = [
+        SupabaseAuth(settings, timeout=settings.RELIABILITY_AUTH_TIMEOUT) if r.name == "auth" else r
+        for r in build_default_resources(settings, migrations=[MIGRATIONS])
+    ]
     app = create_app(settings, resources=resources)
     prefix = app.settings.API_V1_STR
     app.add_route(f"{prefix}/writes", create_write, ("POST",))

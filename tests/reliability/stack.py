@@ -215,6 +215,7 @@ class Provider:
 
     def close(self) -> None:
         self.down()
+        self._call(self._cancel_the_rest())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
@@ -228,6 +229,14 @@ class Provider:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True).start()
         self._runner = runner
+
+    @staticmethod
+    async def _cancel_the_rest() -> None:
+        """End what a slow fault left sleeping, so the loop closes with no task pending."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _down(self) -> None:
         runner, self._runner = self._runner, None
