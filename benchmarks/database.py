@@ -1,10 +1,12 @@
 """Per-query cost of our pools vs a held connection, asyncpg's pool, connect-per-use, PgBouncer.
 
-What it compares, and why: ``ghar_core.database`` claims that its main pool's
-acquire + query + release costs within 1.5x of a connection held for the
-whole run (the floor), while not leaking session state between users, and
-that asyncpg's default pool pays a reset round trip on every release. One
-run measures ``SELECT $1::int`` per use, sequentially and at concurrency 5:
+What it compares, and why: ``ghar_core.database`` runs on asyncpg's own
+pool with a ``reset=`` hook that resets only dirty connections and a lease
+that bounds the wait without a task; it claims that acquire + query +
+release costs within 1.15x of a connection held for the whole run (the
+floor), while not leaking session state between users, and that asyncpg's
+default pool pays a reset round trip on every release. One run measures
+``SELECT $1::int`` per use, sequentially and at concurrency 5:
 
 - ``held, cache off``: one connection per worker held for the whole run,
   ``statement_cache_size=0`` like ours: the floor (same wire protocol);
@@ -19,8 +21,15 @@ run measures ``SELECT $1::int`` per use, sequentially and at concurrency 5:
 - ``ours through PgBouncer``: the main pool via a private pgbouncer in
   transaction mode (started by this script; Debian's binary).
 
-Variants run interleaved, ``--rounds`` times; the table shows the median over
-rounds of the wall time per query (µs) and the ratio to the floor. At
+A second table measures a writing transaction (``BEGIN; INSERT ...;
+COMMIT``) to show what the COMMIT-outcome check costs (one round trip,
+``pg_current_xact_id_if_assigned()``, before COMMIT of a transaction that
+may have written): the held connection (floor), ``db.transaction()`` with
+the check, the same with the check turned off, and asyncpg's pool (cache
+off). The writes go to a table in a database this script creates and drops.
+
+Variants run interleaved, ``--rounds`` times; the tables show the median over
+rounds of the wall time per use (µs) and the ratio to the floor. At
 concurrency 5 the held floor uses five connections, one per worker.
 
     .venv/bin/python benchmarks/database.py            # writes benchmarks/results/
@@ -132,34 +141,71 @@ async def _run(use: Use, total: int, concurrency: int) -> float:
     return (time.perf_counter() - started) / (per_worker * concurrency)
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
+WRITE = "INSERT INTO ghar_bench_writes (v) VALUES ($1)"
+READS = "per query"
+WRITES = "per write transaction"
+
+
+@asynccontextmanager
+async def scratch_database(dsn: str) -> AsyncIterator[str]:
+    """A database of our own for the writes (dropped afterwards); yields its DSN."""
+    name = f"ghar_bench_{os.getpid()}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        parts = urlsplit(dsn)
+        own = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+        conn = await asyncpg.connect(own)
+        await conn.execute("CREATE TABLE ghar_bench_writes (v int)")
+        await conn.close()
+        yield own
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def main(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    async with scratch_database(args.dsn) as dsn:
+        return await _measure(args, dsn)
+
+
+async def _measure(args: argparse.Namespace, dsn: str) -> dict[str, dict[str, Any]]:
     base = dataclasses.replace(
         load_settings(app_env="test"),
-        DATABASE_URL=args.dsn,
+        DATABASE_URL=dsn,
         DB_POOL_MIN_SIZE=5,
         DB_POOL_MAX_SIZE=10,
         DB_BG_POOL_MIN_SIZE=0,
     )
-    held_off = [await asyncpg.connect(args.dsn, statement_cache_size=0) for _ in range(5)]
-    held_on = [await asyncpg.connect(args.dsn) for _ in range(5)]
-    default_pool = await asyncpg.create_pool(args.dsn, min_size=5, max_size=10)
-    nocache_pool = await asyncpg.create_pool(
-        args.dsn, min_size=5, max_size=10, statement_cache_size=0
-    )
+    held_off = [await asyncpg.connect(dsn, statement_cache_size=0) for _ in range(5)]
+    held_on = [await asyncpg.connect(dsn) for _ in range(5)]
+    default_pool = await asyncpg.create_pool(dsn, min_size=5, max_size=10)
+    nocache_pool = await asyncpg.create_pool(dsn, min_size=5, max_size=10, statement_cache_size=0)
     ours = Database(base)
     await ours.start()
+    unchecked = Database(base)
+    await unchecked.start()
+    unchecked._pool(False).check_outcome = False
     serverless = Database(dataclasses.replace(base, SERVERLESS_ENABLED=True))
     await serverless.start()
 
-    async with pgbouncer(args.dsn) as bouncer_dsn:
+    async with pgbouncer(dsn) as bouncer_dsn:
         bounced = Database(base, dsn=bouncer_dsn)
         await bounced.start()
 
-        def held(conns: list[asyncpg.Connection]) -> Callable[[int], Use]:
+        def held(conns: list[asyncpg.Connection], write: bool = False) -> Callable[[int], Use]:
             def for_concurrency(c: int) -> Use:
+                per_worker = max(1, args.queries // c)
+
                 async def use(i: int) -> None:
                     # Worker w always uses connection w (i // per_worker picks it).
-                    await conns[(i // max(1, args.queries // c)) % c].fetchval(QUERY, i)
+                    conn = conns[(i // per_worker) % c]
+                    if write:
+                        async with conn.transaction():
+                            await conn.execute(WRITE, i)
+                    else:
+                        await conn.fetchval(QUERY, i)
 
                 return use
 
@@ -172,68 +218,80 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
             return lambda _c: use
 
-        async def default_use(i: int) -> None:
-            async with default_pool.acquire() as conn:
-                await conn.fetchval(QUERY, i)
+        def writing(db: Database) -> Callable[[int], Use]:
+            async def use(i: int) -> None:
+                async with db.transaction() as conn:
+                    await conn.execute(WRITE, i)
 
-        async def nocache_use(i: int) -> None:
-            async with nocache_pool.acquire() as conn:
-                await conn.fetchval(QUERY, i)
+            return lambda _c: use
 
-        variants: dict[str, tuple[Callable[[int], Use], int]] = {
-            "held, cache off (floor)": (held(held_off), args.queries),
-            "held, cache on": (held(held_on), args.queries),
-            "ours: main pool": (via(ours), args.queries),
-            "asyncpg default pool": (lambda _c: default_use, args.queries),
-            "asyncpg pool, cache off": (lambda _c: nocache_use, args.queries),
-            "serverless connect-per-use": (via(serverless), args.serverless_queries),
-            "ours through PgBouncer": (via(bounced), args.queries),
+        def pooled(pool: asyncpg.Pool, write: bool = False) -> Callable[[int], Use]:
+            async def use(i: int) -> None:
+                async with pool.acquire() as conn:
+                    if write:
+                        async with conn.transaction():
+                            await conn.execute(WRITE, i)
+                    else:
+                        await conn.fetchval(QUERY, i)
+
+            return lambda _c: use
+
+        groups: dict[str, dict[str, tuple[Callable[[int], Use], int]]] = {
+            READS: {
+                "held, cache off (floor)": (held(held_off), args.queries),
+                "held, cache on": (held(held_on), args.queries),
+                "ours: main pool": (via(ours), args.queries),
+                "asyncpg default pool": (pooled(default_pool), args.queries),
+                "asyncpg pool, cache off": (pooled(nocache_pool), args.queries),
+                "serverless connect-per-use": (via(serverless), args.serverless_queries),
+                "ours through PgBouncer": (via(bounced), args.queries),
+            },
+            WRITES: {
+                "held, write transaction (floor)": (held(held_off, True), args.queries),
+                "ours: transaction, outcome check": (writing(ours), args.queries),
+                "ours: transaction, check off": (writing(unchecked), args.queries),
+                "asyncpg pool, cache off": (pooled(nocache_pool, True), args.queries),
+            },
         }
-        samples: dict[tuple[str, int], list[float]] = {}
-        for make, total in variants.values():  # warm-up
-            await _run(make(1), min(total, 50), 1)
+        samples: dict[tuple[str, str, int], list[float]] = {}
+        for variants in groups.values():  # warm-up
+            for make, total in variants.values():
+                await _run(make(1), min(total, 50), 1)
         for _ in range(args.rounds):
             for concurrency in (1, 5):
-                for name, (make, total) in variants.items():
-                    seconds = await _run(make(concurrency), total, concurrency)
-                    samples.setdefault((name, concurrency), []).append(seconds)
+                for group, variants in groups.items():
+                    for name, (make, total) in variants.items():
+                        seconds = await _run(make(concurrency), total, concurrency)
+                        samples.setdefault((group, name, concurrency), []).append(seconds)
         await bounced.stop()
 
     for conn in held_off + held_on:
         await conn.close()
     await default_pool.close()
     await nocache_pool.close()
-    await ours.stop()
-    await serverless.stop()
+    for db in (ours, unchecked, serverless):
+        await db.stop()
 
-    table: dict[str, Any] = {}
-    for concurrency in (1, 5):
-        floor = statistics.median(samples[("held, cache off (floor)", concurrency)])
-        for name in variants:
-            med = statistics.median(samples[(name, concurrency)])
-            table.setdefault(name, {})[f"c{concurrency}"] = {
-                "us_per_query": round(med * 1e6, 1),
-                "ratio_to_floor": round(med / floor, 2),
-                "rounds_us": [round(s * 1e6, 1) for s in samples[(name, concurrency)]],
-            }
-    return table
+    tables: dict[str, dict[str, Any]] = {}
+    for group, variants in groups.items():
+        floor_name = next(iter(variants))
+        table = tables.setdefault(group, {})
+        for concurrency in (1, 5):
+            floor = statistics.median(samples[(group, floor_name, concurrency)])
+            for name in variants:
+                runs = samples[(group, name, concurrency)]
+                med = statistics.median(runs)
+                table.setdefault(name, {})[f"c{concurrency}"] = {
+                    "us_per_query": round(med * 1e6, 1),
+                    "ratio_to_floor": round(med / floor, 2),
+                    "rounds_us": [round(x * 1e6, 1) for x in runs],
+                }
+    return tables
 
 
-def render(table: dict[str, Any], args: argparse.Namespace) -> str:
+def _rows(table: dict[str, Any]) -> list[str]:
     lines = [
-        "# Database: per-query cost (`SELECT $1::int`)",
-        "",
-        f"Command: `.venv/bin/python benchmarks/database.py --rounds {args.rounds} "
-        f"--queries {args.queries} --serverless-queries {args.serverless_queries}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, asyncpg {asyncpg.__version__}, Postgres on 127.0.0.1. "
-        "**A shared, noisy 2-core box: other work may run beside it; read "
-        "ratios, not absolute numbers.**  ",
-        f"Median over {args.rounds} interleaved rounds of wall time per query; ratio to the "
-        "floor (a held connection with the statement cache off, the same wire protocol as "
-        "ours). At concurrency 5 the floor holds five connections, one per worker.",
-        "",
-        "| Variant | seq µs/query | seq ratio | c5 µs/query | c5 ratio |",
+        "| Variant | seq µs | seq ratio | c5 µs | c5 ratio |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, cells in table.items():
@@ -242,17 +300,46 @@ def render(table: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {name} | {c1['us_per_query']:.0f} | {c1['ratio_to_floor']:.2f}x | "
             f"{c5['us_per_query']:.0f} | {c5['ratio_to_floor']:.2f}x |"
         )
-    lines += [
+    return lines
+
+
+def render(tables: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        "# Database: per-query cost (`SELECT $1::int`) and per write transaction",
         "",
-        "Target: ours within 1.5x of the held floor, without leaking session state "
-        "(tests/test_database.py proves the next acquirer never sees it: connections are "
-        "reset with DISCARD ALL only when a statement that leaves session state ran).",
-        "asyncpg's pools pay a reset round trip (`RESET ALL; UNLISTEN *; ...`) on every "
-        "release. Its default pool also keeps the statement cache on, which saves the "
-        "Parse/Describe round trip of each query (see `held, cache on`) but breaks behind "
-        "PgBouncer in transaction mode (tests/test_database.py shows the failure), so the "
-        "like-for-like peer is `asyncpg pool, cache off`. Connect-per-use pays a TCP + "
-        "startup handshake per query; PgBouncer adds a hop to every round trip.",
+        f"Command: `.venv/bin/python benchmarks/database.py --rounds {args.rounds} "
+        f"--queries {args.queries} --serverless-queries {args.serverless_queries}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, asyncpg {asyncpg.__version__}, Postgres on 127.0.0.1. "
+        "**A shared, noisy 2-core box: other work may run beside it; read "
+        "ratios, not absolute numbers.**  ",
+        f"Median over {args.rounds} interleaved rounds of wall time per use; ratio to the "
+        "floor (a held connection with the statement cache off, the same wire protocol as "
+        "ours). At concurrency 5 the floor holds five connections, one per worker.",
+        "",
+        "## Per query (`SELECT $1::int`)",
+        "",
+        *_rows(tables[READS]),
+        "",
+        "Target: ours within 1.15x of the held floor, sequentially and at concurrency 5, "
+        "without leaking session state (tests/test_database.py proves the next acquirer "
+        "never sees it: our `reset=` hook sends DISCARD ALL only when a statement that "
+        "leaves session state ran). asyncpg's pools pay a reset round trip (`RESET ALL; "
+        "UNLISTEN *; ...`) on every release. Its default pool also keeps the statement "
+        "cache on, which saves the Parse/Describe round trip of each query (see `held, "
+        "cache on`) but breaks behind PgBouncer in transaction mode (tests/test_database.py "
+        "shows the failure), so the like-for-like peer is `asyncpg pool, cache off`. "
+        "Connect-per-use pays a TCP + startup handshake per query; PgBouncer adds a hop "
+        "to every round trip.",
+        "",
+        "## Per write transaction (`BEGIN; INSERT ...; COMMIT`)",
+        "",
+        *_rows(tables[WRITES]),
+        "",
+        "The outcome check is one round trip (`SELECT pg_current_xact_id_if_assigned()`) "
+        "before COMMIT of a transaction that may have written; read-only transactions "
+        "skip it. It is what lets a COMMIT whose answer was lost be resolved instead of "
+        "retried blindly (tests/reliability/test_db_correctness.py).",
         "",
     ]
     return "\n".join(lines)
@@ -292,31 +379,33 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
-    """The figures ``python -m benchmarks`` charts: each variant against the held floor."""
+def summary(tables: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The figures ``python -m benchmarks`` charts: each variant against its group's floor."""
     out = []
-    for key, group in (("c1", "sequential"), ("c5", "concurrency 5")):
-        for name, cells in table.items():
-            role = (
-                "baseline"
-                if name.startswith("held, cache off")
-                else "reference"
-                if name.startswith("held")
-                else "peer"
-                if name.startswith("asyncpg")
-                else "ours"
-            )
-            out.append(
-                {
-                    "group": f"{group}, per query",
-                    "label": name,
-                    "role": role,
-                    "value": cells[key]["us_per_query"],
-                    "unit": "µs",
-                    "ratio": cells[key]["ratio_to_floor"],
-                    "better": "lower",
-                }
-            )
+    for what, table in tables.items():
+        floor = next(iter(table))
+        for key, group in (("c1", "sequential"), ("c5", "concurrency 5")):
+            for name, cells in table.items():
+                role = (
+                    "baseline"
+                    if name == floor
+                    else "reference"
+                    if name.startswith("held")
+                    else "peer"
+                    if name.startswith("asyncpg")
+                    else "ours"
+                )
+                out.append(
+                    {
+                        "group": f"{group}, {what}",
+                        "label": name,
+                        "role": role,
+                        "value": cells[key]["us_per_query"],
+                        "unit": "µs",
+                        "ratio": cells[key]["ratio_to_floor"],
+                        "better": "lower",
+                    }
+                )
     return out
 
 

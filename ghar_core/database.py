@@ -3,8 +3,9 @@
 Ownership: the app's lifespan owns one :class:`Database` (resource name
 ``"database"``); handlers get it with ``request.resources.get("database")``
 (services receive it as an argument) and never build pools on the side.
-``start()`` creates both pools and warms ``DB_POOL_MIN_SIZE`` connections,
-``stop()`` closes gracefully within a bound, ``terminate()`` is immediate.
+``start()`` creates both pools (``asyncpg.create_pool``) and warms
+``DB_POOL_MIN_SIZE`` connections, ``stop()`` closes gracefully within a bound,
+``terminate()`` is immediate.
 
 Usage::
 
@@ -12,71 +13,80 @@ Usage::
         row = await conn.fetchrow("SELECT ...", user_id)
     async with db.transaction() as conn:         # main pool, one transaction
         await conn.execute("UPDATE ...", ...)
-    async with db.background_connection() as conn: ...   # schedulers, LISTEN
+    async with db.background_connection() as conn: ...   # schedulers
     async with db.background_transaction() as conn: ...
 
 Design choices, and why:
 
-* **Statement cache off** (``statement_cache_size=0``) on every connection:
-  PgBouncer in transaction mode hands each transaction to any server
-  connection, so a named prepared statement made on one is missing on the
-  next ("prepared statement ... does not exist"). The cost is one extra
-  round trip per parameterised query, paid equally by the held-connection
-  floor in the benchmark.
-* **Our own small pool instead of asyncpg's.** asyncpg's pool sends a reset
-  query (``RESET ALL; UNLISTEN *; ...``) on every release, a full round trip
-  (with the statement cache off, as PgBouncer needs, it measured about 1.8x
-  the per-query time of a held connection, ours about 1.05-1.1x: see
-  ``benchmarks/results/database.md``), and its acquire timeout
-  costs a task per acquire. Ours hands connections over with a deque and a
-  future (a timer, not a task, bounds the wait) and resets **only connections
-  that may carry session state**: :class:`GharConnection` classifies each
-  statement it runs (``SET`` without ``LOCAL``, ``set_config``, ``LISTEN``,
-  session advisory locks, temp tables, ``PREPARE``, ``WITH HOLD`` cursors,
-  ...; the verdict is cached per query text) and marks itself dirty; a dirty
-  connection, or one left inside a transaction, is reset with
-  ``DISCARD ALL`` before anyone else gets it. Transaction-scoped state
-  (``SET LOCAL``, ``pg_advisory_xact_lock``) needs nothing. Server-side code
-  that changes session state (a function calling ``set_config(..., false)``)
-  is invisible to the classifier: call ``conn.mark_session_state()`` after it.
-  Session state is wrong behind PgBouncer's transaction mode anyway; prefer
-  ``SET LOCAL`` inside :meth:`Database.transaction`.
-* **Exhaustion fails fast.** Waiting past the acquire timeout raises
-  :class:`~ghar_core.exceptions.PoolExhaustedException` (503, Retry-After),
-  which the retry helper never retries.
-* **Outages recover by themselves.** Connections are opened on demand: if
-  Postgres is down at ``start()`` the app still starts (the warm-up is logged
-  and skipped); each use then tries to connect and fails with
+* **asyncpg's own pool**, configured: the statement cache off
+  (``statement_cache_size=0``: PgBouncer in transaction mode hands each
+  transaction to any server connection, so a named prepared statement made
+  on one is missing on the next), ``application_name`` per pool,
+  ``max_inactive_connection_lifetime`` from ``DB_MAX_INACTIVE_LIFETIME``,
+  ``init=`` for the JSON codecs (``json``/``jsonb`` decode with orjson;
+  parameters may be Python objects or already-encoded JSON text), and
+  ``connection_class=`` :class:`GharConnection`, which classifies each
+  statement it runs (see :mod:`ghar_core._db_session`).
+* **Reset only what is dirty.** asyncpg's default reset sends
+  ``RESET ALL; UNLISTEN *; ...`` on every release, a full round trip. Our
+  ``reset=`` hook sends ``DISCARD ALL`` only for a connection that ran a
+  statement leaving session state, or that was left inside a transaction
+  (rolled back first). ``SET LOCAL`` and ``pg_advisory_xact_lock`` need
+  nothing. Session state is wrong behind PgBouncer's transaction mode anyway;
+  prefer ``SET LOCAL`` inside :meth:`Database.transaction`.
+* **Exhaustion fails fast.** When every connection is busy the wait is
+  bounded by a timer (``asyncio.timeout``; asyncpg's own acquire timeout
+  wraps a task on Python 3.11, about 40 µs per acquire), and the pool is not
+  timed at all when a connection is free. Past ``DB_POOL_ACQUIRE_TIMEOUT``
+  it raises :class:`~ghar_core.exceptions.PoolExhaustedException` (503,
+  Retry-After), which the retry helper never retries.
+* **COMMIT is never guessed.** Before COMMIT, a transaction that may have
+  written asks for its id (``pg_current_xact_id_if_assigned()``, one round
+  trip; read-only transactions skip it). When COMMIT's answer is lost
+  (connection lost, PgBouncer killed, COMMIT past the command timeout), a
+  fresh connection asks ``pg_xact_status``: committed -> the block succeeds;
+  aborted (or no id: nothing was written) -> a retryable 503; no answer
+  within ``DB_CONNECT_TIMEOUT`` ->
+  :class:`~ghar_core.db_resilience.CommitOutcomeUnknownException` (503
+  ``DB_COMMIT_OUTCOME_UNKNOWN``), never retried.
+* **No silent rollback.** COMMIT of a transaction in which a statement
+  failed (and the handler caught the error) raises
+  :class:`FailedTransactionError` naming that failure, instead of returning
+  as if the server had committed.
+* **Timeouts cancel on the server.** A statement past ``DB_COMMAND_TIMEOUT``
+  (or a cancelled task) makes asyncpg send a cancel request; the lease waits
+  for it to be acknowledged before the connection is rolled back or
+  released, so nothing of ours keeps running (or later applies) after the
+  client got its 503, directly or through PgBouncer.
+* **Outages recover by themselves.** If Postgres is down at ``start()`` the
+  app still starts (logged); each use then tries to connect and fails with
   :class:`~ghar_core.exceptions.DatabaseUnavailableException` (503,
-  Retry-After) until Postgres is back. A connection that failed with a
-  transient error (see :mod:`ghar_core.db_resilience`) is terminated rather
-  than returned, and that error leaves the ``async with`` block as a 503.
+  Retry-After) until Postgres is back. A pooled connection found dead before
+  anything was sent on it (its server said goodbye while it was idle) is
+  replaced transparently, for :meth:`Database.connection` as for
+  :meth:`Database.transaction`. A connection lost mid-use is terminated and
+  the error leaves the ``async with`` block as a 503.
 * **Serverless mode** (``SERVERLESS_ENABLED``): the same pools keep nothing
   idle; every use opens a connection and closes it afterwards, still capped
-  at the pool's max size with the same fast-fail, so nothing stays connected
-  between requests.
-* ``json``/``jsonb`` columns decode to Python objects (orjson); parameters
-  may be Python objects or already-encoded JSON text (``str``).
+  at the pool's max size with the same fast-fail.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
+import select
 import time
-import warnings
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import asyncpg
 import orjson
 
+from ghar_core._db_session import GharConnection, touches_session_state
 from ghar_core.config import Settings
-from ghar_core.db_resilience import is_transient_error
+from ghar_core.db_resilience import CommitOutcomeUnknownException, is_transient_error
 from ghar_core.exceptions import (
     BaseAPIException,
     DatabaseUnavailableException,
@@ -90,6 +100,7 @@ __all__ = [
     "BACKGROUND_APPLICATION_NAME",
     "MAIN_APPLICATION_NAME",
     "Database",
+    "FailedTransactionError",
     "GharConnection",
     "touches_session_state",
 ]
@@ -100,407 +111,281 @@ MAIN_APPLICATION_NAME: Final = "360ghar"
 BACKGROUND_APPLICATION_NAME: Final = "360ghar_bg"
 _RESET_QUERY: Final = "DISCARD ALL"
 _RESET_TIMEOUT: Final = 5.0
-
-# Statements whose effect outlives the transaction. Over-matching only costs a
-# reset round trip; under-matching would leak state, so the patterns are broad.
-# A statement starts at the beginning or after a ';' (then any whitespace and
-# comments): not after a bare newline, or every ``UPDATE t\nSET x = 1`` would
-# pay a needless ``DISCARD ALL``.
-# Tokens may be separated by comments as well as whitespace (Postgres accepts
-# ``SET/**/work_mem``), and ``DO`` blocks count as dirty: their body can run
-# ``SET``/``EXECUTE 'SET ...'`` where no statement-start pattern can see it.
-_GAP: Final = r"(?:\s|/\*.*?\*/|--[^\n]*(?:\n|$))"
-_SESSION_STATE_RE: Final = re.compile(
-    rf"""
-    (?:^|;){_GAP}*
-      (?:SET{_GAP}+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)
-        |RESET\b|LISTEN\b|PREPARE\b|LOAD\b
-        |DO\b(?!{_GAP}+(?:UPDATE|NOTHING)\b))
-    | \bpg_(?:try_)?advisory_lock(?:_shared)?"?{_GAP}*\(
-    | \bset_config"?{_GAP}*\(
-    | \bWITH{_GAP}+HOLD\b
-    | \bCREATE{_GAP}+(?:OR{_GAP}+REPLACE{_GAP}+)?(?:(?:GLOBAL|LOCAL){_GAP}+)?TEMP(?:ORARY)?\b
-    | \bINTO{_GAP}+(?:TEMP|TEMPORARY)\b
-    | \bCREATE\b[^;]*?\bpg_temp\b
-    """,
-    re.IGNORECASE | re.VERBOSE | re.DOTALL,
-)
-_VERDICTS: dict[str, bool] = {}
-_VERDICTS_MAX: Final = 4096
+_XACT_ID_QUERY: Final = "SELECT pg_current_xact_id_if_assigned()::text"
+_XACT_STATUS_QUERY: Final = "SELECT pg_xact_status($1::text::xid8)"
 
 
-def touches_session_state(query: str) -> bool:
-    """True when ``query`` may leave state on the session beyond its transaction.
+class FailedTransactionError(Exception):
+    """COMMIT of a transaction in which a statement had failed: it was rolled back.
 
-    Cached per query text (application queries are constant strings), so
-    the hot path is one dict lookup.
+    Raised from the end of ``async with db.transaction()`` when the block
+    caught a database error and carried on; ``__cause__`` is that error.
     """
-    verdict = _VERDICTS.get(query)
-    if verdict is None:
-        verdict = _SESSION_STATE_RE.search(query) is not None
-        if len(_VERDICTS) < _VERDICTS_MAX:
-            _VERDICTS[query] = verdict
-    return verdict
 
 
 def _encode_json(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
-class GharConnection(asyncpg.Connection):  # type: ignore[misc]
-    """An asyncpg connection that notices statements leaving session state.
+async def _init_connection(conn: GharConnection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename, schema="pg_catalog", encoder=_encode_json, decoder=orjson.loads
+        )
 
-    Created only by :class:`Database`; handed out inside ``async with`` blocks
-    and owned by its pool, which resets it (``DISCARD ALL``) on release only
-    when :attr:`session_dirty` is set.
-    """
 
-    __slots__ = ("_ghar_dirty", "_ghar_idle_since")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ghar_dirty = False
-        self._ghar_idle_since = 0.0
-
-    @property
-    def session_dirty(self) -> bool:
-        """Whether this connection must be reset before its next user."""
-        return self._ghar_dirty
-
-    def mark_session_state(self) -> None:
-        """Declare session state the classifier cannot see (e.g. set by a function)."""
-        self._ghar_dirty = True
-
-    def _note(self, query: str) -> None:
-        if touches_session_state(query):
-            self._ghar_dirty = True
-
-    async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
-        self._note(query)
-        result: str = await super().execute(query, *args, **kwargs)
-        return result
-
-    async def executemany(self, command: str, args: Any, **kwargs: Any) -> None:
-        self._note(command)
-        await super().executemany(command, args, **kwargs)
-
-    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
-        self._note(query)
-        result: list[Any] = await super().fetch(query, *args, **kwargs)
-        return result
-
-    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        self._note(query)
-        return await super().fetchval(query, *args, **kwargs)
-
-    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        self._note(query)
-        return await super().fetchrow(query, *args, **kwargs)
-
-    async def fetchmany(self, query: str, args: Any, **kwargs: Any) -> list[Any]:
-        self._note(query)
-        result: list[Any] = await super().fetchmany(query, args, **kwargs)
-        return result
-
-    async def prepare(self, query: str, **kwargs: Any) -> Any:
-        self._note(query)
-        if kwargs.get("name"):
-            # An explicitly named statement outlives the lease (the unnamed
-            # one our cache-off default uses does not): DISCARD ALL drops it.
-            self._ghar_dirty = True
-        return await super().prepare(query, **kwargs)
-
-    def cursor(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        self._note(query)
-        return super().cursor(query, *args, **kwargs)
-
-    def get_reset_query(self) -> str:
-        # Fuller than asyncpg's default: also drops temp tables, prepared
-        # statements and SET ROLE. Sent only for dirty connections.
-        return _RESET_QUERY
-
-    def add_log_listener(self, callback: Any) -> None:
-        # Client-side state; the reset clears it.
-        self._ghar_dirty = True
-        super().add_log_listener(callback)
+async def _reset_connection(conn: GharConnection) -> None:
+    # asyncpg has already rolled back an open transaction and dropped listeners.
+    if conn._ghar_dirty:
+        await conn.execute(_RESET_QUERY)
+        conn._ghar_dirty = False
 
 
 class _Pool:
-    """A small asyncpg connection pool; one per :class:`Database` role.
-
-    LIFO idle list (hot connections stay hot, cold ones age out past
-    ``max_inactive``), FIFO waiters bounded by ``acquire_timeout``, ``size``
-    counting open and opening connections. With ``keep_idle=False``
-    (serverless) released connections are closed instead of kept.
-    """
+    """One role's ``asyncpg.Pool`` plus what it lacks: fast-fail, counters, serverless."""
 
     def __init__(
         self,
+        db: Database,
         *,
         label: str,
-        connect: Callable[[], Awaitable[GharConnection]],
+        application_name: str,
         min_size: int,
         max_size: int,
         acquire_timeout: float,
-        max_inactive: float,
-        keep_idle: bool,
     ) -> None:
+        self.db = db
         self.label = label
-        self._connect = connect
-        self._min_size = min(min_size, max_size) if keep_idle else 0
-        self._max_size = max_size
-        self._acquire_timeout = acquire_timeout
-        self._max_inactive = max_inactive
-        self._keep_idle = keep_idle
-        self._loop = asyncio.get_running_loop()
-        self._idle: deque[GharConnection] = deque()
-        self._all: set[GharConnection] = set()
-        self._size = 0
-        self._waiters: deque[asyncio.Future[GharConnection | None]] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._reaper: asyncio.TimerHandle | None = None
-        self._drained = asyncio.Event()
-        self._closed = False
+        self.application_name = application_name
+        self.serverless = db.serverless
+        self.min_size = 0 if self.serverless else min(min_size, max_size)
+        self.max_size = max_size
+        self.acquire_timeout = acquire_timeout
+        self.check_outcome = True  # the benchmark turns it off to show its cost
+        self.pool: asyncpg.Pool | None = None
+        self.closing = False
+        self._closers: set[asyncio.Task[None]] = set()
         self.opened = 0
         self.discarded = 0
         self.exhausted = 0
 
-    # --- acquire / release ----------------------------------------------------
-
-    async def acquire(self) -> GharConnection:
-        if self._closed:
-            raise DatabaseUnavailableException(f"The {self.label} database pool is closed.")
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if not conn.is_closed():
-                return conn
-            self._forget(conn)
-        if self._size < self._max_size:
-            self._size += 1
-            return await self._open()
-        return await self._wait()
-
-    async def _open(self) -> GharConnection:
+    async def open(self) -> None:
+        """Create the asyncpg pool and warm it; Postgres being down is logged, not fatal."""
+        s = self.db.settings
+        options: dict[str, Any] = {
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "max_inactive_connection_lifetime": s.DB_MAX_INACTIVE_LIFETIME,
+            "connect": self._connect,
+            "init": _init_connection,
+            "reset": _reset_connection,
+            "connection_class": GharConnection,
+            "statement_cache_size": 0,
+            "command_timeout": s.DB_COMMAND_TIMEOUT,
+            "timeout": s.DB_CONNECT_TIMEOUT,
+            "server_settings": {"application_name": self.application_name},
+        }
         try:
-            conn = await self._connect()
-        except BaseException:
-            self._size -= 1
-            self._hand_slot()
-            raise
-        if self._closed:
-            conn.terminate()
-            self._size -= 1
-            raise DatabaseUnavailableException(f"The {self.label} database pool is closed.")
-        self._all.add(conn)
-        self.opened += 1
-        return conn
-
-    async def _wait(self) -> GharConnection:
-        fut: asyncio.Future[GharConnection | None] = self._loop.create_future()
-        self._waiters.append(fut)
-        timer = self._loop.call_later(self._acquire_timeout, self._expire, fut)
-        try:
-            got = await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                handed = fut.result()
-                if handed is None:
-                    self._size -= 1
-                    self._hand_slot()
-                else:
-                    await self.release(handed)
-            raise
-        finally:
-            timer.cancel()
-            if not fut.done() or fut.cancelled() or fut.exception() is not None:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-        if got is None:  # a slot freed up (a connection was dropped): open our own
-            return await self._open()
-        return got
-
-    def _expire(self, fut: asyncio.Future[GharConnection | None]) -> None:
-        if not fut.done():
-            self.exhausted += 1
-            fut.set_exception(
-                PoolExhaustedException(
-                    f"All {self._max_size} {self.label} database connections stayed busy for "
-                    f"{self._acquire_timeout:g} s; retry shortly.",
-                    details={"pool": self.label, "max_size": self._max_size},
-                )
-            )
-
-    def _hand(self, conn: GharConnection | None) -> bool:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
-                return True
-        return False
-
-    def _hand_slot(self) -> None:
-        # Capacity freed: let the first waiter open a connection (counted for it now).
-        if not self._closed and self._size < self._max_size and self._hand(None):
-            self._size += 1
-
-    def _forget(self, conn: GharConnection) -> None:
-        if conn in self._all:
-            self._all.discard(conn)
-            self._size -= 1
-            if not conn.is_closed():
-                conn.terminate()
-            if self._closed and not self._all:
-                self._drained.set()
-            self._hand_slot()
-
-    async def release(self, conn: GharConnection, *, discard: bool = False) -> None:
-        """Return ``conn``; ``discard`` terminates it instead (it never comes back)."""
-        if discard or conn.is_closed():
-            if conn in self._all:
-                self.discarded += 1
-            self._forget(conn)
-            return
-        if conn._ghar_dirty or conn.is_in_transaction():
-            try:
-                await conn.reset(timeout=_RESET_TIMEOUT)
-            except BaseException as exc:
-                self.discarded += 1
-                self._forget(conn)
-                if not isinstance(exc, Exception):
-                    raise
-                logger.warning("resetting a %s connection failed (%s); dropped", self.label, exc)
-                return
-            conn._ghar_dirty = False
-        if self._closed or not self._keep_idle:
-            self._spawn(self._close_one(conn))
-            return
-        if not self._hand(conn):
-            conn._ghar_idle_since = self._loop.time()
-            self._idle.append(conn)
-            self._arm_reaper()
-
-    async def _close_one(self, conn: GharConnection) -> None:
-        try:
-            await conn.close(timeout=_RESET_TIMEOUT)
-        except Exception:
-            conn.terminate()
-        finally:
-            self._forget(conn)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # --- idle lifetime ----------------------------------------------------------
-
-    def _arm_reaper(self) -> None:
-        if self._reaper is None and self._max_inactive > 0 and not self._closed:
-            delay = max(min(self._max_inactive / 2, 30.0), 0.05)
-            self._reaper = self._loop.call_later(delay, self._reap)
-
-    def _reap(self) -> None:
-        self._reaper = None
-        deadline = self._loop.time() - self._max_inactive
-        idle = self._idle
-        while idle and idle[0]._ghar_idle_since <= deadline and self._size > self._min_size:
-            conn = idle.popleft()
-            self._all.discard(conn)
-            self._size -= 1
-            self._spawn(self._close_quietly(conn))
-        if idle:
-            self._arm_reaper()
-
-    @staticmethod
-    async def _close_quietly(conn: GharConnection) -> None:
-        try:
-            await conn.close(timeout=_RESET_TIMEOUT)
-        except Exception:
-            conn.terminate()
-
-    # --- lifecycle ---------------------------------------------------------------
-
-    async def prewarm(self) -> None:
-        """Open ``min_size`` connections; on failure log and carry on (lazy recovery)."""
-        want = self._min_size - self._size
-        if want <= 0:
-            return
-        self._size += want
-        results = await asyncio.gather(
-            *(self._open_idle() for _ in range(want)), return_exceptions=True
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
+            self.pool = await asyncpg.create_pool(self.db.dsn, **options)
+        except (
+            DatabaseUnavailableException,
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as exc:
+            # Start cold, without a floor (asyncpg would keep none while Postgres is
+            # down anyway): connections open on first use, and are kept while used.
             logger.warning(
                 "could not warm the %s pool (%s); connections will open on first use",
                 self.label,
-                failures[0],
+                exc,
             )
+            options["min_size"] = 0
+            self.pool = await asyncpg.create_pool(self.db.dsn, **options)
 
-    async def _open_idle(self) -> None:
-        conn = await self._open()
-        await self.release(conn)
+    async def _connect(self, *args: Any, **kwargs: Any) -> GharConnection:
+        try:
+            conn: GharConnection = await asyncpg.connect(*args, **kwargs)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self.db._connect_failed(self.application_name, exc)
+            raise DatabaseUnavailableException(
+                "The database cannot be reached right now; please retry.",
+            ) from exc
+        self.opened += 1
+        return conn
 
-    def _fail_waiters(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(
-                    DatabaseUnavailableException(f"The {self.label} database pool is closing.")
-                )
+    # --- acquire / release ----------------------------------------------------
+
+    async def acquire(self) -> GharConnection:
+        pool = self.pool
+        if pool is None or self.closing:
+            raise DatabaseUnavailableException(f"The {self.label} database pool is closed.")
+        try:
+            if pool._queue.qsize():
+                # A holder is free: no wait (a connect is bounded by its own timeout).
+                return cast(GharConnection, await pool.acquire())
+            deadline = asyncio.timeout(self.acquire_timeout)
+            try:
+                async with deadline:
+                    return cast(GharConnection, await pool.acquire())
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                if pool._queue.qsize():
+                    raise DatabaseUnavailableException(
+                        f"Opening a {self.label} database connection took longer than "
+                        f"{self.acquire_timeout:g} s; please retry."
+                    ) from None
+                self.exhausted += 1
+                raise PoolExhaustedException(
+                    f"All {self.max_size} {self.label} database connections stayed busy for "
+                    f"{self.acquire_timeout:g} s; retry shortly.",
+                    details={"pool": self.label, "max_size": self.max_size},
+                ) from None
+        except asyncpg.InterfaceError as exc:  # "pool is closing", "pool is closed"
+            raise DatabaseUnavailableException(
+                f"The {self.label} database pool is closed."
+            ) from exc
+
+    def discard(self, raw: GharConnection) -> None:
+        """Terminate ``raw`` (a failed lease's); asyncpg returns its slot to the pool at once."""
+        self.discarded += 1
+        raw.terminate()
+
+    async def release(self, conn: GharConnection, raw: GharConnection) -> None:
+        """Give the lease ``conn`` (asyncpg's proxy of ``raw``) back; closed in serverless mode.
+
+        A connection that died while leased was already given back by asyncpg
+        (its proxy is detached): nothing to do then.
+        """
+        pool = self.pool
+        if conn._con is None:
+            return
+        if raw.is_closed() or pool is None:
+            raw.terminate()
+            return
+        if raw.is_in_transaction():
+            raw._ghar_dirty = True  # left open: rolled back, then DISCARD ALL
+        if self.serverless:
+            closer = asyncio.get_running_loop().create_task(self._close(raw))
+            self._closers.add(closer)
+            closer.add_done_callback(self._closers.discard)
+            return
+        try:
+            holder = conn._holder
+            if holder._pool is pool:
+                # Pool.release() minus its asyncio.shield(), a task per release
+                # (about 25 µs, the largest cost of a lease): the lease exits once
+                # and asyncpg terminates a connection whose reset is interrupted.
+                # The reset is bounded by the command timeout of its statements.
+                raw._on_release()
+                await holder.release(None)
+            else:  # pragma: no cover - not a proxy of this pool
+                await pool.release(conn, timeout=_RESET_TIMEOUT)
+        except Exception as exc:  # asyncpg terminated it; its slot is free again
+            self.discarded += 1
+            logger.warning("resetting a %s connection failed (%s); dropped", self.label, exc)
+
+    async def _close(self, conn: GharConnection) -> None:
+        try:
+            await conn.close(timeout=_RESET_TIMEOUT)
+        except Exception:
+            conn.terminate()
+
+    # --- lifecycle -----------------------------------------------------------------
 
     async def close(self, grace: float) -> None:
-        """Close idle connections, wait up to ``grace`` seconds for busy ones, then terminate."""
-        self._closed = True
-        self._fail_waiters()
-        while self._idle:
-            self._spawn(self._close_one(self._idle.pop()))
-        if self._all:
-            self._drained.clear()
-            try:
-                async with asyncio.timeout(grace):
-                    await self._drained.wait()
-            except TimeoutError:
-                logger.warning(
-                    "%d %s connection(s) still busy after %.1f s; terminating",
-                    len(self._all),
-                    self.label,
-                    grace,
-                )
-                self.terminate()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait up to ``grace`` seconds for busy connections, then terminate the rest."""
+        self.closing = True
+        pool = self.pool
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(grace):
+                if self._closers:
+                    await asyncio.gather(*self._closers, return_exceptions=True)
+                await pool.close()
+        except TimeoutError:
+            logger.warning(
+                "%s connection(s) still busy after %.1f s; terminating",
+                self.label,
+                grace,
+            )
+            self.terminate()
 
     def terminate(self) -> None:
         """Drop every connection now (no goodbye to the server)."""
-        self._closed = True
-        self._fail_waiters()
-        self._idle.clear()
-        for conn in list(self._all):
-            conn.terminate()
-        self._all.clear()
-        self._size = 0
-        self._drained.set()
+        self.closing = True
+        for closer in self._closers:
+            closer.cancel()
+        if self.pool is not None:
+            self.pool.terminate()
 
     def stats(self) -> dict[str, int]:
+        pool = self.pool
+        size = pool.get_size() if pool is not None else 0
+        idle = pool.get_idle_size() if pool is not None else 0
+        waiters = (
+            sum(1 for f in pool._queue._getters if not f.done())
+            if pool is not None and pool._queue is not None
+            else 0
+        )
         return {
-            "size": self._size,
-            "idle": len(self._idle),
-            "in_use": len(self._all) - len(self._idle),
-            "waiters": sum(1 for f in self._waiters if not f.done()),
-            "max_size": self._max_size,
+            "size": size,
+            "idle": idle,
+            "in_use": size - idle,
+            "waiters": waiters,
+            "max_size": self.max_size,
             "opened": self.opened,
             "discarded": self.discarded,
             "exhausted": self.exhausted,
         }
 
-    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
-        if not self._closed and self._all:
-            _warn(f"unclosed {self.label} database pool", ResourceWarning, source=self)
+    # --- the outcome of an interrupted COMMIT --------------------------------------
+
+    async def xact_status(self, xid: str) -> str | None:
+        """``pg_xact_status(xid)`` asked on a fresh connection; None when nobody answers.
+
+        Retried until ``DB_CONNECT_TIMEOUT`` is spent: right after a failure
+        the server (or PgBouncer) may be coming back, and a transaction whose
+        backend has not noticed its lost client yet is still "in progress".
+        """
+        s = self.db.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.DB_CONNECT_TIMEOUT
+        while (left := deadline - loop.time()) > 0:
+            try:
+                conn = await asyncpg.connect(
+                    self.db.dsn,
+                    statement_cache_size=0,
+                    timeout=left,
+                    command_timeout=max(left, 0.1),
+                    server_settings={"application_name": self.application_name},
+                )
+                try:
+                    status: str | None = await conn.fetchval(_XACT_STATUS_QUERY, xid)
+                finally:
+                    conn.terminate()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                status = None
+            if status in ("committed", "aborted"):
+                return status
+            await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0)))
+        return None
+
+
+def _news_on(conn: GharConnection) -> bool:
+    """Whether the idle connection's socket has something to read (most likely a goodbye)."""
+    transport = conn._transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class _Lease:
@@ -508,41 +393,67 @@ class _Lease:
 
     A plain class rather than ``@asynccontextmanager``: it is on every
     request's path and a generator-based manager costs several µs more.
+    The block gets asyncpg's pool proxy; the lease keeps the connection
+    behind it (``_raw``), because asyncpg detaches the proxy as soon as the
+    connection is lost, and the lease must still look at it then.
     """
 
-    __slots__ = ("_conn", "_pool", "_transactional", "_tx")
+    __slots__ = ("_conn", "_pool", "_raw", "_transactional", "_tx")
 
     def __init__(self, pool: _Pool, transactional: bool) -> None:
         self._pool = pool
         self._transactional = transactional
         self._conn: GharConnection | None = None
+        self._raw: GharConnection | None = None
         self._tx: Any = None
 
-    async def __aenter__(self) -> GharConnection:
+    async def _fresh(self) -> tuple[GharConnection, GharConnection]:
         pool = self._pool
         conn = await pool.acquire()
-        if self._transactional:
+        raw: GharConnection = conn._con
+        if _news_on(raw):
+            # The server spoke while the connection sat idle: let asyncpg read it.
+            # A goodbye (restart, idle kill) closes it; nothing was sent yet, so
+            # one fresh connection is safe to take.
+            for _ in range(3):
+                await asyncio.sleep(0)
+                if raw.is_closed():
+                    await pool.release(conn, raw)
+                    conn = await pool.acquire()
+                    raw = conn._con
+                    break
+        raw._ghar_writes = False
+        raw._ghar_failure = None
+        return conn, raw
+
+    async def _begin(self) -> None:
+        pool = self._pool
+        for attempt in (1, 2):
+            conn, raw = await self._fresh()
             tx = conn.transaction()
             try:
                 await tx.start()
             except BaseException as exc:
-                await pool.release(conn, discard=True)
-                if not (_should_translate(exc) or _lost(conn, exc)):
+                lost = _lost(raw, exc)
+                pool.discard(raw)
+                await pool.release(conn, raw)
+                if not (lost or _should_translate(exc)):
                     raise
-                # An idle connection died while pooled (server restart, idle
-                # kill): nothing ran yet, so one fresh connection is safe to try.
-                conn = await pool.acquire()
-                tx = conn.transaction()
-                try:
-                    await tx.start()
-                except BaseException as again:
-                    await pool.release(conn, discard=True)
-                    if not (_should_translate(again) or _lost(conn, again)):
-                        raise
-                    raise _unavailable(again) from again
-            self._tx = tx
-        self._conn = conn
-        return conn
+                if attempt == 2:
+                    raise _unavailable(exc) from exc
+                # It died between the check and BEGIN: nothing ran yet, so one
+                # fresh connection is safe to try.
+                continue
+            self._conn, self._raw, self._tx = conn, raw, tx
+            return
+
+    async def __aenter__(self) -> GharConnection:
+        if self._transactional:
+            await self._begin()
+        else:
+            self._conn, self._raw = await self._fresh()
+        assert self._conn is not None
+        return self._conn
 
     async def __aexit__(
         self,
@@ -550,42 +461,96 @@ class _Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        conn = self._conn
+        conn, raw, tx = self._conn, self._raw, self._tx
         assert conn is not None, "lease exited without being entered"
-        self._conn = None
-        tx, self._tx = self._tx, None
-        # A cancelled or transiently failed connection may be mid-protocol: drop it.
+        assert raw is not None
+        self._conn = self._raw = self._tx = None
+        pool = self._pool
+        if exc is None:
+            try:
+                if tx is not None:
+                    await self._commit(raw, tx)
+            finally:
+                await pool.release(conn, raw)
+            return
         # An error from a connection that is closed now is a lost connection
         # whatever asyncpg called it: a backend killed just before a query
         # surfaces as InternalClientError("cannot switch to state ...").
-        lost = isinstance(exc, Exception) and _lost(conn, exc)
-        discard = exc is not None and (
-            lost or isinstance(exc, asyncio.CancelledError) or is_transient_error(exc)
-        )
-        failure: BaseException | None = None
+        lost = _lost(raw, exc)
+        # A timeout or a cancellation leaves asyncpg cancelling the statement on
+        # the server: rollback and release wait for that, so nothing keeps
+        # running. Other transient failures may leave the protocol mid-way: drop.
+        waits = isinstance(exc, TimeoutError | asyncio.CancelledError)
         try:
-            if tx is not None and not conn.is_closed() and not discard:
-                if exc is None:
-                    try:
-                        await tx.commit()
-                    except BaseException as commit_exc:
-                        discard = not isinstance(commit_exc, Exception) or is_transient_error(
-                            commit_exc
-                        )
-                        failure = commit_exc
-                else:
-                    try:
-                        await tx.rollback()
-                    except Exception:
-                        discard = True
+            if lost or raw.is_closed() or (not waits and is_transient_error(exc)):
+                pool.discard(raw)
+            elif tx is not None:
+                try:
+                    await tx.rollback()
+                except BaseException as failed:
+                    # The original error is the one to report; this connection is done.
+                    pool.discard(raw)
+                    if not isinstance(failed, Exception):
+                        raise
         finally:
-            await self._pool.release(conn, discard=discard)
-        if failure is not None:
-            if _should_translate(failure) or _lost(conn, failure):
-                raise _unavailable(failure) from failure
-            raise failure
-        if exc is not None and (lost or _should_translate(exc)):
+            await pool.release(conn, raw)
+        if lost or _should_translate(exc):
             raise _unavailable(exc) from exc
+
+    async def _commit(self, raw: GharConnection, tx: Any) -> None:
+        pool = self._pool
+        failure = raw._ghar_failure
+        if failure is not None:
+            # The server would answer COMMIT with ROLLBACK: say so instead.
+            try:
+                await tx.rollback()
+            except BaseException:
+                pool.discard(raw)
+                raise
+            raise FailedTransactionError(
+                "The transaction was rolled back, not committed: a statement in it failed "
+                f"({type(failure).__name__}: {failure}) and the error was caught inside the "
+                "block. Let the error leave the `async with`, or run the statement in a "
+                "savepoint (`async with conn.transaction():`) to carry on after it."
+            ) from failure
+        xid: str | None = None
+        check = pool.check_outcome
+        writes = raw._ghar_writes
+        if writes and check:
+            # Nothing is committed yet: a failure here is an ordinary (retryable) one.
+            try:
+                xid = await raw.fetchval(_XACT_ID_QUERY)
+            except BaseException as exc:
+                lost = _lost(raw, exc)
+                pool.discard(raw)
+                if lost or _should_translate(exc):
+                    raise _unavailable(exc) from exc
+                raise
+        try:
+            await tx.commit()
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.PostgresError) and not is_transient_error(exc):
+                raise  # the server answered: rolled back (deferred constraint, serialization)
+            lost = _lost(raw, exc)
+            pool.discard(raw)
+            if isinstance(exc, asyncio.CancelledError) or not (lost or _should_translate(exc)):
+                raise
+            if not check or (writes and xid is None):
+                raise _unavailable(exc) from exc  # nothing was written: a retry is safe
+            status = await pool.xact_status(xid) if xid is not None else None
+            if status == "committed":
+                logger.warning(
+                    "COMMIT's answer was lost (%s); transaction %s is committed",
+                    type(exc).__name__,
+                    xid,
+                )
+                return
+            if status == "aborted":
+                raise _unavailable(exc) from exc
+            # No id (a read judged read-only) or no answer: nobody can tell.
+            raise CommitOutcomeUnknownException(
+                details={"transaction_id": xid} if xid is not None else None
+            ) from exc
 
 
 def _lost(conn: GharConnection, exc: BaseException) -> bool:
@@ -636,49 +601,28 @@ class Database:
 
     # --- connections ----------------------------------------------------------------
 
-    async def _connect(self, application_name: str) -> GharConnection:
-        s = self.settings
-        try:
-            conn: GharConnection = await asyncpg.connect(
-                self.dsn,
-                statement_cache_size=0,
-                timeout=s.DB_CONNECT_TIMEOUT,
-                command_timeout=s.DB_COMMAND_TIMEOUT,
-                server_settings={"application_name": application_name},
-                connection_class=GharConnection,
+    def _connect_failed(self, application_name: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_connect_warning > 5.0:
+            self._last_connect_warning = now
+            logger.warning(
+                "cannot connect to Postgres for %s: %s: %s",
+                application_name,
+                type(exc).__name__,
+                exc,
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            now = time.monotonic()
-            if now - self._last_connect_warning > 5.0:
-                self._last_connect_warning = now
-                logger.warning(
-                    "cannot connect to Postgres for %s: %s: %s",
-                    application_name,
-                    type(exc).__name__,
-                    exc,
-                )
-            raise DatabaseUnavailableException(
-                "The database cannot be reached right now; please retry.",
-            ) from exc
-        for typename in ("json", "jsonb"):
-            await conn.set_type_codec(
-                typename, schema="pg_catalog", encoder=_encode_json, decoder=orjson.loads
-            )
-        return conn
 
     def _make_pool(self, background: bool) -> _Pool:
         s = self.settings
-        app = BACKGROUND_APPLICATION_NAME if background else MAIN_APPLICATION_NAME
         return _Pool(
+            self,
             label="background" if background else "main",
-            connect=lambda: self._connect(app),
+            application_name=BACKGROUND_APPLICATION_NAME if background else MAIN_APPLICATION_NAME,
             min_size=s.DB_BG_POOL_MIN_SIZE if background else s.DB_POOL_MIN_SIZE,
             max_size=s.DB_BG_POOL_MAX_SIZE if background else s.DB_POOL_MAX_SIZE,
             acquire_timeout=(
                 s.DB_BG_POOL_ACQUIRE_TIMEOUT if background else s.DB_POOL_ACQUIRE_TIMEOUT
             ),
-            max_inactive=s.DB_MAX_INACTIVE_LIFETIME,
-            keep_idle=not self.serverless,
         )
 
     def _pool(self, background: bool) -> _Pool:
@@ -700,7 +644,7 @@ class Database:
         return _Lease(self._pool(False), True)
 
     def background_connection(self) -> _Lease:
-        """A background-pool connection (schedulers, streams, LISTEN)."""
+        """A background-pool connection (schedulers, streams)."""
         return _Lease(self._pool(True), False)
 
     def background_transaction(self) -> _Lease:
@@ -714,9 +658,9 @@ class Database:
         if self._main is not None:
             return
         self._stopped = False
-        self._main = self._make_pool(False)
-        self._bg = self._make_pool(True)
-        await asyncio.gather(self._main.prewarm(), self._bg.prewarm())
+        main, bg = self._make_pool(False), self._make_pool(True)
+        await asyncio.gather(main.open(), bg.open())
+        self._main, self._bg = main, bg
         if self._migrations_pending:
             await self._migrate_if_pending()
 

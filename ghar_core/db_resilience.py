@@ -12,13 +12,22 @@ they are retryable, but by the caller who owns the transaction's logic, and
 they do not call for a new connection.
 
 :func:`execute_with_transient_retry` runs an operation inside a transaction
-of the main pool. On a transient error the transaction is rolled back and
-the connection discarded (``Database.transaction`` terminates a connection
-that failed transiently, so it never returns to the pool), then it sleeps a
-jittered 50-200 ms and runs the operation exactly once more. A second
-failure becomes :class:`DatabaseUnavailableException` (503 + Retry-After).
-Pool exhaustion is never retried: it already waited the acquire timeout, and
-retrying would only double the queue it is complaining about.
+of the main pool. On a transient error *before COMMIT was sent* the
+transaction is rolled back and the connection discarded (``Database.transaction``
+terminates a connection that failed transiently, so it never returns to the
+pool), then it sleeps a jittered 50-200 ms and runs the operation exactly once
+more. A second failure becomes :class:`DatabaseUnavailableException` (503 +
+Retry-After). Pool exhaustion is never retried: it already waited the acquire
+timeout, and retrying would only double the queue it is complaining about.
+
+A failure *while COMMIT is in flight* (connection lost, PgBouncer killed,
+COMMIT past the command timeout) is different: the server may have committed.
+``Database.transaction`` resolves it before anything is retried (see
+:mod:`ghar_core.database`): committed -> the operation's result is returned;
+aborted, or nothing was written -> the ordinary transient path above;
+unknown -> :class:`CommitOutcomeUnknownException` (503,
+``DB_COMMIT_OUTCOME_UNKNOWN``), which is never retried. So no write is
+applied twice by this helper, whatever the operation.
 
 Why only once: a lost connection is usually one bad socket (failover,
 PgBouncer restart, idle kill); a second failure means an outage, and the
@@ -40,6 +49,7 @@ from ghar_core.exceptions import (
     BaseAPIException,
     DatabaseUnavailableException,
     PoolExhaustedException,
+    ServiceUnavailableException,
 )
 from ghar_core.logging import get_request_id
 
@@ -48,6 +58,7 @@ __all__ = [
     "TRANSIENT_MESSAGE_MARKERS",
     "TRANSIENT_SQLSTATES",
     "TRANSIENT_SQLSTATE_CLASSES",
+    "CommitOutcomeUnknownException",
     "TransactionSource",
     "execute_with_transient_retry",
     "is_transient_error",
@@ -90,6 +101,22 @@ TRANSIENT_MESSAGE_MARKERS: Final = (
 )
 #: Seconds slept before the single retry (uniformly jittered).
 RETRY_DELAY_RANGE: Final = (0.05, 0.2)
+
+
+class CommitOutcomeUnknownException(ServiceUnavailableException):
+    """The connection failed while COMMIT was in flight and nobody could tell its fate.
+
+    The write may or may not be applied: it is never retried (that could apply
+    it twice). A client seeing ``DB_COMMIT_OUTCOME_UNKNOWN`` should read the
+    state back, or resend with the same idempotency key, after ``Retry-After``.
+    """
+
+    error_code = "DB_COMMIT_OUTCOME_UNKNOWN"
+    message = (
+        "The database connection failed while the change was being committed; it may or may "
+        "not have been applied. Check before retrying, or retry with the same idempotency key."
+    )
+    default_headers = {"Retry-After": "5"}
 
 
 def is_transient_error(exc: BaseException) -> bool:
@@ -140,10 +167,25 @@ async def execute_with_transient_retry(
 ) -> T:
     """Run ``operation(conn)`` in a transaction; retry exactly once on a transient error.
 
-    ``operation`` receives an asyncpg connection inside a transaction and
-    must be safe to run twice (the first attempt was rolled back). Errors
-    that are not transient pass through unchanged; pool exhaustion passes
-    through without a retry; a second transient failure raises
+    ``operation`` receives an asyncpg connection inside a transaction. It may
+    run twice, but only when its first attempt is known not to have
+    committed: the failure came before COMMIT was sent (the first attempt
+    was rolled back), or COMMIT's answer was lost and the server says the
+    transaction aborted or wrote nothing. Its side effects *outside* the
+    database (an email, an HTTP call) are not rolled back: keep them after
+    the helper returns. When COMMIT's answer is lost and the server says it
+    committed, the result of the first attempt is returned; when nobody can
+    tell, :class:`CommitOutcomeUnknownException` (503
+    ``DB_COMMIT_OUTCOME_UNKNOWN``) is raised and nothing is re-run.
+
+    Give every write an idempotency key anyway (a unique key with
+    ``INSERT ... ON CONFLICT DO NOTHING``, or an update keyed on the
+    client's request id): a client that got ``DB_COMMIT_OUTCOME_UNKNOWN``,
+    or whose own connection dropped, will resend, and only the key makes
+    that resend harmless.
+
+    Errors that are not transient pass through unchanged; pool exhaustion
+    passes through without a retry; a second transient failure raises
     :class:`DatabaseUnavailableException` (503) chained to the driver error.
     Each retry is logged at WARNING with the operation name and request id.
     """

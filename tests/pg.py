@@ -66,6 +66,8 @@ __all__ = [
     "pgbouncer_config",
     "postgres_available",
     "run_sync",
+    "start_pgbouncer",
+    "stop_pgbouncer",
     "with_database",
 ]
 
@@ -335,22 +337,34 @@ def pgbouncer_config(
     return ini
 
 
-@pytest.fixture(scope="session")
-def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
-    """pgbouncer on a free loopback port, transaction mode, 20 server connections."""
+def start_pgbouncer(
+    admin_dsn: str,
+    *,
+    port: int | None = None,
+    directory: str = "",
+    extra: dict[str, str] | None = None,
+) -> PgBouncer:
+    """Start a private pgbouncer (transaction mode, 20 server connections) on ``port``.
+
+    Tests that kill and restart it (``kill -9`` under load) call this directly,
+    passing the previous instance's ``port`` and ``directory``; the session
+    fixture :func:`pgbouncer` uses it once. ``extra``: more ``[pgbouncer]``
+    settings (see :func:`pgbouncer_config`).
+    """
     binary = pgbouncer_binary()
     require(binary is not None, "the pgbouncer binary (scripts/ensure-pgbouncer.sh)")
     assert binary is not None
-    admin = urlsplit(pg_admin_dsn)
+    admin = urlsplit(admin_dsn)
     user = admin.username or "postgres"
-    directory = tempfile.mkdtemp(prefix="ghar-pgbouncer-")
-    port = free_port()
+    directory = directory or tempfile.mkdtemp(prefix="ghar-pgbouncer-")
+    port = port or free_port()
     ini = pgbouncer_config(
         directory,
         listen_port=port,
         server_host=admin.hostname or "127.0.0.1",
         server_port=admin.port or 5432,
         user=user,
+        extra=extra,
     )
     command = [binary, ini]
     if os.geteuid() == 0:
@@ -360,23 +374,37 @@ def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
         os.chown(directory, runas.pw_uid, runas.pw_gid)
         command = [binary, "-u", "postgres", ini]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        if not _wait_listening(port, process, 10.0):
+    if not _wait_listening(port, process, 10.0):
+        process.kill()
+        _, err = process.communicate(timeout=5)
+        pytest.fail(f"pgbouncer did not start: {err.decode(errors='replace')}")
+    return PgBouncer("127.0.0.1", port, directory, process)
+
+
+def stop_pgbouncer(bouncer: PgBouncer, *, remove: bool = True) -> None:
+    """Stop ``bouncer`` (terminate, then kill) and remove its folder unless ``remove=False``."""
+    process = bouncer.process
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
             process.kill()
-            _, err = process.communicate(timeout=5)
-            pytest.fail(f"pgbouncer did not start: {err.decode(errors='replace')}")
-        yield PgBouncer("127.0.0.1", port, directory, process)
+            process.wait(timeout=5)
+    if process.stderr is not None:
+        process.stderr.close()
+    if remove:
+        shutil.rmtree(bouncer.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
+    """pgbouncer on a free loopback port, transaction mode, 20 server connections."""
+    bouncer = start_pgbouncer(pg_admin_dsn)
+    try:
+        yield bouncer
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        if process.stderr is not None:
-            process.stderr.close()
-        shutil.rmtree(directory, ignore_errors=True)
+        stop_pgbouncer(bouncer)
 
 
 @contextlib.asynccontextmanager

@@ -293,7 +293,7 @@ async def test_server_side_state_can_be_declared(one_conn_db: Database) -> None:
             "CREATE OR REPLACE FUNCTION pg_temp.sneaky() RETURNS void LANGUAGE sql AS "
             "$$ SELECT set_config('app.sneaky', 'yes', false) $$"
         )
-        conn._ghar_dirty = False  # the CREATE above was flagged; start clean
+        conn._con._ghar_dirty = False  # the CREATE above was flagged; start clean
         await conn.fetchval("SELECT pg_temp.sneaky()")
         conn.mark_session_state()
     async with one_conn_db.connection() as conn:
@@ -364,6 +364,24 @@ async def test_serverless_keeps_nothing_connected(
             await asyncio.sleep(0.05)
         assert await _backends(pg_admin_dsn, fresh_database) == 0
         assert database.stats()["main"]["size"] == 0
+    finally:
+        await database.stop()
+
+
+async def test_serverless_keeps_the_cap_and_fails_fast(db_settings: Settings) -> None:
+    settings = dataclasses.replace(
+        db_settings, SERVERLESS_ENABLED=True, DB_POOL_MAX_SIZE=2, DB_POOL_ACQUIRE_TIMEOUT=0.2
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        async with holding(database, 2):
+            assert database.stats()["main"]["in_use"] == 2
+            with pytest.raises(PoolExhaustedException):
+                async with database.connection():
+                    pass
+        async with database.connection() as conn:
+            assert await conn.fetchval("SELECT 3") == 3
     finally:
         await database.stop()
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from ghar_core.database import Database
 from ghar_core.db_resilience import (
     TRANSIENT_MESSAGE_MARKERS,
+    CommitOutcomeUnknownException,
     execute_with_transient_retry,
     is_transient_error,
 )
@@ -85,6 +86,7 @@ def test_server_errors_follow_the_table(code: str, message: str) -> None:
         ),
         (DatabaseUnavailableException(), True),
         (PoolExhaustedException(), False),
+        (CommitOutcomeUnknownException(), False),
         (ValidationException("connection refused"), False),
         (ValueError("bad value"), False),
         (RuntimeError("connection to database closed"), True),

@@ -26,6 +26,7 @@ LAYERS = {
         "error_reporting",
     },
     1: {
+        "_db_session",
         "database",
         "db_resilience",
         "http",

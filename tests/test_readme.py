@@ -64,6 +64,22 @@ def test_event_stream_example_emits() -> None:
     assert bus.stats()["emitted"] == 1
 
 
+async def test_retries_example_applies_a_payment_once(db: object) -> None:
+    (block,) = [b for b in BLOCKS if "record_payment" in b]
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md[retries]", "exec"), namespace)
+    async with db.connection() as conn:  # type: ignore[attr-defined]
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS payments"
+            " (request_id text PRIMARY KEY, booking_id int, amount int)"
+        )
+    record = namespace["record_payment"]
+    assert await record(db, "req-1", 42, 500) is True  # type: ignore[operator]
+    assert await record(db, "req-1", 42, 500) is False  # type: ignore[operator]
+    async with db.connection() as conn:  # type: ignore[attr-defined]
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+
+
 def test_app_settings_example_loads_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     (block,) = [b for b in BLOCKS if "class ListingsSettings(Settings)" in b]
     monkeypatch.setenv("APP_ENV", "test")

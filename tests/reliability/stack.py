@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -45,7 +44,7 @@ from ghar_core.devtools import LocalIdentityProvider
 from ghar_core.devtools.identity_provider import build_app
 from ghar_core.devtools.postgres import EmbeddedPostgres
 from ghar_core.migrate import migrate_dsn
-from tests.pg import free_port, pgbouncer_binary, pgbouncer_config, run_sync
+from tests.pg import PgBouncer, free_port, run_sync, start_pgbouncer, stop_pgbouncer
 from tests.reliability.app import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,53 +113,34 @@ class Cluster:
 class Bouncer:
     """PgBouncer in transaction mode in front of :class:`Cluster`, on a port of its own."""
 
+    # Reconnect to a Postgres that came back at once, not after the 15 s default.
+    SETTINGS = {"server_login_retry": "0", "query_wait_timeout": "10"}
+
     def __init__(self, directory: Path, cluster: Cluster) -> None:
-        binary = pgbouncer_binary()
-        if binary is None:
-            raise RuntimeError("no pgbouncer binary: run scripts/ensure-pgbouncer.sh")
+        self.cluster = cluster
         self.directory = directory / "pgbouncer"
         self.directory.mkdir()
         self.port = free_port()
-        ini = pgbouncer_config(
-            str(self.directory),
-            listen_port=self.port,
-            server_host="127.0.0.1",
-            server_port=cluster.port,
-            user="postgres",
-            # Reconnect to a Postgres that came back at once, not after the 15 s default.
-            extra={"server_login_retry": "0", "query_wait_timeout": "10"},
-        )
-        self.command = [binary, ini]
-        if os.geteuid() == 0:
-            runas = pwd.getpwnam("postgres")
-            os.chown(self.directory, runas.pw_uid, runas.pw_gid)
-            self.command = [binary, "-u", "postgres", ini]
-        self.process: subprocess.Popen[bytes] | None = None
+        self.running: PgBouncer | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        self.running = start_pgbouncer(
+            self.cluster.dsn, port=self.port, directory=str(self.directory), extra=self.SETTINGS
         )
-        process = self.process
-        if not _wait_port(self.port, 10.0, lambda: process.poll() is None):
-            raise RuntimeError(f"pgbouncer did not start; see {self.directory}")
 
     def kill(self) -> None:
         """SIGKILL: every client and server connection drops at once."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-        self.process = None
+        running, self.running = self.running, None
+        if running is not None and running.process.poll() is None:
+            running.process.kill()
+            running.process.wait(5)
+        if running is not None and running.process.stderr is not None:
+            running.process.stderr.close()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process = None
+        running, self.running = self.running, None
+        if running is not None:
+            stop_pgbouncer(running, remove=False)
 
     def dsn(self, password: str) -> str:
         # Trust auth: the password is never asked for, but it is in the DSN the

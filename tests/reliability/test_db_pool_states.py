@@ -201,8 +201,10 @@ async def test_backend_killed_between_queries_is_a_503_and_retried(
             assert calls == 2
     finally:
         await admin.close()
-    for conn in db._pool(False)._idle:
-        assert not conn.is_closed()
+    # No broken connection stays pooled: every idle one is open.
+    for holder in db._pool(False).pool._holders:
+        if holder._con is not None and holder.is_idle():
+            assert not holder._con.is_closed()
 
 
 # --- the state machine ---------------------------------------------------------------------
@@ -370,10 +372,14 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def capacity_is_bounded(self) -> None:
         pool = self.db._pool(False)
-        assert len(pool._all) <= pool._size <= MAX_SIZE, pool.stats()
-        assert len(pool._idle) <= len(pool._all)
-        assert len(set(pool._idle)) == len(pool._idle)
-        assert not self.holding & set(pool._idle), "a held connection is also idle"
+        stats = pool.stats()
+        assert stats["idle"] <= stats["size"] <= MAX_SIZE, stats
+        raws = [conn._con for conn in self.holding]
+        assert None not in raws, "a held lease's proxy was detached"
+        assert len({id(raw) for raw in raws}) == len(raws), "one connection held twice"
+        for holder in pool.pool._holders:
+            if holder._con is not None and holder._con in raws:
+                assert not holder.is_idle(), "a held connection is also idle"
 
     def teardown(self) -> None:
         async def drain() -> None:
@@ -384,18 +390,16 @@ class PoolMachine(RuleBasedStateMachine):
             pool = self.db._pool(False)
             for _ in range(100):
                 await asyncio.sleep(0.01)
-                if pool._tasks:
-                    continue
                 backends = await self._backends()
-                if backends == pool._size == len(pool._all) == len(pool._idle):
+                stats = pool.stats()
+                if backends == stats["size"] == stats["idle"]:
                     break
-            assert backends == pool._size == len(pool._all) == len(pool._idle), (
-                backends,
-                pool.stats(),
-            )
-            # Every pooled connection still works and is outside a transaction.
-            for conn in list(pool._idle):
-                assert not conn.is_in_transaction()
+            assert backends == stats["size"] == stats["idle"], (backends, stats)
+            # Every pooled connection is open and outside a transaction.
+            for holder in pool.pool._holders:
+                if holder._con is not None:
+                    assert not holder._con.is_closed()
+                    assert not holder._con.is_in_transaction()
             await self.db.stop(grace=1.0)
             for _ in range(100):
                 if await self._backends() == 0:
