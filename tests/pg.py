@@ -373,11 +373,16 @@ def start_pgbouncer(
         os.chmod(directory, 0o777)
         os.chown(directory, runas.pw_uid, runas.pw_gid)
         command = [binary, "-u", "postgres", ini]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # pgbouncer also logs to stderr: into a file, never a pipe nobody reads (a Postgres
+    # outage makes it log a line per failed connect; a full pipe would block it).
+    errors = os.path.join(directory, "pgbouncer.stderr")
+    with open(errors, "ab") as err:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
     if not _wait_listening(port, process, 10.0):
         process.kill()
-        _, err = process.communicate(timeout=5)
-        pytest.fail(f"pgbouncer did not start: {err.decode(errors='replace')}")
+        process.wait(timeout=5)
+        with open(errors, encoding="utf-8", errors="replace") as fh:
+            pytest.fail(f"pgbouncer did not start: {fh.read()[-2000:]}")
     return PgBouncer("127.0.0.1", port, directory, process)
 
 
@@ -391,8 +396,6 @@ def stop_pgbouncer(bouncer: PgBouncer, *, remove: bool = True) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
-    if process.stderr is not None:
-        process.stderr.close()
     if remove:
         shutil.rmtree(bouncer.directory, ignore_errors=True)
 

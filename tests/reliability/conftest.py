@@ -66,7 +66,8 @@ def _describe(stack: Stack) -> None:
     report.add("PostgreSQL", f"{stack.cluster.server.binaries.major}, own cluster, fsync off")
     report.add(
         "PgBouncer",
-        "own, transaction mode, default_pool_size 20, server_login_retry 0, query_wait_timeout 10",
+        "own, transaction mode, default_pool_size 20, server_login_retry 0.2 s, "
+        "query_wait_timeout 10 s",
     )
     report.add(
         "identity provider", "ghar_core.devtools local provider, ES256, in a thread of its own"

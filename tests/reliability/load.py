@@ -24,6 +24,9 @@ import asyncpg
 
 from tests.reliability.stack import Answer, bearer, call
 
+#: The 503 of a write whose COMMIT was sent but never answered (ghar_core.db_resilience).
+COMMIT_OUTCOME_UNKNOWN = "DB_COMMIT_OUTCOME_UNKNOWN"
+
 
 @dataclass
 class Ledger:
@@ -32,6 +35,7 @@ class Ledger:
     answers: list[tuple[str, Answer]] = field(default_factory=list)
     acknowledged: set[str] = field(default_factory=set)
     refused: set[str] = field(default_factory=set)
+    unknown: set[str] = field(default_factory=set)
     unexpected: list[tuple[str, str, int, Any]] = field(default_factory=list)
     bad_reads: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -45,6 +49,8 @@ class Ledger:
         self.answers.append(("write", answer))
         if 200 <= answer.status < 300:
             self.acknowledged.add(key)
+        elif answer.is_clean_503() and answer.body["error"]["code"] == COMMIT_OUTCOME_UNKNOWN:
+            self.unknown.add(key)  # told neither yes nor no: either outcome is right
         elif answer.is_clean_503():
             self.refused.add(key)
         else:

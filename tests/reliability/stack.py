@@ -113,8 +113,8 @@ class Cluster:
 class Bouncer:
     """PgBouncer in transaction mode in front of :class:`Cluster`, on a port of its own."""
 
-    # Reconnect to a Postgres that came back at once, not after the 15 s default.
-    SETTINGS = {"server_login_retry": "0", "query_wait_timeout": "10"}
+    # Reconnect to a Postgres that came back within 0.2 s, not after the 15 s default.
+    SETTINGS = {"server_login_retry": "0.2", "query_wait_timeout": "10"}
 
     def __init__(self, directory: Path, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -134,8 +134,6 @@ class Bouncer:
         if running is not None and running.process.poll() is None:
             running.process.kill()
             running.process.wait(5)
-        if running is not None and running.process.stderr is not None:
-            running.process.stderr.close()
 
     def stop(self) -> None:
         running, self.running = self.running, None
