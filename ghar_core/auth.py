@@ -70,12 +70,14 @@ from ghar_core.exceptions import (
 )
 from ghar_core.http import get_supabase_auth_http_client
 from ghar_core.jwt_verification import (
+    UNKNOWN_KEY_MESSAGES,
     AuthFailureReason,
     CannotDecide,
     ClientProvider,
     JWTVerifier,
     TokenCache,
     TokenRejected,
+    VerificationKey,
     decode_unverified,
     read_limited,
     resolve_session,
@@ -140,18 +142,47 @@ class AuthenticationException(UnauthorizedException):
     def __init__(self, reason: AuthFailureReason, detail: str | None = None) -> None:
         # The attributes BaseAPIException.__init__ would set, set directly: a
         # refused token is an attacker's hot path and this halves its cost
-        # (tests/test_auth.py keeps the two in step).
-        message = _MESSAGES[reason]
+        # (tests/test_auth.py keeps the two in step). Keyed by the reason's
+        # code: an Enum member hashes in Python, its ``_value_`` str does not.
+        message, headers = _PARTS[reason._value_]
         Exception.__init__(self, message)
         self.message = message
-        self.error_code = reason.value
+        self.error_code = reason._value_
         self.details = {"reason": detail} if detail else None
-        self.headers = {
+        self.headers = headers.copy()
+        self.reason = reason
+
+    def again(self) -> AuthenticationException:
+        """A new exception equal to this one, without running ``__init__``.
+
+        The negative cache keeps one refusal per token and raises a copy of it
+        on every hit: a third of the cost of building one (never the same
+        instance twice: its traceback, context and headers are per request).
+        """
+        copy = _new_exception(AuthenticationException, self.message)
+        copy.__dict__.update(self.__dict__)
+        copy.headers = self.headers.copy()
+        return copy
+
+
+_new_exception: Final = Exception.__new__
+_PARTS: Final = {
+    reason.value: (
+        message,
+        {
             "WWW-Authenticate": "Bearer"
             if reason is AuthFailureReason.MISSING
             else 'Bearer error="invalid_token"'
-        }
-        self.reason = reason
+        },
+    )
+    for reason, message in _MESSAGES.items()
+}
+
+#: The 401 of each constant local refusal, built once (see AuthenticationException.again).
+_LOCAL_REFUSALS: Final = {
+    message: AuthenticationException(AuthFailureReason.UNKNOWN_KEY, message)
+    for message in UNKNOWN_KEY_MESSAGES
+}
 
 
 class AuthProviderUnavailableException(ServiceUnavailableException):
@@ -335,10 +366,21 @@ class SupabaseAuth:
         self.cached_user: Callable[[str], SupabaseUser | None] = self.verifier.token_cache.get
         # The introspection budget: provider "no"s by fingerprint, calls in flight
         # by SHA-256 of the token (single flight), the cap and the 429 circuit.
-        self.refusals: TokenCache[str] = TokenCache(
+        # Each entry is the 401 itself, built once: a hit raises a copy of it.
+        self.refusals: TokenCache[AuthenticationException] = TokenCache(
             ttl=settings.TOKEN_NEGATIVE_CACHE_TTL, max_size=settings.TOKEN_CACHE_MAX_SIZE
         )
-        self._refused: Callable[[str], str | None] = self.refusals.get
+        self._refused: Callable[[str], AuthenticationException | None] = self.refusals.get
+        # Tokens refused locally for a kid the key set lacks, with the key set
+        # that lacked it: a repeat is a hit while that same set is still fresh
+        # (the verdict could not change), so a replayed token skips the parse.
+        # Apart from the provider's "no"s: a random-kid storm must not evict those.
+        self.local_refusals: TokenCache[
+            tuple[AuthenticationException, Mapping[str, VerificationKey]]
+        ] = TokenCache(
+            ttl=max(settings.JWKS_MIN_REFRESH_INTERVAL, 0.0),
+            max_size=settings.TOKEN_CACHE_MAX_SIZE,
+        )
         self.max_in_flight = settings.AUTH_PROVIDER_MAX_IN_FLIGHT
         self._in_flight: dict[bytes, asyncio.Task[_Verdict]] = {}
         self._circuit_until = -math.inf
@@ -377,6 +419,7 @@ class SupabaseAuth:
         self._circuit_until = -math.inf
         self.verifier.token_cache.clear()
         self.refusals.clear()
+        self.local_refusals.clear()
         self.user_rows.clear()
 
     async def check(self) -> None:
@@ -385,6 +428,7 @@ class SupabaseAuth:
     def purge(self) -> None:
         """Forget the key set and cached tokens (after the provider revoked a key)."""
         self.verifier.purge()
+        self.local_refusals.clear()
 
     def stats(self) -> dict[str, Any]:
         """Every part of authentication as plain data: caches, key set, local checks, budget."""
@@ -397,6 +441,10 @@ class SupabaseAuth:
                 "size": len(refusals),
                 "ttl": refusals.ttl,
                 **dataclasses.asdict(refusals.stats),
+            },
+            "unknown_kid_cache": {
+                "size": len(self.local_refusals),
+                **dataclasses.asdict(self.local_refusals.stats),
             },
             "local": self.verifier.stats(),
             "jwks": jwks.stats() if jwks is not None else None,
@@ -416,32 +464,55 @@ class SupabaseAuth:
 
     # -- verification ----------------------------------------------------------
 
-    async def verify_token(self, token: str | None) -> SupabaseUser:
-        """The user the token belongs to; raises the 401/503 exceptions above."""
+    def remember_refusal(self, token: str, detail: str) -> None:
+        """Refuse ``token`` locally for ``TOKEN_NEGATIVE_CACHE_TTL`` (the provider said no)."""
+        self.refusals.remember(token, AuthenticationException(AuthFailureReason.REJECTED, detail))
+
+    def verify_now(self, token: str | None) -> SupabaseUser | None:
+        """Decide ``token`` after a :attr:`cached_user` miss, at once: the user or the 401.
+
+        ``None`` means the key set or the provider must be asked first: then
+        ``await`` :meth:`verify_token`. (A token already in the token cache is
+        verified again here: check :attr:`cached_user` first, as
+        :meth:`verify_token` does.) Everything an attacker can send that we
+        refuse on our own (a token refused before, a kid the fresh key set
+        lacks, a bad signature or claims) is refused here, synchronously, with
+        no coroutine, timer or log line on the way.
+        """
         if not token:
             raise AuthenticationException(AuthFailureReason.MISSING)
-        user = self.cached_user(token)
-        if user is not None:
-            return user
         refusal = self._refused(token)
         if refusal is not None:
-            raise AuthenticationException(AuthFailureReason.REJECTED, refusal)
+            raise refusal.again()
+        jwks = self.verifier.jwks
+        local = self.local_refusals.get(token)
+        if local is not None and jwks is not None and jwks.keys is local[1] and jwks.is_fresh():
+            raise local[0].again()
         if self.base_url is None:
             raise AuthProviderUnavailableException(
                 "The identity provider is not configured (set SUPABASE_URL)."
             )
         try:
-            # Everything local is decided here, synchronously: no deadline timer
-            # is armed for a token we can accept or refuse on our own.
-            user = self.verifier.verify_now(token)
+            verdict = self.verifier.judge_now(token)
         except TokenRejected as exc:
             raise AuthenticationException(exc.reason, exc.message) from None
-        except CannotDecide as exc:
-            logger.debug("local verification cannot decide (%s); asking the provider", exc)
-            return await self._within_deadline(self._ask_provider, token)
+        except CannotDecide:
+            return None
+        if not isinstance(verdict, TokenRejected):
+            return verdict
+        # A kid the fresh key set lacks (returned, not raised: the storm's path).
+        known = _LOCAL_REFUSALS[verdict.message]
+        if jwks is not None:
+            self.local_refusals.remember(token, (known, jwks.keys))
+        raise known.again()
+
+    async def verify_token(self, token: str | None) -> SupabaseUser:
+        """The user the token belongs to; raises the 401/503 exceptions above."""
+        user = (self.cached_user(token) if token else None) or self.verify_now(token)
         if user is not None:
             return user
-        # The key set must be fetched first (and the provider may be needed after).
+        assert token  # verify_now refused a missing one
+        # The key set must be fetched first, or only the provider can tell.
         return await self._within_deadline(self._authenticate, token)
 
     async def introspect(self, token: str) -> SupabaseUser:
@@ -484,7 +555,7 @@ class SupabaseAuth:
             raise AuthenticationException(exc.reason, exc.message) from None
         refusal = self._refused(token)
         if refusal is not None:
-            raise AuthenticationException(AuthFailureReason.REJECTED, refusal)
+            raise refusal.again()
         key = hashlib.sha256(token.encode()).digest()
         task = self._in_flight.get(key)
         if task is not None:
@@ -581,7 +652,7 @@ class SupabaseAuth:
             return _Verdict("unavailable", detail=f"the provider answered HTTP {status}")
         error_code, _ = _provider_error(body)
         detail = f"provider said {error_code or f'HTTP {status}'}"
-        self.refusals.remember(token, detail)  # a "no" is answered locally from now on
+        self.remember_refusal(token, detail)  # a "no" is answered locally from now on
         return _Verdict("refused", detail=detail)
 
     async def _call(

@@ -120,8 +120,23 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_migrate)
 
 
+#: The settings ``ghar-core serve`` also takes as flags (``--head-timeout 5``).
+SERVE_LIMITS = (
+    "MAX_HEADER_BYTES",
+    "MAX_HEADERS",
+    "MAX_URL_BYTES",
+    "HEAD_TIMEOUT",
+    "BODY_TIMEOUT",
+    "KEEP_ALIVE_TIMEOUT",
+    "MAX_CONCURRENCY",
+    "MAX_CONNECTIONS",
+)
+
+
 def _uvicorn_options(args: argparse.Namespace, loaded: Settings) -> dict[str, Any]:
     """Every option ``serve`` gives uvicorn, in one place (the flags and the settings)."""
+    from ghar_core.asgi.limits import uvicorn_options
+
     options: dict[str, Any] = {
         "factory": True,
         "host": args.host or loaded.HOST,
@@ -142,6 +157,8 @@ def _uvicorn_options(args: argparse.Namespace, loaded: Settings) -> dict[str, An
     if args.reload:
         options["reload"] = True
         options["reload_dirs"] = [os.getcwd()]
+    # Header, head/body, keep-alive and concurrency limits (ghar_core/asgi/limits.py).
+    options.update(uvicorn_options(loaded))
     return options
 
 
@@ -152,6 +169,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ghar_core.logging import configure_logging
     from ghar_core.server import SERVE_APP_ENV, SERVE_FACTORY_ENV, AppLoadError, load_app_target
 
+    for setting in SERVE_LIMITS:  # into the environment: read here and by every worker
+        value = getattr(args, setting.lower())
+        if value is not None:
+            os.environ[setting] = value
     if args.log_level:
         os.environ["LOG_LEVEL"] = args.log_level.upper()  # the workers read it too
     if args.reload and args.workers != 1:
@@ -228,6 +249,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="comma-separated proxy addresses (or *) whose X-Forwarded-* are trusted "
         "(default: uvicorn's, 127.0.0.1)",
     )
+    limits = p.add_argument_group("limits per worker (ghar_core/asgi/limits.py)")
+    for setting in SERVE_LIMITS:
+        flag = "--" + setting.lower().replace("_", "-")
+        limits.add_argument(flag, metavar="VALUE", help=f"sets {setting}")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -326,6 +326,76 @@ class Settings:
         maximum=1 << 31,
         reader=("asgi.requests",),
     )
+    # Limits `ghar-core serve` enforces per worker (ghar_core/asgi/limits.py)
+    MAX_HEADER_BYTES: int = _var(
+        16_384,
+        "int",
+        "HTTP",
+        "Largest request head (request line and headers) in bytes; larger gets 431.",
+        minimum=1024,
+        maximum=1 << 20,
+        reader=("asgi.limits",),
+    )
+    MAX_HEADERS: int = _var(
+        100,
+        "int",
+        "HTTP",
+        "Most header fields in one request; more gets 431.",
+        minimum=8,
+        reader=("asgi.limits",),
+    )
+    MAX_URL_BYTES: int = _var(
+        8_192,
+        "int",
+        "HTTP",
+        "Longest request target (path and query) in bytes; longer gets 414.",
+        minimum=256,
+        maximum=1 << 20,
+        reader=("asgi.limits",),
+    )
+    HEAD_TIMEOUT: float = _var(
+        10.0,
+        "float",
+        "HTTP",
+        "Seconds to send the request head after connecting (or its first byte); then 408.",
+        minimum=0.1,
+        maximum=3600,
+        reader=("asgi.limits",),
+    )
+    BODY_TIMEOUT: float = _var(
+        30.0,
+        "float",
+        "HTTP",
+        "Seconds to send the whole body after the head; then 408. Answers are not limited.",
+        minimum=0.1,
+        maximum=3600,
+        reader=("asgi.limits",),
+    )
+    KEEP_ALIVE_TIMEOUT: float = _var(
+        5.0,
+        "float",
+        "HTTP",
+        "Seconds an idle keep-alive connection stays open.",
+        minimum=0.1,
+        maximum=3600,
+        reader=("asgi.limits",),
+    )
+    MAX_CONCURRENCY: int = _var(
+        1000,
+        "int",
+        "HTTP",
+        "Requests in flight per worker (streams included); past it 503. 0: no limit.",
+        minimum=0,
+        reader=("asgi.limits",),
+    )
+    MAX_CONNECTIONS: int = _var(
+        2000,
+        "int",
+        "HTTP",
+        "Open connections per worker; a new one past it gets 503. 0: no limit.",
+        minimum=0,
+        reader=("asgi.limits",),
+    )
     # Public URLs
     PUBLIC_API_URL: str = _var(
         "http://127.0.0.1:8000",

@@ -34,6 +34,7 @@ __all__ = [
     "RedactingFilter",
     "RequestIDFilter",
     "configure_logging",
+    "escape_control",
     "get_request_id",
     "redact_query",
     "redact_text",
@@ -220,8 +221,54 @@ _COLOURS = {
 _RESET = "\x1b[0m"
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    named = _NAMED_ESCAPES.get(ch)
+    if named is not None:
+        return named
+    code = ord(ch)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
+def escape_control(text: str) -> str:
+    """``text`` on one line: CR, LF and every other non-printable character escaped.
+
+    Printable text (the common case) is returned as is after one C-speed check;
+    non-ASCII letters stay readable, only what a terminal or a log reader could
+    act on (line breaks, ANSI escapes, bidi overrides) becomes ``\\xNN``/``\\uNNNN``.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+def _continued(block: str) -> str:
+    """A multi-line block (a traceback) as indented lines, each escaped.
+
+    Split on LF only: every piece is escaped, so a CR or an LF inside an
+    exception's text cannot end the indentation and start what looks like
+    a record of its own.
+    """
+    return "\n".join("  " + escape_control(line) for line in block.split("\n"))
+
+
 class ColourFormatter(logging.Formatter):
-    """Human-readable lines for a developer's terminal; colour only on a tty."""
+    """Human-readable lines for a developer's terminal; colour only on a tty.
+
+    One record is one line, plus indented continuation lines for a traceback
+    or stack: the message (with its arguments), the logger name and the request
+    id are escaped (:func:`escape_control`), so text an app logs -- a query
+    parameter, an exception message -- cannot forge a record. JSON lines need
+    none of this: a string inside JSON cannot break the line.
+    """
 
     def __init__(self, *, colour: bool = True) -> None:
         super().__init__("%(asctime)s %(levelname)-8s %(name)s [%(request_id)s] %(message)s")
@@ -232,9 +279,23 @@ class ColourFormatter(logging.Formatter):
         return _iso_utc(record.created)
 
     def format(self, record: logging.LogRecord) -> str:
-        if not hasattr(record, "request_id"):
-            record.request_id = get_request_id() or "-"
-        text = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        if request_id is None:
+            request_id = record.request_id = get_request_id() or "-"
+        # Escaped copies for this line only: the record itself is shared with
+        # other handlers (a JSON one wants the raw text).
+        fields = dict(record.__dict__)
+        fields["message"] = escape_control(record.getMessage())
+        fields["asctime"] = _iso_utc(record.created)
+        fields["name"] = escape_control(record.name)
+        fields["request_id"] = escape_control(str(request_id))
+        text = self._style._fmt % fields
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + _continued(record.exc_text)
+        if record.stack_info:
+            text += "\n" + _continued(self.formatStack(record.stack_info))
         if not self.colour:
             return text
         return f"{_COLOURS.get(record.levelno, '')}{text}{_RESET}"

@@ -301,3 +301,32 @@ mutated_http_requests = st.lists(
     min_size=1,
     max_size=6,
 ).map(_mutate)
+
+
+# --- JSON nested to an exact depth (issue 11: parse and encode limits agree) -------
+
+_json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=6),
+)
+
+
+@st.composite
+def nested_json(draw: st.DrawFn, depth: int) -> Any:
+    """A JSON value exactly ``depth`` containers deep (0: a scalar).
+
+    One spine of random lists and objects, each level with at most one
+    scalar sibling, so a few draws per level keep deep values cheap.
+    """
+    value = draw(_json_leaf)
+    for _ in range(depth):
+        sibling = draw(st.one_of(st.just(None), _json_leaf.map(lambda v: (v,))))
+        if draw(st.booleans()):
+            value = [value] if sibling is None else [sibling[0], value]
+        else:
+            key = draw(st.text(max_size=4))
+            value = {key: value} if sibling is None else {key: value, key + "_": sibling[0]}
+    return value

@@ -482,6 +482,30 @@ async def test_a_storm_of_random_kids_never_reaches_the_provider(
     assert stats["provider"]["introspections"] == 0
 
 
+async def test_a_replayed_unknown_kid_token_is_refused_from_the_cache_until_the_key_set_changes(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    await auth.verify_token(idp.provider.mint_token())  # key set fetched now
+    idp.provider.rotate_key()
+    token = idp.provider.mint_token(email="rotated@example.com")
+    for _ in range(3):
+        with pytest.raises(AuthenticationException) as info:
+            await auth.verify_token(token)
+        assert_401(info.value, AuthFailureReason.UNKNOWN_KEY)
+    stats = auth.stats()
+    assert stats["local"]["unknown_kid_refusals"] == 1  # parsed once, then cache hits
+    assert stats["unknown_kid_cache"]["hits"] == 2
+    # Each refusal is its own exception object (tracebacks and headers are per request).
+    with pytest.raises(AuthenticationException) as again:
+        auth.verify_now(token)
+    assert again.value is not info.value
+    assert again.value.headers is not info.value.headers
+    # A new key set may hold the kid: the cached verdict no longer counts.
+    assert await auth.verifier.jwks.refresh(force=True)  # type: ignore[union-attr]
+    assert (await auth.verify_token(token))["email"] == "rotated@example.com"
+    assert idp.provider.requests["user"] == 0
+
+
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     alg=st.sampled_from(ASYMMETRIC_ALGS),

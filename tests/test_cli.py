@@ -97,3 +97,19 @@ def test_token_lifetime_is_checked_before_any_request(
         main(["token", "--email", "a@b.co", "--ttl", ttl])
     assert info.value.code == 2
     assert "--ttl" in capsys.readouterr().err
+
+
+def test_serve_limit_flags_are_settings_named_in_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--head-timeout`` is HEAD_TIMEOUT: a bad value is refused naming the variable."""
+    import dataclasses
+
+    from ghar_core.asgi.limits import ServerLimits
+    from ghar_core.cli import SERVE_LIMITS, main
+
+    names = {f.name.upper() for f in dataclasses.fields(ServerLimits)} | {"KEEP_ALIVE_TIMEOUT"}
+    assert set(SERVE_LIMITS) == names
+    monkeypatch.setenv("HEAD_TIMEOUT", "10")  # restored after the test
+    assert main(["serve", "--head-timeout", "soon"]) == 2
+    assert "HEAD_TIMEOUT" in capsys.readouterr().err

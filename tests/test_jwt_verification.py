@@ -8,8 +8,10 @@ fetches are counted by the servers themselves.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +36,7 @@ from ghar_core.jwt_verification import (
     JWTVerifier,
     TokenCache,
     TokenRejected,
+    _header,
 )
 from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64, with_header
 from tests.strategies import (
@@ -729,3 +732,34 @@ async def test_claim_messages_say_what_is_wrong(
     if "not a number" in wording:
         assert "future" not in info.value.message
         assert "yet" not in info.value.message
+
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@settings(max_examples=300)
+@given(
+    segment=st.one_of(
+        st.text(alphabet="ABCXYZabcxyz0189-_+/=. \n\x00é", max_size=40),
+        st.builds(lambda v: b64(orjson.dumps(v)), json_values),
+        # padded, or in the standard alphabet: what a JWT segment must not be
+        st.builds(lambda v: base64.urlsafe_b64encode(orjson.dumps({"k": v})).decode(), json_values),
+        st.builds(lambda v: base64.b64encode(orjson.dumps({"k": v})).decode(), json_values),
+    )
+)
+def test_the_header_is_read_exactly_when_it_is_base64url_of_a_json_object(segment: str) -> None:
+    # The header check has no regex (it is the whole cost of an unknown-kid
+    # refusal); it must accept exactly what base64url-then-JSON-object does.
+    token = f"{segment}.e30.c2ln"
+    expected: object = None
+    if _B64URL.fullmatch(segment) and len(segment) % 4 != 1:
+        try:
+            expected = orjson.loads(unb64(segment))
+        except ValueError:
+            expected = None
+    try:
+        got: object = _header(token)[1]
+    except TokenRejected as exc:
+        assert exc.reason is AuthFailureReason.MALFORMED
+        got = None
+    assert got == (expected if isinstance(expected, dict) else None)

@@ -206,3 +206,60 @@ def test_redact_text_leaves_text_without_queries_alone() -> None:
     assert redact_text("no query here = fine") == "no query here = fine"
     line = '"GET /a?token=s3cret HTTP/1.1" 200'
     assert redact_text(line) == '"GET /a?token=[REDACTED] HTTP/1.1" 200'
+
+
+# --- issue 11: plain and colour lines cannot be forged --------------------------------
+
+_RECORD_START = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _forged_record(
+    message: str, args: tuple[object, ...], exc_text: str | None
+) -> logging.LogRecord:
+    exc_info = None
+    if exc_text is not None:
+        try:
+            raise ValueError(exc_text)
+        except ValueError as exc:
+            exc_info = (type(exc), exc, exc.__traceback__)
+    return logging.LogRecord("app", logging.ERROR, __file__, 1, message, args, exc_info)
+
+
+def _assert_one_forged_record(out: str) -> None:
+    assert "\r" not in out
+    lines = out.split("\n")
+    # No other separator a viewer or log shipper might split on (\v, \f, \x1c-\x1e,
+    # \x85, \u2028, \u2029): the lines are exactly the "\n"-separated ones.
+    assert out.splitlines() == lines
+    assert _RECORD_START.match(lines[0]), lines[0]
+    for line in lines[1:]:
+        # A continuation line (the traceback) is indented: it cannot start a record.
+        assert line.startswith("  "), line
+    assert all(ch.isprintable() for line in lines for ch in line), out
+
+
+@given(
+    message=st.text(),
+    arg=st.text(),
+    exc_text=st.none() | st.text(),
+    colour=st.booleans(),
+)
+def test_plain_and_colour_lines_cannot_be_forged(
+    message: str, arg: str, exc_text: str | None, colour: bool
+) -> None:
+    record = _forged_record(message.replace("%", "%%") + " %s", (arg,), exc_text)
+    out = ColourFormatter(colour=colour).format(record)
+    if colour:
+        out = _ANSI.sub("", out)
+    _assert_one_forged_record(out)
+
+
+def test_a_forged_access_line_stays_inside_its_forged_record() -> None:
+    forged = "x\r\n2099-01-01T00:00:00.000Z INFO     ghar_core.access [-] GET /admin 200 1.00ms"
+    record = _forged_record("boom: %s", (forged,), forged)
+    out = ColourFormatter(colour=False).format(record)
+    _assert_one_forged_record(out)
+    assert out.count("\n2099-") == 0
+    assert "x\\r\\n2099-01-01" in out.split("\n")[0]  # escaped, still readable
+    assert "Traceback (most recent call last):" in out  # the traceback stays readable

@@ -312,6 +312,36 @@ async def test_deliver_takes_events_positioned_elsewhere() -> None:
         assert sub.take() == [event]
 
 
+async def test_a_broker_delivering_twice_and_out_of_order_is_read_against_the_cursor() -> None:
+    # Positions 1, 2, 2, 4 span exactly as many as they count: only the cursor
+    # tells the duplicate apart (a bulk hand-over would repeat position 2).
+    bus = make_bus()
+    other = MemoryEventLog()
+    events = [other.append("u", "t", {}, b"{}") for _ in range(4)]
+    async with bus.subscribe("u") as sub:
+        for event in (events[0], events[1], events[1], events[3]):
+            bus.deliver(event)
+        assert positions(sub.take()) == [1, 2, 4]
+        bus.deliver(events[2])  # late: already past it
+        assert sub.take() == []
+        bus.emit("u", {"type": "t"})  # the bus's own events again: read in bulk
+        assert positions(sub.take()) == [1]
+        assert sub.ordered
+
+
+async def test_wait_returns_false_when_its_time_is_up_and_true_on_an_event_or_a_close() -> None:
+    bus = make_bus()
+    async with bus.subscribe("u") as sub:
+        assert await sub.wait(0.01) is False
+        assert not sub.waiting
+        asyncio.get_running_loop().call_later(0.01, bus.emit, "u", {"type": "t"})
+        assert await sub.wait(5) is True
+        assert positions(sub.take()) == [1]
+        asyncio.get_running_loop().call_later(0.01, sub.close)
+        assert await sub.wait(5) is True
+        assert sub.take() is None
+
+
 # --- reaping -----------------------------------------------------------------------------
 
 

@@ -150,7 +150,13 @@ async def current_user(conn: HTTPConnection, *, allow_query_token: bool = False)
         return known
     token = bearer_token(conn, allow_query_token=allow_query_token)
     auth = _auth_of(conn.app)
-    identity = (auth.cached_user(token) if token else None) or await auth.verify_token(token)
+    # Synchronous first: a cache hit, and every refusal we make on our own,
+    # costs no coroutine (the negative cache, a kid the key set lacks).
+    identity = (
+        (auth.cached_user(token) if token else None)
+        or auth.verify_now(token)
+        or await auth.verify_token(token)
+    )
     row: dict[str, Any] | None = None
     try:
         db = conn.app.resources.get("database")

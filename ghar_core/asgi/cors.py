@@ -1,16 +1,20 @@
 """CORS as a pure ASGI middleware, configured from settings.
 
-Requests without an ``Origin`` header pass through untouched (one scan of
-the header list). A preflight (``OPTIONS`` with
+Requests without an ``Origin`` header get no CORS headers, only ``Vary:
+Origin`` -- unless the allowed origin is a constant ``*`` (any origin, no
+credentials) -- because the answer to a request with an Origin would differ
+and a shared cache must not mix the two (Fetch standard, "CORS protocol and
+HTTP caches"). A preflight (``OPTIONS`` with
 ``Access-Control-Request-Method``) is answered here: 204 with the allowed
 methods, the requested headers echoed when they are well-formed tokens, and
 ``Max-Age``; a preflight from an origin not allowed gets a 403 envelope. An
 actual request from an allowed origin gets ``Access-Control-Allow-Origin``
 (the origin itself, or ``*`` when any origin is allowed without
 credentials), ``Allow-Credentials`` when configured, ``Vary: Origin`` and
-``Access-Control-Expose-Headers: X-Request-ID`` so browsers can read the id.
-A request from another origin passes through without CORS headers, and the
-browser withholds the answer.
+``Access-Control-Expose-Headers: X-Request-ID`` so browsers can read the id;
+those three replace any the app set itself (two ``Allow-Origin`` values are
+refused by browsers). A request from another origin passes through without
+our CORS headers (with ``Vary: Origin``), and the browser withholds the answer.
 
 The middleware sits inside the error envelope. Errors raised by handlers
 as :class:`~ghar_core.exceptions.BaseAPIException` are rendered by the
@@ -39,6 +43,15 @@ _ORIGIN = b"origin"
 _REQUEST_METHOD = b"access-control-request-method"
 _REQUEST_HEADERS = b"access-control-request-headers"
 _VARY_ORIGIN = (b"vary", b"Origin")
+_VARY_ONLY = (_VARY_ORIGIN,)
+# What we set on an allowed origin's answer; the app's own values are dropped.
+_OURS = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-expose-headers",
+    }
+)
 _TOKEN_LIST = re.compile(
     rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+(?:[ \t]*,[ \t]*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*"
 )
@@ -62,6 +75,9 @@ class CORSMiddleware:
         self.allow_all = "*" in origins
         self.origins = frozenset(o.encode("latin-1") for o in origins if o != "*")
         self.allow_credentials = allow_credentials
+        # Only a constant "*" (any origin, no credentials) is the same for every
+        # Origin; otherwise every answer depends on it and says so in Vary.
+        self._vary_always = not (self.allow_all and not allow_credentials)
         self.methods = frozenset(m.upper().encode("ascii") for m in allow_methods)
         tail: list[tuple[bytes, bytes]] = []
         if allow_credentials:
@@ -90,7 +106,13 @@ class CORSMiddleware:
                 origin = value
                 break
         if origin is None:
-            await self.app(scope, receive, send)
+            if not self._vary_always:
+                await self.app(scope, receive, send)
+                return
+            # No Origin, no CORS headers -- but a cache must not serve this answer
+            # to a browser that sends one (Fetch, "CORS protocol and HTTP caches").
+            scope[CORS_SCOPE_KEY] = _VARY_ONLY
+            await self.app(scope, receive, _with_vary(send))
             return
         allowed = self.allow_all or origin in self.origins
         if scope["method"] == "OPTIONS":
@@ -101,19 +123,20 @@ class CORSMiddleware:
         if not allowed:
             # No CORS headers, but the answer still depends on Origin: without Vary a
             # shared cache could serve this header-less answer to an allowed origin.
-            async def send_with_vary(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message["headers"] = [*message.get("headers", ()), _VARY_ORIGIN]
-                await send(message)
-
-            await self.app(scope, receive, send_with_vary)
+            # Headers the app set itself are its own choice and pass through.
+            scope[CORS_SCOPE_KEY] = _VARY_ONLY
+            await self.app(scope, receive, _with_vary(send))
             return
         extra = ((b"access-control-allow-origin", self._allow_origin_value(origin)), *self._tail)
         scope[CORS_SCOPE_KEY] = extra
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
+                headers = message.get("headers") or ()
+                # Ours replace the app's own: two Allow-Origin values are refused
+                # by browsers (Fetch: the header takes exactly one origin or "*").
+                mine = [h for h in headers if h[0].lower() not in _OURS] if headers else []
+                message["headers"] = [*mine, *extra]
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
@@ -130,6 +153,7 @@ class CORSMiddleware:
                     error_code="CORS_ORIGIN_NOT_ALLOWED",
                     details={"origin": origin.decode("latin-1")[:256]},
                 ),
+                extra_headers=_VARY_ONLY,  # refused for this Origin: caches must know
             )
             return
         if method.upper() not in self.methods:
@@ -141,6 +165,7 @@ class CORSMiddleware:
                     error_code="CORS_METHOD_NOT_ALLOWED",
                     details={"method": method.decode("latin-1")[:32]},
                 ),
+                extra_headers=_VARY_ONLY,  # refused for this Origin: caches must know
             )
             return
         headers = [
@@ -152,6 +177,15 @@ class CORSMiddleware:
             headers.append((b"access-control-allow-headers", requested.strip()))
         await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _with_vary(send: Send) -> Send:
+    async def send_with_vary(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), _VARY_ORIGIN]
+        await send(message)
+
+    return send_with_vary
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes | None:

@@ -11,6 +11,7 @@ enter the stack (the app answers them itself).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -139,6 +140,10 @@ def safe_for_log(text: str, limit: int = 2048) -> str:
 class ErrorEnvelopeMiddleware:
     """Turn every exception of an HTTP request into the error envelope.
 
+    "Every" includes a ``CancelledError`` or other ``BaseException`` that is
+    not a shutdown (see :func:`_is_shutdown`): left to the server, it would
+    answer ``text/plain`` without the request id.
+
     A :class:`BaseAPIException` becomes its status, headers and envelope.
     Anything else becomes a 500 ``INTERNAL_ERROR`` that reveals nothing,
     logged once here with its traceback (the request id rides along in the
@@ -178,7 +183,9 @@ class ErrorEnvelopeMiddleware:
             await self.app(scope, receive, send_noting_start)
         except ClientDisconnect:
             self.logger.debug("client disconnected before the request was read")
-        except Exception as exc:
+        except BaseException as exc:
+            if _is_shutdown(exc):
+                raise
             # Escaped: method and path come from the client (no log injection).
             method = safe_for_log(str(scope.get("method")), 32)
             where = f"{method} {safe_for_log(scope.get('path', ''))}"
@@ -197,6 +204,23 @@ class ErrorEnvelopeMiddleware:
             elif exc.status_code >= 500:
                 self.logger.warning("%s answered %d: %s", where, exc.status_code, exc.message)
             await send_error(scope, send, exc, extra_headers=scope.get(CORS_SCOPE_KEY, ()))
+
+
+def _is_shutdown(exc: BaseException) -> bool:
+    """Whether ``exc`` ends more than this request and must propagate.
+
+    ``KeyboardInterrupt``/``SystemExit`` stop the process; a ``CancelledError``
+    is the server's own only when this task is being cancelled (shutdown, a
+    timeout around the call). One raised by awaiting a future that someone
+    else cancelled (a shared task stopped at shutdown) is this request's
+    error, and ends as the 500 envelope like any other.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is None or task.cancelling() > 0
+    return not isinstance(exc, Exception) and isinstance(
+        exc, KeyboardInterrupt | SystemExit | GeneratorExit
+    )
 
 
 async def send_error(

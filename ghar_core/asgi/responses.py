@@ -248,9 +248,11 @@ class StreamingResponse:
             return
         producer = asyncio.ensure_future(self._produce(send))
         watcher = asyncio.ensure_future(self._wait_disconnect(receive))
+        stopped_producer = False
         try:
             await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopped_producer = not producer.done()
             for task in (producer, watcher):
                 if not task.done():
                     task.cancel()
@@ -258,6 +260,10 @@ class StreamingResponse:
             await asyncio.wait((producer, watcher))
         if not producer.cancelled():
             producer.result()  # re-raise an error from the iterator
+        elif not stopped_producer:
+            # Nobody here cancelled it: the iterator awaited something cancelled
+            # elsewhere. An error of this response, to be logged, not a silent cut.
+            raise RuntimeError("the streaming body was cancelled by something it awaited")
 
 
 def _chunk(chunk: bytes | str) -> dict[str, Any]:

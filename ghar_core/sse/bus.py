@@ -129,7 +129,7 @@ class SSEEventBus:
         awaits; a value orjson cannot encode is a ``TypeError`` here, at the
         emitter, and uses no position.
         """
-        count = self.deliver(self._store(user_id, event))
+        count = self._deliver(self._store(user_id, event))
         self._count += 1  # _tick(), inlined on the hottest path
         if self._count >= _REAP_EVERY:
             self._count = 0
@@ -140,7 +140,7 @@ class SSEEventBus:
     def publish(self, user_id: Any, event: Mapping[str, Any]) -> Published:
         """:meth:`emit`, returning the stored :class:`Event` (its ``id``) and the count."""
         stored = self._store(user_id, event)
-        count = self.deliver(stored)
+        count = self._deliver(stored)
         self._tick()
         return Published(stored, count)
 
@@ -170,7 +170,17 @@ class SSEEventBus:
             self._types.add(kind)
 
     def deliver(self, event: Event) -> int:
-        """Put an already-positioned event into its user's queues (a broker's entry point)."""
+        """Put an already-positioned event into its user's queues (a broker's entry point).
+
+        A broker may deliver late, twice or out of order: its events are read
+        one by one against each reader's cursor, never handed over in bulk.
+        """
+        for sub in self._subs.get(event.user, ()):
+            sub.ordered = False
+        return self._deliver(event)
+
+    def _deliver(self, event: Event) -> int:
+        # Events of our own log: positions in order, one apart per user.
         subs = self._subs.get(event.user)
         if not subs:
             return 0
@@ -194,7 +204,7 @@ class SSEEventBus:
                 full.add(sub)
             waiter = sub._waiter
             if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
         count = len(subs)
         self.delivered += count
         return count

@@ -30,6 +30,11 @@ REAPED_IDLE: Final = "idle"
 SHUTDOWN: Final = "shutdown"
 
 
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 class Subscription:
     """One open stream of one user: a bounded queue plus where its reader stands.
 
@@ -54,6 +59,7 @@ class Subscription:
         "epoch",
         "full_cycles",
         "last_event_id",
+        "ordered",
         "queue",
         "touched",
         "user",
@@ -64,8 +70,11 @@ class Subscription:
         self.user = user
         self.last_event_id = last_event_id
         self.queue: deque[Event] | None = None  # made on the first event
+        # Everything queued came from the bus's own log (in order, one apart);
+        # False once a broker delivered into the queue, until it is drained.
+        self.ordered = True
         self._backlog: list[Event] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
         self._opened = False
         self.closed = False
         self.close_reason: str | None = None
@@ -183,6 +192,20 @@ class Subscription:
                 self.epoch, self.cursor = reset.epoch, reset.position
             self.dropped_position = 0
             epoch, cursor = self.epoch, self.cursor
+            first, last, count = queue[0], queue[-1], len(queue)
+            if (
+                self.ordered
+                and count <= limit - len(out)
+                and (first.epoch != epoch or first.position > cursor)
+                and last.epoch == first.epoch
+                and last.position - first.position == count - 1
+            ):
+                # The usual case: our own log's events, one run of consecutive
+                # positions after the cursor (so none was replayed): all at once.
+                out.extend(queue)
+                queue.clear()
+                self.epoch, self.cursor = last.epoch, last.position
+                return out
             while queue and len(out) < limit:
                 event = queue.popleft()
                 if event.epoch == epoch and event.position <= cursor:
@@ -190,6 +213,8 @@ class Subscription:
                 out.append(event)
                 epoch, cursor = event.epoch, event.position
             self.epoch, self.cursor = epoch, cursor
+            if not queue:
+                self.ordered = True
         if not out and self.closed:
             return None
         return out
@@ -202,19 +227,20 @@ class Subscription:
         """
         if self.closed or self._backlog or self.queue:
             return True
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        # A timer that resolves the waiter, not asyncio.timeout(): every stream
+        # waits once per event, and a timeout context (its object, and a task
+        # cancellation when it fires) costs more than the wake it bounds.
+        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
         try:
-            if seconds is None:
-                await waiter
-            else:
-                async with asyncio.timeout(seconds):
-                    await waiter
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             self._waiter = None
             self.touched = self._bus.clock()
-        return True
 
     @property
     def waiting(self) -> bool:
@@ -239,7 +265,7 @@ class Subscription:
         self._bus._unregister(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.closed else "open"

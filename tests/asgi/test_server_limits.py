@@ -1,0 +1,486 @@
+"""Issue 11 over raw sockets against ``ghar-core serve``: every limit, every fault.
+
+Two servers per module (subprocesses on free loopback ports): one with short
+deadlines (head 1 s, body 1.5 s, keep-alive 1 s) for the limits and faults,
+one with small caps (3 requests in flight, 8 connections). Each group ends by
+checking that the server still answers ``/health``. Deadlines are kept short
+so the whole module runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from ghar_core.asgi.limits import PROTOCOL
+from tests.asgi.sse_support import SERVED_ENV, token_for
+
+ROOT = Path(__file__).resolve().parents[2]
+STREAM = "/api/v1/events/stream"
+HEAD_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE = 1.0, 1.5, 1.0
+LONGEST = max(HEAD_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE)
+SERVE = ("-m", "ghar_core", "serve", "--app", "tests.asgi.hostile_app:app")
+PLAIN_UVICORN = ("-m", "uvicorn", "tests.asgi.hostile_app:app", "--http", PROTOCOL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    def __init__(self, port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def _serve(tmp: Path, *flags: str, command: tuple[str, ...] = (), **env: str) -> Iterator[Served]:
+    port = _free_port()
+    log = tmp / f"server-{port}.log"
+    environ = {
+        **os.environ,
+        **SERVED_ENV,
+        "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "plain",
+        "CORS_ORIGINS": "https://app.example.com",
+        "SSE_HEARTBEAT_INTERVAL": "0.3",
+        **env,
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ghar_core",
+                "serve",
+                "--port",
+                str(port),
+                "--app",
+                "tests.asgi.hostile_app:app",
+                *flags,
+            ],
+            cwd=ROOT,
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, _, _ = _request_sync(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"ghar-core serve did not come up:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield Served(port, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return status, headers, body
+
+
+def _request_sync(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+            _status, headers, body = _parse(b"".join(chunks))
+            if "content-length" in headers and len(body) >= int(headers["content-length"]):
+                break
+    return _parse(b"".join(chunks))
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _request(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    return await asyncio.to_thread(_request_sync, port, data)
+
+
+def _envelope(raw: bytes, status: int, code: str) -> dict[str, Any]:
+    got, headers, body = _parse(raw)
+    assert got == status, raw[:300]
+    assert headers["content-type"] == "application/json", headers
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,128}", headers["x-request-id"]), headers
+    error: dict[str, Any] = orjson.loads(body)["error"]
+    assert error["code"] == code, error
+    return error
+
+
+async def _wait_for_log(served: Served, needle: str) -> str:
+    """The server's log once ``needle`` is in it (the access log is buffered 0.2 s)."""
+    async with asyncio.timeout(5):
+        while needle not in (text := served.log_text()):  # noqa: ASYNC110 - a file, no event
+            await asyncio.sleep(0.1)
+    return text
+
+
+async def _healthy(port: int) -> None:
+    status, _, body = await _request(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert status == 200
+    assert orjson.loads(body)["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    flags = ["--head-timeout", str(HEAD_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
+    flags += ["--keep-alive-timeout", str(KEEP_ALIVE)]
+    with _serve(tmp_path_factory.mktemp("limits"), *flags) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("caps")
+    with _serve(tmp, HEAD_TIMEOUT="5", MAX_CONCURRENCY="3", MAX_CONNECTIONS="8") as served:
+        yield served
+
+
+# --- the head: size, count, target, Host ----------------------------------------------
+
+
+async def test_a_huge_header_is_refused_while_it_arrives(server: Served) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ")
+    sent = 0
+    raw = b""
+    try:
+        # Up to 64 MiB; the server must answer long before.
+        while sent < 64 << 20:
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            sent += 65536
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.01):
+                    raw += await reader.read(65536)
+            if raw:
+                break
+    except (ConnectionError, OSError):
+        pass
+    async with asyncio.timeout(5):
+        raw += await reader.read(-1)
+    writer.close()
+    error = _envelope(raw, 431, "HEADERS_TOO_LARGE")
+    assert error["details"] == {"max_header_bytes": 16384}
+    assert sent < 4 << 20, f"the server read {sent} bytes of one header"
+    await _healthy(server.port)
+
+
+@pytest.mark.parametrize(
+    ("count", "code"), [(150, "TOO_MANY_HEADERS"), (10_000, "HEADERS_TOO_LARGE")]
+)
+async def test_too_many_headers_are_a_431(server: Served, count: int, code: str) -> None:
+    fields = b"".join(b"X-H%d: v\r\n" % i for i in range(count))
+    raw = await _exchange(server.port, b"GET /health HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n")
+    _envelope(raw, 431, code)
+    await _healthy(server.port)
+
+
+async def test_a_long_request_target_is_a_414(server: Served) -> None:
+    raw = await _exchange(
+        server.port, b"GET /health?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    assert _envelope(raw, 414, "URI_TOO_LONG")["details"] == {"max_url_bytes": 8192}
+    await _healthy(server.port)
+
+
+@pytest.mark.parametrize(
+    ("head", "hosts"),
+    [
+        (b"GET /health HTTP/1.1\r\n\r\n", 0),
+        (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 2),
+        (b"GET /health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 2),
+    ],
+)
+async def test_missing_or_duplicated_host_is_a_400(server: Served, head: bytes, hosts: int) -> None:
+    raw = await _exchange(server.port, head)
+    assert _envelope(raw, 400, "BAD_HOST_HEADER")["details"] == {"host_headers": hosts}
+    await _healthy(server.port)
+
+
+async def test_http_1_0_without_host_is_fine(server: Served) -> None:
+    raw = await _exchange(server.port, b"GET /health HTTP/1.0\r\n\r\n")
+    assert _parse(raw)[0] == 200
+
+
+async def test_garbage_is_a_400_envelope(server: Served) -> None:
+    raw = await _exchange(server.port, b"\x00\x01 nonsense\r\n\r\n")
+    _envelope(raw, 400, "BAD_HTTP_REQUEST")
+    await _healthy(server.port)
+
+
+# --- slow clients: head and body deadlines, idle keep-alive ----------------------------
+
+
+async def _trickle(port: int, head: bytes, drip: bytes) -> bytes:
+    """Send ``head``, then ``drip`` one byte every 0.2 s until the server answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    got = b""
+    try:
+        for byte in drip:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    got += await reader.read(65536)
+            if got:
+                break
+        async with asyncio.timeout(3):
+            got += await reader.read(-1)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+    return got
+
+
+def _slowloris(port: int) -> Any:
+    return _trickle(port, b"", b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 1000)
+
+
+def _slow_body(port: int) -> Any:
+    head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+    return _trickle(port, head, b"x" * 100)
+
+
+async def _silent(port: int) -> tuple[bytes, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(HEAD_TIMEOUT + 3):
+            return await reader.read(-1), time.monotonic() - start
+    finally:
+        writer.close()
+
+
+async def _idle_after_a_response(port: int) -> tuple[int, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    first = b""
+    while not first.endswith(b"}"):  # the whole /health answer
+        first += await reader.read(65536)
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(KEEP_ALIVE + 3):
+            rest = await reader.read(-1)
+    finally:
+        writer.close()
+    assert rest == b""
+    return _parse(first)[0], time.monotonic() - start
+
+
+async def test_slow_and_silent_clients_are_cut_off(server: Served) -> None:
+    start = time.monotonic()
+    results = await asyncio.gather(
+        *(_slowloris(server.port) for _ in range(48)),
+        _silent(server.port),
+        _slow_body(server.port),
+        _idle_after_a_response(server.port),
+    )
+    elapsed = time.monotonic() - start
+    *loris, (silent, silent_after), body, (status, idle_after) = results
+    for raw in loris:
+        assert _envelope(raw, 408, "REQUEST_TIMEOUT")["details"] == {"head_timeout": HEAD_TIMEOUT}
+    assert silent == b""  # never sent a byte: closed without an answer
+    assert silent_after < HEAD_TIMEOUT + 1.5
+    assert _envelope(body, 408, "REQUEST_TIMEOUT")["details"] == {"body_timeout": BODY_TIMEOUT}
+    assert status == 200
+    assert idle_after < KEEP_ALIVE + 1.5
+    assert elapsed < LONGEST + 6, elapsed  # the 24 s of the issue, without limits
+    await _healthy(server.port)
+
+
+async def test_a_body_the_app_is_slow_to_read_is_not_the_clients_fault(server: Served) -> None:
+    body = b"x" * 4096
+    data = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 4096\r\n\r\n" + body
+    status, _, answer = await _request(server.port, data)
+    assert status == 200
+    assert orjson.loads(answer) == {"size": 4096}
+
+
+# --- what must outlive every deadline: event streams, WebSockets ---------------------------
+
+
+async def test_an_event_stream_and_a_websocket_outlive_every_deadline(server: Served) -> None:
+    _, token = token_for()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        f"GET {STREAM} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"http://127.0.0.1:{server.port}/ws/echo")
+        received = b""
+        start = time.monotonic()
+        # Three times the longest deadline, reading the stream as it comes.
+        while time.monotonic() - start < 3 * LONGEST:
+            async with asyncio.timeout(2):
+                chunk = await reader.read(65536)
+            assert chunk, f"the stream was closed after {time.monotonic() - start:.1f}s"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200"), received[:200]
+        assert received.count(b"\n:") >= 3, received[-300:]  # heartbeats kept arriving
+        await ws.send_str("still there")
+        async with asyncio.timeout(2):
+            assert (await ws.receive_str()) == "still there"
+        await ws.close()
+    writer.close()
+    await _healthy(server.port)
+
+
+# --- the faults of the issue over the wire ------------------------------------------------
+
+
+async def _get(port: int, path: str, *extra: bytes) -> tuple[int, dict[str, str], bytes]:
+    head = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: t\r\n" + b"".join(extra) + b"\r\n"
+    return await _request(port, head)
+
+
+async def test_the_faults_of_the_issue_over_the_wire(server: Served) -> None:
+    # 1. 300 nested arrays: a 400 naming the limit, not a 500.
+    deep = b"[" * 300 + b"]" * 300
+    status, headers, body = await _request(
+        server.port,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(deep), deep),
+    )
+    assert status == 400
+    assert orjson.loads(body)["error"]["code"] == "JSON_TOO_DEEP"
+    # 2. A cancelled handler: the envelope, its request id, the real status logged.
+    status, headers, body = await _get(server.port, "/cancelled", b"X-Request-ID: cancel-wire\r\n")
+    assert status == 500
+    assert headers["content-type"] == "application/json"
+    assert headers["x-request-id"] == "cancel-wire"
+    # 3. Client text in an exception cannot forge a log record.
+    forged = "x%0d%0a2099-01-01T00:00:00.000Z%20INFO%20forged"
+    status, _, _ = await _get(server.port, f"/boom?msg={forged}", b"X-Request-ID: forge-wire\r\n")
+    assert status == 500
+    # 4. Vary: Origin without an Origin; one Allow-Origin with it.
+    _, headers, _ = await _get(server.port, "/health")
+    assert "Origin" in headers["vary"]
+    _, headers, _ = await _get(server.port, "/health", b"Origin: https://app.example.com\r\n")
+    assert headers["access-control-allow-origin"] == "https://app.example.com"
+    await _healthy(server.port)
+
+    text = await _wait_for_log(server, "GET /cancelled 500")
+    assert re.search(r"\[cancel-wire\] GET /cancelled 500 ", text), text[-2000:]
+    errors = [line for line in text.splitlines() if "ERROR" in line and "cancel-wire" in line]
+    assert len(errors) == 1, errors
+    assert "Exception in ASGI application" not in text  # nothing left to uvicorn
+    assert not [line for line in text.splitlines() if line.startswith("2099-")], text[-2000:]
+    assert "[forge-wire]" in text, text
+    # The exception text is in the traceback, its lines indented under the record.
+    assert "RuntimeError: x\\r\n  " in text, text
+
+
+# --- caps: requests in flight, open connections --------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _holding(port: int, count: int) -> AsyncIterator[list[asyncio.StreamReader]]:
+    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    for _, writer in opened:
+        writer.write(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+    try:
+        yield [reader for reader, _ in opened]
+    finally:
+        for _, writer in opened:
+            writer.close()
+
+
+async def test_past_the_concurrency_limit_is_a_503_with_retry_after(capped: Served) -> None:
+    async with _holding(capped.port, 3) as readers:
+        await asyncio.sleep(0.5)  # all three in their handlers (1.5 s each)
+        raw = await _exchange(capped.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        error = _envelope(raw, 503, "TOO_MANY_REQUESTS_IN_FLIGHT")
+        assert error["details"] == {"max_concurrency": 3}
+        assert _parse(raw)[1]["retry-after"] == "1"
+        for reader in readers:  # the held ones are answered, not hurt
+            async with asyncio.timeout(5):
+                assert (await reader.read(65536)).startswith(b"HTTP/1.1 200")
+    await _healthy(capped.port)
+
+
+async def test_past_the_connection_cap_a_new_connection_gets_a_503(capped: Served) -> None:
+    idle = [await asyncio.open_connection("127.0.0.1", capped.port) for _ in range(8)]
+    try:
+        await asyncio.sleep(0.2)
+        raw = await _exchange(capped.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _envelope(raw, 503, "TOO_MANY_CONNECTIONS")["details"] == {"max_connections": 8}
+    finally:
+        for _, writer in idle:
+            writer.close()
+    await asyncio.sleep(0.3)
+    await _healthy(capped.port)
+
+
+# --- the same protocol under plain uvicorn, limits from the settings ------------------------
+
+
+async def test_plain_uvicorn_with_our_protocol_enforces_the_settings(tmp_path: Path) -> None:
+    env = {"HEAD_TIMEOUT": "1", "MAX_HEADERS": "20"}
+    with _serve(tmp_path, command=PLAIN_UVICORN, **env) as served:
+        fields = b"".join(b"X-H%d: v\r\n" % i for i in range(30))
+        raw = await _exchange(
+            served.port, b"GET /health HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n"
+        )
+        assert _envelope(raw, 431, "TOO_MANY_HEADERS")["details"] == {"max_headers": 20}
+        _envelope(
+            await _exchange(served.port, b"GET /health HTTP/1.1\r\n\r\n"), 400, "BAD_HOST_HEADER"
+        )
+        silent, after = await _silent(served.port)
+        assert silent == b""
+        assert after < 2.5
+        await _healthy(served.port)
