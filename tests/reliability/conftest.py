@@ -80,6 +80,7 @@ def _describe(stack: Stack) -> None:
         "DB_COMMAND_TIMEOUT",
         "DB_CONNECT_TIMEOUT",
         "SHUTDOWN_STEP_TIMEOUT",
+        "HEAD_TIMEOUT",
         "SSE_MAX_SUBSCRIBERS",
         "SSE_SEND_TIMEOUT",
     )

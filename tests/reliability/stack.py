@@ -336,6 +336,7 @@ class Stack:
             "DB_CONNECT_TIMEOUT": "2.0",
             "SUPABASE_JWT_SECRET": self.jwt_secret,
             "SHUTDOWN_STEP_TIMEOUT": "5",
+            "HEAD_TIMEOUT": "3",
             "SSE_MAX_SUBSCRIBERS": "60",
             "SSE_SEND_TIMEOUT": "1.0",
             "SSE_HEARTBEAT_INTERVAL": "1.0",
