@@ -183,7 +183,9 @@ async def _run(probe: Probe, provider: Any, report: Any) -> None:
     assert all(a.status == 200 for a in local)
 
     # F. 500s: an outage (503), one call per token even when asked three times at once.
-    provider.faults["user"] = Fault(status=500)
+    # A short delay keeps the three requests of a token concurrent: single flight shares
+    # one call among concurrent requests, not among requests that come one after another.
+    provider.faults["user"] = Fault(status=500, delay=0.3)
     before = probe.calls()
     failing = [probe.hs256() for _ in range(3)]
     answers = await probe.many(failing, each=3)
