@@ -171,7 +171,7 @@ def build(name: str) -> Any:
             sink = True
         else:
             sink = False
-        app = create_app(settings, resources=[], access_log=sink)
+        app = create_app(settings, core_resources=False, resources=[], access_log=sink)
 
         @app.get("/json")
         async def ours(request: Any) -> dict[str, str]:

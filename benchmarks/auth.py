@@ -183,6 +183,8 @@ async def run(rounds: int, quick: bool) -> tuple[list[Row], dict[str, Any]]:
     verify_calls = 200 if quick else 700
     introspect_calls = 50 if quick else 150
 
+    clients = http.HTTPClients()  # the provider sessions' owner, as in an app
+    await clients.start()
     keys = KeyServer()
     await keys.start()
     base = load_settings(app_env="test", environ={})
@@ -401,7 +403,7 @@ async def run(rounds: int, quick: bool) -> tuple[list[Row], dict[str, Any]]:
     await idp_auth.stop()
     await idp.stop()
     await keys.stop()
-    await http.close_all_clients()
+    await clients.stop()
     return rows, meta
 
 

@@ -413,11 +413,14 @@ def ours_app() -> Any:
 
     from ghar_core.asgi import Request, create_app
     from ghar_core.auth import SupabaseAuth
+    from ghar_core.http import HTTPClients
     from ghar_core.sse import SSEEventBus
 
     settings = _settings()
     bus = SSEEventBus(settings)
-    app = create_app(settings, resources=[SupabaseAuth(settings), bus])
+    app = create_app(
+        settings, core_resources=False, resources=[HTTPClients(), SupabaseAuth(settings), bus]
+    )
 
     @app.post("/bench/fire")
     async def fire(request: Request) -> dict[str, Any]:

@@ -33,9 +33,10 @@ outage from a bad token. :meth:`SupabaseAuth.stats` shows every part of it.
 
 Ownership: :class:`SupabaseAuth` is the app's ``"auth"`` resource. It owns the
 verifier (key set, refresh task, token cache) and closes it in ``stop``; the
-HTTP session belongs to :mod:`ghar_core.http`. The module-level functions use
-a process default: the app's resource while it runs, else one built from the
-settings on first use.
+HTTP session belongs to the ``"http_clients"`` resource (:mod:`ghar_core.http`),
+which starts before it and stops after it. The module-level functions use the
+running app's resource; outside a running app they raise: nothing builds an
+auth object (and its refresh task) that no one would close.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import aiohttp
 import orjson
 
 from ghar_core.cache import TTLCache
-from ghar_core.config import Settings, get_settings
+from ghar_core.config import Settings
 from ghar_core.exceptions import (
     BadRequestException,
     BaseAPIException,
@@ -68,19 +69,21 @@ from ghar_core.exceptions import (
     UserNotFoundException,
     ValidationException,
 )
-from ghar_core.http import get_supabase_auth_http_client
+from ghar_core.http import (
+    ClientProvider,
+    get_supabase_auth_http_client,
+    read_limited,
+    resolve_session,
+)
 from ghar_core.jwt_verification import (
     UNKNOWN_KEY_MESSAGES,
     AuthFailureReason,
     CannotDecide,
-    ClientProvider,
     JWTVerifier,
     TokenCache,
     TokenRejected,
     VerificationKey,
     decode_unverified,
-    read_limited,
-    resolve_session,
 )
 
 __all__ = [
@@ -329,8 +332,9 @@ def _user_id(user_id: str) -> str:
 class SupabaseAuth:
     """The app's ``"auth"`` resource: token verification and the admin user API.
 
-    ``client`` returns the HTTP session for the provider (default: the shared
-    ``supabase_auth`` client); ``timeout`` is the one deadline of an
+    ``client`` returns the HTTP session for the provider (default: the running
+    app's ``supabase_auth`` client; the default resources pass
+    ``clients.provider("supabase_auth")``); ``timeout`` is the one deadline of an
     authentication (key-set wait plus introspection) and bounds each admin
     call, in seconds; ``clock`` (monotonic seconds) times the 429 circuit.
     ``stop`` cancels the key-set refresh and the introspections in flight and
@@ -811,10 +815,17 @@ def set_default_auth(auth: SupabaseAuth | None) -> SupabaseAuth | None:
 
 
 def get_auth() -> SupabaseAuth:
-    """The process default: the running app's resource, else one built from the settings."""
-    global _default_auth
+    """The running app's ``"auth"`` resource; :class:`RuntimeError` when none runs.
+
+    It never builds one: an auth object owns a key-set refresh task, and one
+    made here would have no owner to close it.
+    """
     if _default_auth is None:
-        _default_auth = SupabaseAuth(get_settings())
+        raise RuntimeError(
+            "no auth resource is running: verify tokens inside a started app "
+            "(create_app's defaults include SupabaseAuth), or start your own "
+            "SupabaseAuth(settings) and call its verify_token"
+        )
     return _default_auth
 
 

@@ -78,8 +78,10 @@ import logging
 import select
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -102,6 +104,7 @@ __all__ = [
     "Database",
     "FailedTransactionError",
     "GharConnection",
+    "held_connection",
     "touches_session_state",
 ]
 
@@ -208,10 +211,9 @@ class _Pool:
         try:
             conn: GharConnection = await asyncpg.connect(*args, **kwargs)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self.db._connect_failed(self.application_name, exc)
-            raise DatabaseUnavailableException(
-                "The database cannot be reached right now; please retry.",
-            ) from exc
+            message = self.db._connect_failed(self.application_name, exc)
+            raise DatabaseUnavailableException(message) from exc
+        self.db._reached = True
         self.opened += 1
         return conn
 
@@ -388,6 +390,29 @@ def _news_on(conn: GharConnection) -> bool:
     return bool(readable)
 
 
+# The connection the current task holds through a lease (with that task), so
+# code deep inside an operation (current_user's users-row sync) can use it
+# instead of taking a second one from the pool (a pool of 1 would deadlock).
+_held: ContextVar[tuple[GharConnection, GharConnection, asyncio.Task[Any] | None] | None] = (
+    ContextVar("ghar_held_connection", default=None)
+)
+
+
+def held_connection() -> GharConnection | None:
+    """The pooled connection this task holds right now (``async with db.transaction()``).
+
+    ``None`` outside a lease, and in tasks spawned inside one: a connection
+    runs one statement at a time, so only its holder may use it.
+    """
+    held = _held.get()
+    if held is None:
+        return None
+    conn, raw, task = held  # raw: the proxy is detached once the connection is lost
+    if task is not asyncio.current_task() or raw.is_closed():
+        return None
+    return conn
+
+
 class _Lease:
     """``async with`` over one pooled connection, optionally inside a transaction.
 
@@ -398,7 +423,7 @@ class _Lease:
     connection is lost, and the lease must still look at it then.
     """
 
-    __slots__ = ("_conn", "_pool", "_raw", "_transactional", "_tx")
+    __slots__ = ("_conn", "_held_token", "_pool", "_raw", "_transactional", "_tx")
 
     def __init__(self, pool: _Pool, transactional: bool) -> None:
         self._pool = pool
@@ -406,6 +431,7 @@ class _Lease:
         self._conn: GharConnection | None = None
         self._raw: GharConnection | None = None
         self._tx: Any = None
+        self._held_token: Token[Any] | None = None
 
     async def _fresh(self) -> tuple[GharConnection, GharConnection]:
         pool = self._pool
@@ -453,6 +479,8 @@ class _Lease:
         else:
             self._conn, self._raw = await self._fresh()
         assert self._conn is not None
+        assert self._raw is not None
+        self._held_token = _held.set((self._conn, self._raw, asyncio.current_task()))
         return self._conn
 
     async def __aexit__(
@@ -465,6 +493,12 @@ class _Lease:
         assert conn is not None, "lease exited without being entered"
         assert raw is not None
         self._conn = self._raw = self._tx = None
+        token, self._held_token = self._held_token, None
+        if token is not None:
+            try:
+                _held.reset(token)
+            except ValueError:  # exited in another context than entered: just forget it
+                _held.set(None)
         pool = self._pool
         if exc is None:
             try:
@@ -597,20 +631,40 @@ class Database:
         self._bg: _Pool | None = None
         self._migrations_pending = settings.DB_MIGRATE_ON_STARTUP
         self._last_connect_warning = 0.0
+        self._reached = False  # any connection opened since start: outages vs. setup errors
+        where = urlsplit(self.dsn)
+        self._where = f"{where.hostname or 'localhost'}:{where.port or 5432}{where.path}"
         self._stopped = False
 
     # --- connections ----------------------------------------------------------------
 
-    def _connect_failed(self, application_name: str, exc: BaseException) -> None:
+    def _connect_failed(self, application_name: str, exc: BaseException) -> str:
+        """Log a failed connect (rate-limited); the message the 503 carries."""
         now = time.monotonic()
         if now - self._last_connect_warning > 5.0:
             self._last_connect_warning = now
-            logger.warning(
-                "cannot connect to Postgres for %s: %s: %s",
-                application_name,
-                type(exc).__name__,
-                exc,
-            )
+            if self._reached:
+                logger.warning(
+                    "cannot connect to Postgres for %s: %s: %s",
+                    application_name,
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                # Never reached since start: more likely a wrong DATABASE_URL or
+                # a server that is not running than a blip; say so.
+                logger.error(
+                    "cannot connect to Postgres at %s for %s: %s: %s; it has not answered "
+                    "since this instance started: is it running, and is DATABASE_URL "
+                    "right? (`ghar-core dev` starts one for development)",
+                    self._where,
+                    application_name,
+                    type(exc).__name__,
+                    exc,
+                )
+        if self._reached:
+            return "The database cannot be reached right now; please retry."
+        return "The database has not answered since this service started; please retry."
 
     def _make_pool(self, background: bool) -> _Pool:
         s = self.settings

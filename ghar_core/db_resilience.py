@@ -213,6 +213,8 @@ async def execute_with_transient_retry(
     except BaseException as second:
         if isinstance(second, PoolExhaustedException) or not is_transient_error(second):
             raise
+        if isinstance(second, DatabaseUnavailableException):
+            raise  # already our 503, with the more exact message (e.g. never reached)
         raise DatabaseUnavailableException(
             f"The database is temporarily unavailable ({operation_name} failed twice)."
             " Please retry."

@@ -21,6 +21,7 @@ import orjson
 __all__ = [
     "BadRequestException",
     "BaseAPIException",
+    "BookingConflictError",
     "BookingConflictException",
     "BookingNotFoundException",
     "ConflictException",
@@ -235,9 +236,15 @@ class BookingNotFoundException(NotFoundException):
     message = "Booking not found."
 
 
-class BookingConflictException(ConflictException):
+class BookingConflictError(ConflictException):
+    """The seed's name (an ``Error``, unlike its neighbours), kept for its callers."""
+
     error_code = "BOOKING_CONFLICT"
     message = "The dates overlap an existing booking."
+
+
+#: The name this package used before it took the seed's spelling.
+BookingConflictException = BookingConflictError
 
 
 class PropertyUnavailableException(ConflictException):

@@ -5,17 +5,23 @@ request pays a TCP connect (and over HTTPS a TLS handshake) every time; a
 shared one reuses warm keep-alive connections (see
 ``benchmarks/results/http_clients.md`` for the numbers on our machine).
 
-Ownership: this module owns every session it hands out. A session is created
-lazily by the first getter call in a running event loop (exactly once: the
-getters are synchronous, so no other task can interleave between the check
-and the creation), and created anew after it was closed or when called from
-another loop. Callers use the session and never close it; the app's lifespan
-closes all of them through :class:`HTTPClientsResource` (``close_all_clients``).
-Outside an app, a loop run by ``asyncio.run()`` closes its own sessions when it
-finishes (see ``_ensure_loop_finalizer``), so scripts need no cleanup call.
+Ownership: the :class:`HTTPClients` resource (``"http_clients"``) owns every
+session. It holds one :class:`ClientSpec` per client domain (the core's four
+in :data:`CLIENT_SPECS`, plus any the app registers), creates a domain's
+session lazily on first use in the running loop (exactly once: ``session()``
+is synchronous, so no task interleaves between the check and the creation)
+and closes them all when it stops. Callers use a session and never close it.
+The module getters (``get_general_client()``, ...) ask the clients resource of
+the running app; outside an app, own one: ``async with HTTPClients() as
+clients: clients.session("general")``.
 
-Adding a client domain is one row in :data:`CLIENT_SPECS` plus a one-line
-getter.
+An app adds a client domain without editing this module::
+
+    GEOCODER = ClientSpec("geocoder", total_timeout=5.0, limit=4, base_url=settings.GEOCODER_URL)
+    app = create_app(settings, clients=[GEOCODER])   # or clients.register(GEOCODER)
+    ...
+    session = request.resources.get("http_clients", HTTPClients).session("geocoder")
+    async with session.get("/v1/search", params={"q": q}) as r: ...   # relative to base_url
 
 How the seed's "keepalive" numbers map onto aiohttp's connector options
 (``aiohttp.TCPConnector``), per :class:`ClientSpec` field:
@@ -45,39 +51,50 @@ How the seed's "keepalive" numbers map onto aiohttp's connector options
     ``ClientTimeout(total=...)`` on the session: the default for the whole
     request (pool wait, connect, send, read). A per-request ``timeout=`` (an
     ``aiohttp.ClientTimeout``, see :func:`request_timeout`) replaces it.
+``connect_timeout``
+    ``ClientTimeout(sock_connect=...)``: seconds to open a TCP (and TLS)
+    connection; ``None`` leaves it to the total.
+``base_url``
+    ``ClientSession(base_url=...)``: requests may then name only a path.
 
-TLS: sessions verify certificates with the system trust store. Tests that talk
-HTTPS to a server with a private CA call :func:`set_ssl_context` before the
-sessions are created (or after ``close_all_clients()``).
+TLS: sessions verify certificates with the system trust store. A private CA:
+``HTTPClients(ssl_context=context)``, or :func:`set_ssl_context` before the sessions
+are created (tests use it with a trustme CA).
+
+Also here, because every outbound caller needs them: :data:`ClientProvider`
+(how a service is handed "a session" without owning one), :func:`resolve_session`
+and :func:`read_limited` (a body bounded in bytes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import inspect
 import logging
 import ssl
 import sys
-import weakref
-from collections.abc import AsyncGenerator, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 import aiohttp
 
 __all__ = [
     "CLIENT_SPECS",
+    "ClientProvider",
     "ClientSpec",
+    "HTTPClients",
     "HTTPClientsResource",
-    "SharedClient",
     "close_all_clients",
     "get_blog_client",
     "get_general_client",
     "get_scraper_client",
     "get_ssl_context",
     "get_supabase_auth_http_client",
+    "read_limited",
     "request_timeout",
+    "resolve_session",
+    "running_clients",
     "set_ssl_context",
 ]
 
@@ -86,22 +103,24 @@ logger = logging.getLogger(__name__)
 # Same rule aiohttp uses: CPython fixed the SSL transport leak in 3.12.8 and 3.13.1.
 _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
-# Bound on waiting for a session that lives in another (running) loop to close.
-_FOREIGN_CLOSE_TIMEOUT = 5.0
+#: Something that hands out a session without giving its ownership away:
+#: ``clients.provider("supabase_auth")``, a getter, or an async callable.
+ClientProvider = Callable[[], "aiohttp.ClientSession | Awaitable[aiohttp.ClientSession]"]
 
 
 @dataclass(frozen=True, slots=True)
 class ClientSpec:
-    """One client domain: its name, default total timeout, connection limit, idle keep-alive.
+    """One client domain: name, timeouts (seconds), connection limit, optional base URL.
 
-    ``total_timeout`` and ``keepalive_timeout`` are seconds; ``limit`` is the
-    most connections open at once. Validated eagerly so a bad row fails at import.
+    Validated eagerly, so a bad spec fails where it is written, not on first use.
     """
 
     name: str
     total_timeout: float
     limit: int
-    keepalive_timeout: float
+    keepalive_timeout: float = 30.0
+    base_url: str | None = None
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -112,18 +131,27 @@ class ClientSpec:
             raise ValueError(f"ClientSpec {self.name!r}: limit must be at least 1 connection")
         if not self.keepalive_timeout > 0:
             raise ValueError(f"ClientSpec {self.name!r}: keepalive_timeout must be > 0 seconds")
+        if self.connect_timeout is not None and not self.connect_timeout > 0:
+            raise ValueError(f"ClientSpec {self.name!r}: connect_timeout must be > 0 seconds")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"ClientSpec {self.name!r}: base_url must start with http:// or https://, "
+                f"got {self.base_url[:60]!r}"
+            )
 
 
-def _table(*specs: ClientSpec) -> Mapping[str, ClientSpec]:
-    return MappingProxyType({spec.name: spec for spec in specs})
-
-
-#: The client domains. A new client is one row here plus its getter below.
-CLIENT_SPECS: Mapping[str, ClientSpec] = _table(
-    ClientSpec("scraper", total_timeout=60.0, limit=10, keepalive_timeout=30.0),
-    ClientSpec("blog", total_timeout=120.0, limit=5, keepalive_timeout=30.0),
-    ClientSpec("general", total_timeout=60.0, limit=5, keepalive_timeout=30.0),
-    ClientSpec("supabase_auth", total_timeout=10.0, limit=10, keepalive_timeout=30.0),
+#: The core's four client domains (the seed's numbers); an app adds its own
+#: with ``create_app(clients=[...])`` or :meth:`HTTPClients.register`.
+CLIENT_SPECS: Mapping[str, ClientSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            ClientSpec("scraper", total_timeout=60.0, limit=10, keepalive_timeout=30.0),
+            ClientSpec("blog", total_timeout=120.0, limit=5, keepalive_timeout=30.0),
+            ClientSpec("general", total_timeout=60.0, limit=5, keepalive_timeout=30.0),
+            ClientSpec("supabase_auth", total_timeout=10.0, limit=10, keepalive_timeout=30.0),
+        )
+    }
 )
 
 # None means aiohttp's default verification against the system trust store.
@@ -131,11 +159,10 @@ _ssl_context: ssl.SSLContext | None = None
 
 
 def set_ssl_context(context: ssl.SSLContext | None) -> ssl.SSLContext | None:
-    """Set the SSL context sessions created from now on use; return the previous one.
+    """Set the SSL context sessions created from now on use by default; return the previous.
 
-    For tests (a trustme CA) and private CAs. Sessions that already exist keep
-    theirs, so call it before first use or after :func:`close_all_clients`.
-    ``None`` restores aiohttp's default verification.
+    For tests (a trustme CA) and private CAs; ``HTTPClients(ssl_context=...)`` wins.
+    Sessions that already exist keep theirs. ``None`` restores aiohttp's default.
     """
     global _ssl_context
     previous, _ssl_context = _ssl_context, context
@@ -143,7 +170,7 @@ def set_ssl_context(context: ssl.SSLContext | None) -> ssl.SSLContext | None:
 
 
 def get_ssl_context() -> ssl.SSLContext | None:
-    """The SSL context new sessions use (``None``: aiohttp's default)."""
+    """The SSL context new sessions use by default (``None``: aiohttp's default)."""
     return _ssl_context
 
 
@@ -154,204 +181,231 @@ def request_timeout(total: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total)
 
 
-def _running_loop(what: str) -> asyncio.AbstractEventLoop:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
+async def resolve_session(client: ClientProvider) -> aiohttp.ClientSession:
+    """Call a client provider and await its result when it is awaitable."""
+    session = client()
+    if inspect.isawaitable(session):
+        return await session
+    return session
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body of ``response``; :class:`ValueError` once it passes ``limit`` bytes.
+
+    Why not ``response.content.read(limit)``: that returns what is buffered so
+    far, so a body that arrives in several TCP reads or HTTP chunks is cut short.
+    """
+    if response.content_length is not None and response.content_length > limit:
+        raise ValueError(f"the response body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"the response body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# The started HTTPClients the module getters use: a pointer to the running
+# app's resource (set by its start, cleared by its stop), never an owner.
+_running: HTTPClients | None = None
+
+
+def running_clients() -> HTTPClients:
+    """The clients resource of the running app (what the module getters use).
+
+    Raises :class:`RuntimeError` outside a started app: nothing creates a
+    session that no one would close.
+    """
+    if _running is None:
         raise RuntimeError(
-            f"{what} must be called inside a running event loop (from async code): "
-            "an aiohttp session belongs to the loop it was created in"
-        ) from None
+            "no HTTP clients resource is running: call this inside an app's lifespan "
+            "(create_app starts one), or own one: `async with HTTPClients() as clients:`"
+        )
+    return _running
 
 
-class SharedClient:
-    """The lazily created session of one client domain, one per event loop.
+class HTTPClients:
+    """The resource ``"http_clients"``: every outbound session, one per client domain.
 
-    Owns its sessions: :meth:`get` creates one on first use in a loop and again
-    after it was closed; :meth:`aclose` closes all of them. Normally used
-    through the module getters; tests build one with a custom spec.
+    ``specs``: the app's own domains, beside the core's :data:`CLIENT_SPECS`
+    (``core=False`` leaves those out). ``ssl_context``: what every session
+    verifies with (default: :func:`get_ssl_context`). Sessions belong to the
+    loop they were made in, which is this resource's loop. ``stop`` (or leaving ``async
+    with``) closes them all and is idempotent; ``start`` opens it again.
+    ``check`` never fails: third-party hosts are not ours to vouch for.
     """
 
-    __slots__ = ("__weakref__", "_sessions", "spec")
+    name = "http_clients"
 
-    def __init__(self, spec: ClientSpec) -> None:
-        self.spec = spec
-        # Keyed by loop so two loops (e.g. a worker thread's) never close each other's session.
-        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
-        _instances.add(self)
+    def __init__(
+        self,
+        specs: Iterable[ClientSpec] = (),
+        *,
+        core: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._specs: dict[str, ClientSpec] = dict(CLIENT_SPECS) if core else {}
+        self._ssl = ssl_context
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        for spec in specs:
+            self.register(spec)
 
-    def get(self) -> aiohttp.ClientSession:
-        """The open session for the running loop, created now if there is none."""
-        loop = _running_loop(f"the {self.spec.name!r} HTTP client getter")
-        session = self._sessions.get(loop)
+    @property
+    def specs(self) -> Mapping[str, ClientSpec]:
+        """The registered client domains by name (read-only)."""
+        return MappingProxyType(self._specs)
+
+    def register(self, spec: ClientSpec) -> None:
+        """Add a client domain; a name already registered is refused."""
+        if spec.name in self._specs:
+            raise ValueError(f"an HTTP client named {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+
+    def session(self, name: str) -> aiohttp.ClientSession:
+        """The open session of domain ``name``, created now if there is none."""
+        session = self._sessions.get(name)
         if session is not None and not session.closed:
             return session
-        # Rare path: first use, use after close, or first use in a new loop.
-        self._retire_dead_loops(loop)
-        _ensure_loop_finalizer(loop)
-        session = self._new_session()
-        self._sessions[loop] = session
-        return session
+        return self._open(name)
 
-    def _new_session(self) -> aiohttp.ClientSession:
-        spec = self.spec
+    def provider(self, name: str) -> Callable[[], aiohttp.ClientSession]:
+        """A :data:`ClientProvider` for domain ``name`` (checked now, resolved on each call)."""
+        if name not in self._specs:
+            raise KeyError(self._unknown(name))
+
+        def get() -> aiohttp.ClientSession:
+            return self.session(name)
+
+        return get
+
+    def _unknown(self, name: str) -> str:
+        known = ", ".join(sorted(self._specs)) or "none"
+        return (
+            f"no HTTP client named {name!r} (registered: {known}); register it with "
+            "create_app(clients=[ClientSpec(...)]) or HTTPClients.register"
+        )
+
+    def _open(self, name: str) -> aiohttp.ClientSession:
+        # Rare path: first use of a domain, or use after its session was closed.
+        try:
+            spec = self._specs[name]
+        except KeyError:
+            raise KeyError(self._unknown(name)) from None
+        if self._closed:
+            raise RuntimeError(
+                f"the HTTP clients resource is stopped; no {name!r} session is made after stop"
+            )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"the {name!r} HTTP client must be used inside a running event loop: "
+                "an aiohttp session belongs to the loop it was created in"
+            ) from None
+        if self._loop is not None and self._loop is not loop and self._sessions:
+            raise RuntimeError(
+                f"the {name!r} HTTP client belongs to another event loop; "
+                "each loop (each app) needs its own HTTPClients"
+            )
+        self._loop = loop
+        tls = self._ssl if self._ssl is not None else _ssl_context
         connector = aiohttp.TCPConnector(
             limit=spec.limit,
             limit_per_host=0,
             keepalive_timeout=spec.keepalive_timeout,
             force_close=False,
             enable_cleanup_closed=_NEEDS_CLEANUP_CLOSED,
-            ssl=_ssl_context if _ssl_context is not None else True,
+            ssl=tls if tls is not None else True,
         )
-        return aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=spec.total_timeout)
+        session = aiohttp.ClientSession(
+            base_url=spec.base_url,
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=spec.total_timeout, sock_connect=spec.connect_timeout
+            ),
         )
-
-    def _retire_dead_loops(self, current: asyncio.AbstractEventLoop) -> None:
-        # Sessions of closed loops can no longer do I/O; mark them closed so they
-        # neither leak a ResourceWarning nor keep the old loop alive.
-        for loop in [lp for lp in self._sessions if lp is not current and lp.is_closed()]:
-            session = self._sessions.pop(loop)
-            if not session.closed:
-                _spawn(current, _close_quietly(session, self.spec.name))
-
-    async def aclose(self) -> None:
-        """Close every session of this client (idempotent; the next get() makes a new one)."""
-        current = asyncio.get_running_loop()
-        sessions, self._sessions = self._sessions, {}
-        for loop, session in sessions.items():
-            if session.closed:
-                continue
-            if loop is current or loop.is_closed() or not loop.is_running():
-                await _close_quietly(session, self.spec.name)
-            else:
-                # Lives in a loop running in another thread: close it there, bounded.
-                future = asyncio.run_coroutine_threadsafe(
-                    _close_quietly(session, self.spec.name), loop
-                )
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.wrap_future(future), _FOREIGN_CLOSE_TIMEOUT)
-
-    async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Close this client's session of ``loop`` (run by that loop's finalizer)."""
-        session = self._sessions.pop(loop, None)
-        if session is not None and not session.closed:
-            await _close_quietly(session, self.spec.name)
+        self._sessions[name] = session
+        return session
 
     def open_sessions(self) -> int:
-        """How many sessions of this client are open now (for tests and diagnostics)."""
+        """How many sessions are open now (for tests and diagnostics)."""
         return sum(1 for session in self._sessions.values() if not session.closed)
 
+    async def aclose_sessions(self) -> None:
+        """Close every open session now; the next ``session()`` makes a new one."""
+        # One domain at a time, each taken out just before its close (whose
+        # first step marks it closed): a getter racing this never finds a
+        # second open session of the same domain.
+        for name in list(self._sessions):
+            session = self._sessions.pop(name, None)
+            if session is None or session.closed:
+                continue
+            try:
+                await session.close()
+            except Exception:
+                logger.debug("closing the %r HTTP session failed", name, exc_info=True)
 
-# Every SharedClient, so a loop's finalizer closes the sessions of all of them
-# (the module's four and any a caller built), not only the module's table.
-_instances: weakref.WeakSet[SharedClient] = weakref.WeakSet()
-
-# Closes started from the sync getter; held so the tasks are not garbage collected.
-_background: set[asyncio.Task[None]] = set()
-
-
-def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
-    task = loop.create_task(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
-
-async def _close_quietly(session: aiohttp.ClientSession, name: str) -> None:
-    # A session from a closed or idle loop may fail to finish closing; its
-    # connector is marked closed first, which is what matters.
-    try:
-        await session.close()
-    except Exception:
-        logger.debug("closing a stale %r HTTP session failed", name, exc_info=True)
-
-
-_clients: dict[str, SharedClient] = {n: SharedClient(spec) for n, spec in CLIENT_SPECS.items()}
-
-# One started async generator per loop that has sessions. asyncio.run() (and
-# uvicorn, and asyncio.Runner) call loop.shutdown_asyncgens() before closing
-# the loop, which runs the generator's ``finally``: the loop's sessions close
-# while the loop can still do I/O. Without this, a script that runs
-# asyncio.run() per job and never calls close_all_clients() would leave the
-# sockets of each finished loop open until garbage collection. The loop only
-# holds async generators weakly, so we keep them here (weak on the loop).
-_finalizers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _close_sessions_of(loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
-    try:
-        yield
-    finally:
-        for client in list(_instances):
-            await client._close_loop(loop)
-
-
-def _ensure_loop_finalizer(loop: asyncio.AbstractEventLoop) -> None:
-    if loop in _finalizers:
-        return
-    finalizer = _close_sessions_of(loop)
-    # Advance to the first ``yield`` synchronously: this registers the generator
-    # with the running loop (its firstiter hook) without scheduling anything.
-    step = finalizer.asend(None)
-    try:
-        step.send(None)
-    except StopIteration:
-        _finalizers[loop] = finalizer
-    else:  # pragma: no cover - the generator yields before any await
-        raise AssertionError("the loop finalizer awaited before its first yield")
-
-
-def get_scraper_client() -> aiohttp.ClientSession:
-    """The shared session for scraping (60 s default timeout, 10 connections)."""
-    return _clients["scraper"].get()
-
-
-def get_blog_client() -> aiohttp.ClientSession:
-    """The shared session for blog content (120 s default timeout, 5 connections)."""
-    return _clients["blog"].get()
-
-
-def get_general_client() -> aiohttp.ClientSession:
-    """The shared session for everything else (60 s default timeout, 5 connections)."""
-    return _clients["general"].get()
-
-
-def get_supabase_auth_http_client() -> aiohttp.ClientSession:
-    """The shared session for the identity provider: JWKS, introspection, admin (10 s, 10)."""
-    return _clients["supabase_auth"].get()
-
-
-async def close_all_clients() -> None:
-    """Close every shared session (idempotent); called by the app's shutdown.
-
-    A getter called afterwards creates a new session, which the next call
-    closes again.
-    """
-    for client in _clients.values():
-        await client.aclose()
-    current = asyncio.get_running_loop()
-    pending = [task for task in _background if not task.done() and task.get_loop() is current]
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
-
-
-class HTTPClientsResource:
-    """The lifespan's handle on the shared sessions: ``stop`` closes them all.
-
-    ``start`` does nothing (sessions are lazy) and ``check`` does nothing: the
-    app's readiness must not depend on third-party hosts being up.
-    """
-
-    name = "http_clients"
+    # -- the Resource protocol -------------------------------------------------------
 
     async def start(self) -> None:
-        """Nothing to do: sessions are created on first use."""
+        """Open for use (sessions are lazy) and serve the module getters."""
+        global _running
+        self._closed = False
+        if _running is None:
+            _running = self
 
     async def stop(self) -> None:
-        """Close every shared session (idempotent)."""
-        await close_all_clients()
+        """Close every session (idempotent); later ``session()`` calls are refused."""
+        global _running
+        self._closed = True
+        if _running is self:
+            _running = None
+        await self.aclose_sessions()
 
     async def check(self) -> None:
         """Always ready: outbound hosts are not ours to vouch for."""
+
+    async def __aenter__(self) -> HTTPClients:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+#: The seed's name for the resource.
+HTTPClientsResource = HTTPClients
+
+
+def get_scraper_client() -> aiohttp.ClientSession:
+    """The running app's session for scraping (60 s default timeout, 10 connections)."""
+    return running_clients().session("scraper")
+
+
+def get_blog_client() -> aiohttp.ClientSession:
+    """The running app's session for blog content (120 s default timeout, 5 connections)."""
+    return running_clients().session("blog")
+
+
+def get_general_client() -> aiohttp.ClientSession:
+    """The running app's session for everything else (60 s default timeout, 5 connections)."""
+    return running_clients().session("general")
+
+
+def get_supabase_auth_http_client() -> aiohttp.ClientSession:
+    """The running app's session for the identity provider: JWKS, introspection, admin (10 s)."""
+    return running_clients().session("supabase_auth")
+
+
+async def close_all_clients() -> None:
+    """Close the running clients resource's sessions now (nothing when none runs).
+
+    The resource stays open: a getter called afterwards makes a new session,
+    closed again when the app stops.
+    """
+    if _running is not None:
+        await _running.aclose_sessions()

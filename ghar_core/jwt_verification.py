@@ -55,11 +55,10 @@ import binascii
 import enum
 import hashlib
 import hmac
-import inspect
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeGuard, TypeVar
 
 import aiohttp
@@ -68,6 +67,7 @@ from jwt import PyJWK
 from jwt.algorithms import get_default_algorithms
 
 from ghar_core.cache import TTLCache
+from ghar_core.http import ClientProvider, read_limited, resolve_session
 
 if TYPE_CHECKING:
     from ghar_core.config import Settings
@@ -78,15 +78,12 @@ __all__ = [
     "UNKNOWN_KEY_MESSAGES",
     "AuthFailureReason",
     "CannotDecide",
-    "ClientProvider",
     "JWKSCache",
     "JWTVerifier",
     "TokenCache",
     "TokenRejected",
     "VerificationKey",
     "decode_unverified",
-    "read_limited",
-    "resolve_session",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,7 +106,6 @@ _MAX_SKIP_REASONS: Final = 10
 _UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _TAIL: Final = 16  # characters of the signature an entry of the token cache keeps
 
-ClientProvider = Callable[[], "aiohttp.ClientSession | Awaitable[aiohttp.ClientSession]"]
 T = TypeVar("T")
 
 
@@ -354,32 +350,6 @@ class TokenCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._cache)
-
-
-async def resolve_session(client: ClientProvider) -> aiohttp.ClientSession:
-    """Call a client provider and await its result when it is awaitable."""
-    session = client()
-    if inspect.isawaitable(session):
-        return await session
-    return session
-
-
-async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body of ``response``; :class:`ValueError` once it passes ``limit`` bytes.
-
-    Why not ``response.content.read(limit)``: that returns what is buffered so
-    far, so a body that arrives in several TCP reads or HTTP chunks is cut short.
-    """
-    if response.content_length is not None and response.content_length > limit:
-        raise ValueError(f"the response body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ValueError(f"the response body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _usable_key(jwk: object) -> VerificationKey | str:

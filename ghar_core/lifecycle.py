@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol, TypeVar, overload, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar, Union, overload, runtime_checkable
 
-__all__ = ["LifecycleError", "Resource", "ResourceNotFound", "Resources"]
+__all__ = ["LifecycleError", "Resource", "ResourceFactory", "ResourceNotFound", "Resources"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,13 @@ class Resource(Protocol):
     async def check(self) -> None: ...
 
 
+#: A callable given the resources added so far that returns a resource: how a
+#: resource uses the ones started before it (``Geocoder`` with
+#: ``def __init__(self, resources: Resources)`` is one).
+ResourceFactory = Callable[["Resources"], Resource]
+ResourceSpec = Union[Resource, ResourceFactory]  # noqa: UP007 - a runtime alias of a forward ref
+
+
 class ResourceNotFound(KeyError):
     """``Resources.get`` was asked for a name no resource has."""
 
@@ -63,7 +70,7 @@ class LifecycleError(Exception):
 
 
 class Resources:
-    """The one owner of an app's long-lived resources.
+    r"""The one owner of an app's long-lived resources.
 
     ``start()`` starts them in the given order, each bounded by
     ``step_timeout`` seconds; if one fails, those already started are
@@ -74,10 +81,15 @@ class Resources:
     into a single :class:`LifecycleError`. Both are idempotent.
 
     ``get(name)`` is how handlers and services find a resource; names are
-    unique (a duplicate is refused at construction).
+    unique (a duplicate is refused at construction). An item may also be a
+    :data:`ResourceFactory`: it is called with this object while it holds only
+    the resources before it, so what it ``get``\ s has started by the time
+    its own ``start`` runs (and asking for a later one fails at build time).
     """
 
-    def __init__(self, resources: Iterable[Resource] = (), *, step_timeout: float = 10.0) -> None:
+    def __init__(
+        self, resources: Iterable[ResourceSpec] = (), *, step_timeout: float = 10.0
+    ) -> None:
         if step_timeout <= 0:
             raise ValueError(f"step_timeout must be positive, got {step_timeout!r}")
         self.step_timeout = step_timeout
@@ -87,8 +99,13 @@ class Resources:
         for resource in resources:
             self.add(resource)
 
-    def add(self, resource: Resource) -> None:
-        """Append ``resource``; it starts after those added before it."""
+    def add(self, resource: ResourceSpec) -> Resource:
+        """Append ``resource`` (or build it from a factory); it starts after those before it."""
+        # A class is a factory too (it has the protocol's attributes, unbound).
+        if isinstance(resource, type) or (
+            callable(resource) and not isinstance(resource, Resource)
+        ):
+            resource = resource(self)
         name = getattr(resource, "name", None)
         if not isinstance(name, str) or not name:
             raise TypeError(f"{resource!r} has no usable `name`; every resource needs one")
@@ -96,6 +113,7 @@ class Resources:
             raise ValueError(f"two resources are named {name!r}; names must be unique")
         self._items.append(resource)
         self._by_name[name] = resource
+        return resource
 
     @overload
     def get(self, name: str) -> Resource: ...
@@ -114,8 +132,9 @@ class Resources:
         except KeyError:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise ResourceNotFound(
-                f"no resource named {name!r} (known: {known}); "
-                "add it in build_default_resources() or pass it to create_app(resources=...)"
+                f"no resource named {name!r} (known so far: {known}); pass it to "
+                "create_app(resources=[...]) (they start after the core's defaults, in order), "
+                "before any resource that uses it"
             ) from None
         if kind is not None and not isinstance(resource, kind):
             raise TypeError(

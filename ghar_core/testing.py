@@ -16,8 +16,13 @@ app called through its ASGI interface. Works with any ASGI 3 app::
         async with client.websocket_connect("/ws") as ws:
             await ws.send_json({"hi": 1}); await ws.receive_json()
 
-Without ``async with`` no lifespan events are sent (the app's lazy start
-applies). The client owns every task it starts: a request's app task is
+Our own apps with resources (``create_app``'s defaults) must be entered with
+``async with``: it starts their resources and stops them again; a request
+through a client that was not entered raises at once, saying so, instead of
+starting pools and sessions lazily that no one closes (which surfaced only
+as ResourceWarnings at the end of the run). An app started by the test
+itself (``async with app.lifespan():``) and any other ASGI app need no
+``async with``. The client owns every task it starts: a request's app task is
 awaited (or cancelled, bounded by ``timeout``) before the call returns.
 """
 
@@ -210,7 +215,8 @@ class TestClient:
     with the prefix, as servers do); ``chunk_size`` splits request bodies
     into several ``http.request`` messages, like a server would;
     ``timeout`` bounds every call so a hung app fails the test instead of
-    hanging it.
+    hanging it. ``lifespan=False`` plays a host that sends no lifespan events
+    (the app starts lazily; the test then stops it with ``await app.shutdown()``).
     """
 
     __test__ = False
@@ -226,8 +232,10 @@ class TestClient:
         host: str = "testserver",
         chunk_size: int = 65536,
         timeout: float = 10.0,
+        lifespan: bool = True,
     ) -> None:
         self.app = app
+        self.lifespan = lifespan
         self.default_headers = headers
         self.root_path = root_path
         self.client = client
@@ -301,9 +309,25 @@ class TestClient:
 
     # --- HTTP ------------------------------------------------------------------
 
+    def _check_entered(self) -> None:
+        manager = getattr(self.app, "lifespan_manager", None)
+        if (
+            self.lifespan
+            and manager is not None
+            and self._lifespan_task is None
+            and not manager.started
+            and len(manager.resources) > 0  # nothing to leak without resources
+        ):
+            raise RuntimeError(
+                "use `async with TestClient(app) as client:` — it starts the app's resources "
+                "and stops them at the end; without it a request would start pools and "
+                "sessions that nothing closes"
+            )
+
     def _scope(
         self, kind: str, method: str, path: str, params: Any, headers: HeaderInput
     ) -> dict[str, Any]:
+        self._check_entered()
         path, _, query = path.partition("?")
         if params:
             extra = urlencode(params, doseq=True)

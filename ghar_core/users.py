@@ -144,12 +144,15 @@ def parse_supabase_user(user_data: Any) -> dict[str, Any]:
 
 
 async def get_or_create_user_from_supabase(
-    db: TransactionSource, user_data: Mapping[str, Any]
+    db: TransactionSource, user_data: Mapping[str, Any], *, conn: Any = None
 ) -> dict[str, Any]:
     """Upsert the provider's user and return our row as a dict.
 
     Values are native (``uuid.UUID``, ``datetime``, dicts for the jsonb
-    columns); our JSON responses serialise them as they are.
+    columns); our JSON responses serialise them as they are. ``conn``: a
+    connection the caller already holds: the upsert runs there, in a
+    savepoint of its transaction (no second pool connection, no retry: the
+    caller's transaction owns the outcome).
     """
     fields = parse_supabase_user(user_data)
     args = (
@@ -165,6 +168,10 @@ async def get_or_create_user_from_supabase(
     async def upsert(conn: Any) -> dict[str, Any]:
         row = await conn.fetchrow(_UPSERT, *args)
         return dict(row)
+
+    if conn is not None:
+        async with conn.transaction():
+            return await upsert(conn)
 
     return await execute_with_transient_retry(
         db, upsert, operation_name="get_or_create_user_from_supabase"

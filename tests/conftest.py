@@ -41,6 +41,12 @@ def require(available: bool, what: str) -> None:
     pytest.skip(f"{what} is not available")
 
 
+@pytest.fixture
+def ghar_admin_dsn(pg_admin_dsn: str) -> str:
+    """The package plugin's databases live on the server tests/pg.py decided on."""
+    return pg_admin_dsn
+
+
 # --- shared TLS fixture (added with tests/tls.py for the HTTP clients; reuse it) ---
 @pytest.fixture(scope="session")
 def tls():  # -> tests.tls.TLS

@@ -63,6 +63,13 @@ USER_KEYS = {
 }
 
 
+@pytest.fixture(autouse=True)
+async def _clients() -> AsyncIterator[None]:
+    """The running clients resource the provider's session comes from, as in an app."""
+    async with http.HTTPClients():
+        yield
+
+
 @pytest.fixture
 async def idp() -> AsyncIterator[IdentityProviderServer]:
     async with IdentityProviderServer() as server:

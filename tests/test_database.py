@@ -507,3 +507,33 @@ async def test_app_owns_a_database_and_renders_503_on_exhaustion(db_settings: Se
         assert busy.status_code == 503
         assert busy.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
         assert busy.headers.get("retry-after") == "1"
+
+
+async def test_a_database_never_reached_says_so_not_temporary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing at DATABASE_URL since start: the 503 and the log say it never answered."""
+    from ghar_core.config import load_settings
+    from ghar_core.db_resilience import execute_with_transient_retry
+
+    port = free_port()
+    settings = dataclasses.replace(
+        load_settings(app_env="test"),
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/nowhere",
+        DB_POOL_MIN_SIZE=0,
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        with caplog.at_level("ERROR", logger="ghar_core.database"):
+
+            async def one(conn: object) -> int:
+                return 1
+
+            with pytest.raises(DatabaseUnavailableException, match="has not answered since"):
+                await execute_with_transient_retry(database, one, operation_name="probe")
+        (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert f"127.0.0.1:{port}/nowhere" in record.getMessage()
+        assert "is it running, and is DATABASE_URL right?" in record.getMessage()
+    finally:
+        await database.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -189,3 +190,23 @@ def test_no_binaries_anywhere_is_none_and_the_message_says_how_to_fix_it() -> No
 def test_a_database_name_must_be_an_identifier(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="plain identifier"):
         EmbeddedPostgres(tmp_path, database='x"; DROP')
+
+
+def test_a_preferred_port_taken_meanwhile_falls_back_to_a_free_one(folder: Path) -> None:
+    """``ghar-core dev`` asks for 54322 when it looked free; a race must not fail the run."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        strict = EmbeddedPostgres(folder, port=taken)
+        with pytest.raises(EmbeddedPostgresError, match=f"port {taken} on 127.0.0.1 is taken"):
+            strict.start()
+        _assert_nothing_left(folder)
+        relaxed = EmbeddedPostgres(folder, port=taken, port_fallback=True)
+        with relaxed:
+            assert relaxed.port != taken
+            assert run_sync(_fetch(relaxed.dsn, "SELECT 1")) == 1
+        _assert_nothing_left(folder)
+    finally:
+        holder.close()

@@ -133,3 +133,19 @@ def test_cyclic_details_do_not_break_rendering() -> None:
     rendered = render_error(NotFoundException(details=cyclic))
     err = _check_envelope(rendered.status_code, rendered.body, rendered.headers)
     assert err["details"] == {"note": "details could not be serialised"}
+
+
+def test_the_seeds_names_are_importable() -> None:
+    """The rest of the backend imports these names from the seed; DESIGN.md lists them."""
+    from ghar_core.exceptions import (
+        BookingConflictError,
+        BookingConflictException,
+        PropertyNotFoundException,
+        UserNotFoundException,
+    )
+
+    assert BookingConflictException is BookingConflictError
+    assert render_error(BookingConflictError()).status_code == 409
+    assert BookingConflictError.error_code == "BOOKING_CONFLICT"
+    assert PropertyNotFoundException.error_code == "PROPERTY_NOT_FOUND"
+    assert UserNotFoundException.error_code == "USER_NOT_FOUND"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,12 +15,11 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghar_core import http
 from ghar_core.http import (
     CLIENT_SPECS,
     ClientSpec,
+    HTTPClients,
     HTTPClientsResource,
-    SharedClient,
     close_all_clients,
     get_blog_client,
     get_general_client,
@@ -95,16 +93,18 @@ class Server:
     rec: Recorder
 
 
-@pytest.fixture(autouse=True)
-async def _close_shared_clients() -> AsyncIterator[None]:
-    """Every test leaves no shared session open (warnings are errors)."""
-    yield
-    await close_all_clients()
-    assert all(client.open_sessions() == 0 for client in http._clients.values())
+@pytest.fixture
+async def clients() -> AsyncIterator[HTTPClients]:
+    """The running clients resource the module getters use; stopped after the test."""
+    async with HTTPClients() as running:
+        yield running
+    assert running.open_sessions() == 0
 
 
 @pytest.fixture(params=["http", "https"])
-async def server(request: pytest.FixtureRequest, tls: TLS) -> AsyncIterator[Server]:
+async def server(
+    request: pytest.FixtureRequest, tls: TLS, clients: HTTPClients
+) -> AsyncIterator[Server]:
     """A loopback server; over https the shared sessions trust its CA."""
     rec = Recorder()
     ssl_context = tls.server_context if request.param == "https" else None
@@ -115,18 +115,20 @@ async def server(request: pytest.FixtureRequest, tls: TLS) -> AsyncIterator[Serv
 
 
 @pytest.fixture
-async def make_client() -> AsyncIterator[Callable[..., SharedClient]]:
-    """Build SharedClients with custom specs; all closed after the test."""
-    made: list[SharedClient] = []
+async def make_client() -> AsyncIterator[Callable[..., aiohttp.ClientSession]]:
+    """Sessions of a custom domain, each from its own HTTPClients; all stopped after the test."""
+    made: list[HTTPClients] = []
 
-    def build(total_timeout: float = 5.0, limit: int = 3, keepalive: float = 30.0) -> SharedClient:
-        client = SharedClient(ClientSpec("test", total_timeout, limit, keepalive))
-        made.append(client)
-        return client
+    def build(
+        total_timeout: float = 5.0, limit: int = 3, keepalive: float = 30.0
+    ) -> aiohttp.ClientSession:
+        owner = HTTPClients([ClientSpec("test", total_timeout, limit, keepalive)], core=False)
+        made.append(owner)
+        return owner.session("test")
 
     yield build
-    for client in made:
-        await client.aclose()
+    for owner in made:
+        await owner.stop()
 
 
 async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: object) -> str:
@@ -167,7 +169,7 @@ def test_bad_spec_names_the_option(kwargs: dict[str, float], option: str) -> Non
 
 
 @pytest.mark.parametrize("name", sorted(GETTERS))
-async def test_getter_applies_its_spec(name: str) -> None:
+async def test_getter_applies_its_spec(name: str, clients: HTTPClients) -> None:
     session = GETTERS[name]()
     spec = CLIENT_SPECS[name]
     assert session.timeout.total == spec.total_timeout
@@ -180,12 +182,54 @@ async def test_getter_applies_its_spec(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(GETTERS))
-def test_getter_outside_a_loop_fails_clearly(name: str) -> None:
-    with pytest.raises(RuntimeError, match="inside a running event loop"):
+def test_getter_without_a_running_app_fails_clearly(name: str) -> None:
+    """Nothing makes a session that no one would close."""
+    with pytest.raises(RuntimeError, match="no HTTP clients resource is running"):
         GETTERS[name]()
 
 
-async def test_concurrent_first_use_creates_one_session() -> None:
+def test_session_outside_a_loop_fails_clearly() -> None:
+    with pytest.raises(RuntimeError, match="inside a running event loop"):
+        HTTPClients().session("general")
+
+
+async def test_unknown_domain_names_the_registered_ones(clients: HTTPClients) -> None:
+    with pytest.raises(KeyError, match=r"no HTTP client named 'geo'.*general.*register"):
+        clients.session("geo")
+    with pytest.raises(KeyError, match="geo"):
+        clients.provider("geo")
+    clients.register(ClientSpec("geo", total_timeout=2.0, limit=2))
+    with pytest.raises(ValueError, match="already registered"):
+        clients.register(ClientSpec("geo", total_timeout=2.0, limit=2))
+    assert clients.provider("geo")() is clients.session("geo")
+
+
+async def test_a_registered_domain_gets_its_base_url_and_timeouts(server: Server) -> None:
+    spec = ClientSpec(
+        "geocoder", total_timeout=3.0, limit=2, connect_timeout=1.0, base_url=server.base_url
+    )
+    async with HTTPClients([spec]) as owner:
+        session = owner.session("geocoder")
+        assert session.timeout.total == 3.0
+        assert session.timeout.sock_connect == 1.0
+        assert isinstance(session.connector, aiohttp.TCPConnector)
+        assert session.connector.limit == 2
+        assert await fetch(session, "/ok") == "ok"  # relative to the base URL
+    assert session.closed
+    with pytest.raises(RuntimeError, match="stopped"):
+        owner.session("geocoder")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [({"connect_timeout": 0}, "connect_timeout"), ({"base_url": "geo.internal"}, "base_url")],
+)
+def test_bad_domain_options_are_named(kwargs: dict[str, object], option: str) -> None:
+    with pytest.raises(ValueError, match=option):
+        ClientSpec("x", 1.0, 1, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_concurrent_first_use_creates_one_session(clients: HTTPClients) -> None:
     start = asyncio.Event()
 
     async def ask() -> aiohttp.ClientSession:
@@ -194,11 +238,11 @@ async def test_concurrent_first_use_creates_one_session() -> None:
 
     tasks = [asyncio.create_task(ask()) for _ in range(50)]
     await asyncio.sleep(0)
-    assert http._clients["scraper"].open_sessions() == 0  # lazy: nothing until asked
+    assert clients.open_sessions() == 0  # lazy: nothing until asked
     start.set()
     sessions = await asyncio.gather(*tasks)
     assert len({id(s) for s in sessions}) == 1
-    assert http._clients["scraper"].open_sessions() == 1
+    assert clients.open_sessions() == 1
 
 
 async def test_close_then_use_creates_a_new_working_session(server: Server) -> None:
@@ -217,76 +261,33 @@ async def test_close_then_use_creates_a_new_working_session(server: Server) -> N
     assert await fetch(third, f"{server.base_url}/ok") == "ok"
 
 
-def test_new_loop_gets_a_new_session_and_the_old_one_is_closed() -> None:
-    async def first_loop() -> aiohttp.ClientSession:
-        return get_blog_client()
+def test_a_session_belongs_to_its_loop_and_stop_leaves_no_socket() -> None:
+    """One resource, one loop: another loop is refused, and stop closes every socket."""
+    owner = HTTPClients()
 
-    async def second_loop(old: aiohttp.ClientSession) -> None:
+    async def first() -> aiohttp.ClientSession:
+        await owner.start()
         rec = Recorder()
         async with serve(make_app(rec)) as base_url:
-            new = get_blog_client()
-            assert new is not old
-            assert not new.closed
-            assert await fetch(new, f"{base_url}/ok") == "ok"
-            await asyncio.sleep(0)  # the retired session's close runs as a task
-            assert old.closed
-            await close_all_clients()
-            assert new.closed
-
-    old = asyncio.run(first_loop())
-    assert old.closed  # asyncio.run() closed it before closing its loop
-    asyncio.run(second_loop(old))
-
-
-@contextlib.contextmanager
-def _server_in_a_thread() -> Iterator[str]:
-    """A loopback server on its own loop and thread, so the test may run asyncio.run() twice."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(make_app(Recorder()))
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
-
-
-def test_a_finished_asyncio_run_closes_its_sessions_and_sockets() -> None:
-    """A script that runs asyncio.run() per job, never calling close_all_clients()."""
-
-    own = SharedClient(ClientSpec("own", total_timeout=5.0, limit=2, keepalive_timeout=30.0))
-    built: list[aiohttp.ClientSession] = []
-
-    async def job(base_url: str) -> aiohttp.ClientSession:
-        session = get_blog_client()
-        assert await fetch(session, f"{base_url}/ok") == "ok"  # a pooled keep-alive socket
-        # A client a caller built itself is closed with its loop too.
-        built.append(own.get())
-        assert await fetch(built[-1], f"{base_url}/ok") == "ok"
+            session = owner.session("blog")
+            assert await fetch(session, f"{base_url}/ok") == "ok"  # a pooled keep-alive socket
         return session
 
-    with _server_in_a_thread() as base_url:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            first = asyncio.run(job(base_url))
-            second = asyncio.run(job(base_url))
-            assert first is not second
-            assert first.closed
-            assert second.closed
-            assert all(session.closed for session in built)
-            assert own.open_sessions() == 0
-            del first, second
-            built.clear()
-            gc.collect()
-        leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
-        assert not leaks, [str(w.message) for w in leaks]
+    async def second() -> None:
+        with pytest.raises(RuntimeError, match="another event loop"):
+            owner.session("general")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with asyncio.Runner() as runner:
+            session = runner.run(first())
+            asyncio.run(second())
+            runner.run(owner.stop())
+            assert session.closed
+        del session
+        gc.collect()
+    leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, [str(w.message) for w in leaks]
 
 
 # -- over the wire -----------------------------------------------------------
@@ -326,9 +327,9 @@ async def test_per_request_timeout_overrides_a_longer_default(server: Server) ->
 
 
 async def test_per_request_timeout_overrides_a_shorter_default(
-    server: Server, make_client: Callable[..., SharedClient]
+    server: Server, make_client: Callable[..., aiohttp.ClientSession]
 ) -> None:
-    session = make_client(total_timeout=0.1).get()
+    session = make_client(total_timeout=0.1)
     with pytest.raises(TimeoutError):
         await fetch(session, f"{server.base_url}/slow?s=0.4")
     body = await fetch(session, f"{server.base_url}/slow?s=0.4", timeout=request_timeout(3))
@@ -336,10 +337,10 @@ async def test_per_request_timeout_overrides_a_shorter_default(
 
 
 async def test_idle_keepalive_expiry_closes_idle_connections(
-    server: Server, make_client: Callable[..., SharedClient]
+    server: Server, make_client: Callable[..., aiohttp.ClientSession]
 ) -> None:
-    short = make_client(keepalive=0.05).get()
-    long = make_client(keepalive=30.0).get()
+    short = make_client(keepalive=0.05)
+    long = make_client(keepalive=30.0)
     for session in (short, long):
         server.rec.peers.clear()
         await fetch(session, f"{server.base_url}/ok")
@@ -348,7 +349,7 @@ async def test_idle_keepalive_expiry_closes_idle_connections(
         assert len(server.rec.peers) == (2 if session is short else 1)
 
 
-async def test_https_needs_the_trusted_ca(tls: TLS) -> None:
+async def test_https_needs_the_trusted_ca(tls: TLS, clients: HTTPClients) -> None:
     async with serve(make_app(Recorder()), ssl_context=tls.server_context) as base_url:
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await fetch(get_general_client(), f"{base_url}/ok")
@@ -372,12 +373,18 @@ async def test_resource_stop_closes_everything_and_check_is_a_noop() -> None:
     assert isinstance(resource, Resource)
     assert resource.name == "http_clients"
     await resource.start()
-    assert all(client.open_sessions() == 0 for client in http._clients.values())
+    assert resource.open_sessions() == 0
     sessions = [getter() for getter in GETTERS.values()]
+    assert resource.open_sessions() == 4
     await resource.check()
     await resource.stop()
     await resource.stop()
     assert all(s.closed for s in sessions)
+    with pytest.raises(RuntimeError, match="no HTTP clients resource is running"):
+        get_general_client()
+    await resource.start()  # a failed app start is retried: open again
+    assert not get_general_client().closed
+    await resource.stop()
 
 
 # -- property: interleavings of get / request / close across tasks -----------
@@ -402,7 +409,7 @@ def test_interleavings_keep_one_open_session_per_client(
     def check_invariants() -> None:
         for name, sessions in returned.items():
             assert len({id(s) for s in sessions if not s.closed}) <= 1, name
-            assert http._clients[name].open_sessions() <= 1, name
+        assert owner.open_sessions() <= len(GETTERS)
 
     def get(name: str) -> aiohttp.ClientSession:
         session = GETTERS[name]()
@@ -430,8 +437,10 @@ def test_interleavings_keep_one_open_session_per_client(
             await asyncio.sleep(0)
             check_invariants()
 
+    owner = HTTPClients()
+
     async def scenario() -> None:
-        async with serve(make_app(Recorder())) as base_url:
+        async with owner, serve(make_app(Recorder())) as base_url:
             try:
                 async with asyncio.TaskGroup() as group:  # a failure cancels the others
                     for plan in plans:
@@ -452,7 +461,9 @@ def collected() -> Iterator[None]:
     gc.collect()
 
 
-async def test_no_unclosed_session_warning_after_close_all(collected: None) -> None:
+async def test_no_unclosed_session_warning_after_close_all(
+    collected: None, clients: HTTPClients
+) -> None:
     # With warnings as errors, an unclosed session collected here would fail the test.
     for getter in GETTERS.values():
         getter()

@@ -84,6 +84,13 @@ def make_verifier(
     )
 
 
+@pytest.fixture(autouse=True)
+async def _clients() -> AsyncIterator[None]:
+    """The running clients resource the provider's session comes from, as in an app."""
+    async with http.HTTPClients():
+        yield
+
+
 @pytest.fixture
 async def idp() -> AsyncIterator[IdentityProviderServer]:
     async with IdentityProviderServer() as server:

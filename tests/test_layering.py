@@ -1,6 +1,7 @@
 """Dependencies point down: base <- services <- asgi <- cli/devtools.
 
-Walks every module of the package and fails on an import of a higher layer,
+Walks every module of the package and fails on an import of a higher layer
+(and, among the services, of one later in DESIGN.md's order),
 so a convenience import cannot quietly turn the layers into a tangle.
 """
 
@@ -40,7 +41,7 @@ LAYERS = {
         "migrations",
     },
     2: {"asgi", "testing"},
-    3: {"cli", "server", "devtools", "__main__", "__init__"},
+    3: {"cli", "server", "devtools", "pytest_plugin", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
@@ -80,3 +81,44 @@ def test_no_upward_imports(path: Path) -> None:
             f"{path.relative_to(PACKAGE)} (layer {own_layer}) imports {module} "
             f"(layer {LAYER_OF[target]}): dependencies must point down"
         )
+
+
+# DESIGN.md "Layers": the services in this order; each may use the base and
+# the services before it, never one after it (keep this copy in step with it).
+SERVICE_ORDER = (
+    "http",
+    "db_resilience",
+    "migrate",
+    "database",
+    "users",
+    "jwt_verification",
+    "auth",
+    "broker",
+    "sse",
+    "websocket",
+)
+
+
+def _service(name: str) -> str:
+    return "migrate" if name == "migrations" else name
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        p
+        for p in MODULES
+        if _service(p.relative_to(PACKAGE).parts[0].removesuffix(".py")) in SERVICE_ORDER
+    ],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_services_use_only_the_services_before_them(path: Path) -> None:
+    own = _service(path.relative_to(PACKAGE).parts[0].removesuffix(".py"))
+    rank = SERVICE_ORDER.index(own)
+    for module in _imports(path):
+        target = _service(_top(module))
+        if target in SERVICE_ORDER and target != own:
+            assert SERVICE_ORDER.index(target) < rank, (
+                f"{path.relative_to(PACKAGE)} ({own}) imports {module}: {target} comes after "
+                f"{own} in DESIGN.md's order of services ({', '.join(SERVICE_ORDER)})"
+            )

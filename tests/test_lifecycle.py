@@ -95,7 +95,12 @@ def test_get_names_and_duplicates() -> None:
         res.get("db", Resources)
     assert "http" in res
     assert res.names == ("db", "http")
-    with pytest.raises(ResourceNotFound, match="no resource named 'cache' \\(known: db, http\\)"):
+    with pytest.raises(
+        ResourceNotFound, match="no resource named 'cache' \\(known so far: db, http\\)"
+    ):
+        res.get("cache")
+    # The hint says what is true: pass it to create_app, before its users.
+    with pytest.raises(ResourceNotFound, match=r"create_app\(resources=\[\.\.\.\]\).*before any"):
         res.get("cache")
     with pytest.raises(KeyError):
         res.get("cache")
@@ -103,6 +108,32 @@ def test_get_names_and_duplicates() -> None:
         Resources([Probe("db", []), Probe("db", [])])
     with pytest.raises(ValueError, match="step_timeout"):
         Resources(step_timeout=0)
+
+
+async def test_a_factory_gets_the_resources_before_it_started_first() -> None:
+    """A factory (a class taking Resources) uses what was added before it, never after."""
+    log: list[str] = []
+
+    class User:
+        name = "user"
+
+        def __init__(self, resources: Resources) -> None:
+            self.db = resources.get("db", Probe)
+
+        async def start(self) -> None:
+            log.append(f"user sees db started={self.db in res.started}")
+
+        async def stop(self) -> None: ...
+
+        async def check(self) -> None: ...
+
+    res = Resources([Probe("db", log), User, lambda r: Probe("after", log)])
+    assert res.names == ("db", "user", "after")
+    await res.start()
+    assert log[:2] == ["start db", "user sees db started=True"]
+    await res.stop()
+    with pytest.raises(ResourceNotFound, match="no resource named 'db' \\(known so far: none\\)"):
+        Resources([User, Probe("db", log)])
 
 
 @given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=0, max_size=6))

@@ -446,17 +446,44 @@ def test_cli_migrate_unreachable_database(capsys: pytest.CaptureFixture[str]) ->
 async def test_create_app_applies_the_apps_sets_on_startup(
     fresh_database: str, db_settings: Settings, tmp_path: Path
 ) -> None:
-    """``create_app(settings, migrations=[...])``, as the module docstring shows."""
+    """``create_app(settings, resources=[...], migrations=[...])``: defaults, the app's own, both.
+
+    The app's resource is a factory of the ones before it and reads the
+    app's table in its own start: the migrations ran and the pool is up.
+    """
     from ghar_core.asgi.app import create_app
+    from ghar_core.database import Database
+    from ghar_core.lifecycle import Resources
 
     settings = dataclasses.replace(
         db_settings, DATABASE_URL=fresh_database, DB_MIGRATE_ON_STARTUP=True
     )
     market = _app_set(tmp_path)
-    with pytest.raises(ValueError, match="pass migrations= to Database"):
-        create_app(settings, resources=[], migrations=[market])
-    app = create_app(settings, migrations=[market])
+    with pytest.raises(ValueError, match="need the core's resources"):
+        create_app(settings, core_resources=False, migrations=[market])
+
+    class Listings:
+        name = "listings"
+
+        def __init__(self, resources: Resources) -> None:
+            self.db = resources.get("database", Database)
+            self.versions: list[str] = []
+
+        async def start(self) -> None:
+            async with self.db.connection() as conn:
+                rows = await conn.fetch(
+                    "SELECT version FROM schema_migrations WHERE namespace = 'marketplace'"
+                )
+            self.versions = sorted(r["version"] for r in rows)
+
+        async def stop(self) -> None: ...
+
+        async def check(self) -> None: ...
+
+    app = create_app(settings, resources=[Listings], migrations=[market])
+    assert app.resources.names == ("http_clients", "database", "auth", "sse", "listings")
     async with app.lifespan():
+        assert app.resources.get("listings", Listings).versions[-1] == "0002"
         conn = await asyncpg.connect(fresh_database)
         try:
             assert ("marketplace", "0002") in await _recorded(conn)

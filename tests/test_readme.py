@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-from tests.conftest import require
-from tests.pg import postgres_available
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
@@ -18,28 +18,47 @@ def test_the_readme_has_its_examples() -> None:
     assert len(BLOCKS) >= 3
 
 
-async def test_use_it_example_serves_and_refuses_a_missing_token() -> None:
-    require(postgres_available(), "PostgreSQL on 127.0.0.1:5432")
-    namespace: dict[str, object] = {}
-    exec(compile(BLOCKS[0], "README.md[use-it]", "exec"), namespace)
-    exec(compile(BLOCKS[1], "README.md[testing]", "exec"), namespace)
-    await namespace["test_property_needs_a_token"]()  # type: ignore[operator]
+def _service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The README's myservice/main.py, executed as a module (dataclasses look it up)."""
+    (block,) = [b for b in BLOCKS if "def build(" in b]
+    module = types.ModuleType("readme_myservice")
+    module.__file__ = str(tmp_path / "main.py")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(block, "README.md[use-it]", "exec"), module.__dict__)
+    return module.__dict__
 
 
-async def test_real_token_example_runs_against_a_fresh_database(
-    fresh_database: str, monkeypatch: pytest.MonkeyPatch
+def test_use_it_example_builds_the_core_and_its_own_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The example reads the process settings: point them at a throwaway
-    # database that migrates on startup, as a newcomer's env file would.
-    monkeypatch.setenv("DATABASE_URL", fresh_database)
-    monkeypatch.setenv("DB_MIGRATE_ON_STARTUP", "true")
-    namespace: dict[str, object] = {}
-    exec(compile(BLOCKS[2], "README.md[real-token]", "exec"), namespace)
-    await namespace["test_me_with_a_real_token"]()  # type: ignore[operator]
+    """Run for real by tests/test_fresh_project.py; here: what it declares is wired."""
+    from ghar_core.config import load_settings
+    from ghar_core.http import HTTPClients
+
+    service = _service(tmp_path, monkeypatch)
+    settings = load_settings(
+        app_env="test", schema=service["ServiceSettings"], environ={"GEOCODER_URL": "http://g:1"}
+    )
+    app = service["build"](settings)
+    assert app.resources.names[-1] == "geocoder"  # after the core's
+    spec = app.resources.get("http_clients", HTTPClients).specs["geocoder"]
+    assert spec.base_url == "http://g:1"
+    database = app.resources.get("database")
+    assert [s.namespace for s in database.migrations] == ["myservice"]
+
+
+async def test_real_token_example_with_the_plugins_fixtures(
+    ghar_client: Any, ghar_token: Any
+) -> None:
+    """The README's test, with this repository's own plugin fixtures (the core app)."""
+    (block,) = [b for b in BLOCKS if "def test_me_with_a_real_token" in b]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md[test-it]", "exec"), namespace)
+    await namespace["test_me_with_a_real_token"](ghar_client, ghar_token)
 
 
 def test_own_migrations_example_builds_an_app(tmp_path: Path) -> None:
-    (block,) = [b for b in BLOCKS if "MigrationSet(" in b]
+    (block,) = [b for b in BLOCKS if "MigrationSet(" in b and "def build(" not in b]
     (tmp_path / "migrations").mkdir()
     (tmp_path / "migrations" / "0001_listings.sql").write_text("CREATE TABLE listings (id int);")
     namespace: dict[str, object] = {"__file__": str(tmp_path / "app.py")}
@@ -62,6 +81,17 @@ def test_event_stream_example_emits() -> None:
         set_default_bus(previous)
     assert namespace["delivered"] == 0  # nobody is listening
     assert bus.stats()["emitted"] == 1
+
+
+def test_fastapi_host_example_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run for real by tests/asgi/test_hosts.py; here: the README's code as written builds."""
+    (block,) = [b for b in BLOCKS if "fastapi_current_user(core)" in b]
+    module = types.ModuleType("readme_host")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(block, "README.md[hosts]", "exec"), module.__dict__)
+    api = module.__dict__["api"]
+    paths = {getattr(route, "path", None) for route in api.routes}
+    assert {"/listings/mine", "/core"} <= paths
 
 
 async def test_retries_example_applies_a_payment_once(db: object) -> None:

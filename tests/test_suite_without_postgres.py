@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PART = [
     "tests/test_users.py",
     "tests/test_database.py::test_our_pools_work_through_pgbouncer",
-    "tests/test_readme.py::test_real_token_example_runs_against_a_fresh_database",
+    "tests/test_readme.py::test_real_token_example_with_the_plugins_fixtures",
 ]
 
 

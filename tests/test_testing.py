@@ -130,3 +130,41 @@ async def test_lifespan_errors_after_startup_are_surfaced() -> None:
     with pytest.raises(ASGIProtocolError, match="shutdown"):
         async with TestClient(returns_silently, timeout=2):
             pass
+
+
+async def test_an_app_with_resources_not_entered_says_use_async_with() -> None:
+    """No lazily started pools and sessions that nothing closes: a clear error at once."""
+    from ghar_core.asgi import create_app
+    from ghar_core.config import load_settings
+    from ghar_core.http import HTTPClients
+
+    app = create_app(load_settings(app_env="test"), core_resources=False, resources=[HTTPClients()])
+    client = TestClient(app)
+    with pytest.raises(RuntimeError, match=r"use `async with TestClient\(app\) as client:`"):
+        await client.get("/api/v1/me")
+    assert not app.lifespan_manager.started  # nothing was started behind the test's back
+    async with TestClient(app) as entered:  # the right way works
+        assert (await entered.get("/health")).status_code == 200
+    async with app.lifespan():  # started by the test itself: no async with needed
+        assert (await TestClient(app).get("/health")).status_code == 200
+
+
+def test_importing_the_test_client_loads_no_driver() -> None:
+    """The lazy ghar_core.asgi package: the test client needs no asyncpg, aiohttp or PyJWT."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ghar_core.testing, ghar_core.asgi; "
+        "print(sorted(m for m in ('asyncpg', 'aiohttp', 'jwt') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
+    # and the names still resolve, lazily
+    code = "import ghar_core.asgi as a; print(a.create_app.__module__, 'create_app' in dir(a))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["ghar_core.asgi.app", "True"]

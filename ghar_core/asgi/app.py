@@ -40,8 +40,8 @@ from ghar_core.exceptions import (
     NotFoundException,
     render_error,
 )
-from ghar_core.http import HTTPClientsResource
-from ghar_core.lifecycle import Resource, Resources
+from ghar_core.http import ClientSpec, HTTPClients
+from ghar_core.lifecycle import Resources, ResourceSpec
 from ghar_core.sse import SSEEventBus
 
 if TYPE_CHECKING:
@@ -65,22 +65,27 @@ _JSON_HEADER = (b"content-type", b"application/json")
 
 
 def build_default_resources(
-    settings: Settings, *, migrations: Sequence[MigrationSet] = ()
-) -> list[Resource]:
-    """The resources every app starts, in start order (stopped in reverse).
+    settings: Settings,
+    *,
+    migrations: Sequence[MigrationSet] = (),
+    clients: Sequence[ClientSpec] = (),
+) -> list[ResourceSpec]:
+    """The core's resources, in start order (stopped in reverse).
 
-    ``create_app`` uses this when it is not given ``resources``. Keep one
-    line per service here, so the order of start is visible in one place.
+    ``create_app`` starts these first, then the app's own ``resources=``.
     ``migrations``: the app's own migration sets, applied after the core's
-    when ``DB_MIGRATE_ON_STARTUP`` is on (see :mod:`ghar_core.migrate`).
+    when ``DB_MIGRATE_ON_STARTUP`` is on (see :mod:`ghar_core.migrate`);
+    ``clients``: the app's own client domains, beside the core's four.
     """
-    resources: list[Resource] = []
-    # Each service adds its resource here.
-    resources.append(Database(settings, migrations=migrations))  # "database": both pools
-    resources.append(HTTPClientsResource())  # shared outbound sessions; stop closes them
-    resources.append(SupabaseAuth(settings))  # "auth": JWKS and token caches (issue 5)
-    resources.append(SSEEventBus(settings))  # "sse": per-user event bus; stop ends the streams
-    return resources
+    return [
+        HTTPClients(clients),  # "http_clients": every outbound session; stops last
+        Database(settings, migrations=migrations),  # "database": both pools
+        # "auth": JWKS and token caches, on the clients resource's provider session.
+        lambda started: SupabaseAuth(
+            settings, client=started.get("http_clients", HTTPClients).provider("supabase_auth")
+        ),
+        SSEEventBus(settings),  # "sse": per-user event bus; stop ends the streams
+    ]
 
 
 class App:
@@ -440,26 +445,38 @@ async def _deny_websocket(
 def create_app(
     settings: Settings | None = None,
     *,
-    resources: Sequence[Resource] | Resources | None = None,
+    resources: Sequence[ResourceSpec] | Resources = (),
+    migrations: Sequence[MigrationSet] = (),
+    clients: Sequence[ClientSpec] = (),
+    core_resources: bool = True,
     access_log: bool | AccessSink | None = None,
     cors: bool = True,
     builtin_endpoints: bool = True,
-    migrations: Sequence[MigrationSet] = (),
 ) -> App:
     r"""Build the ASGI app.
 
     ``settings``: defaults to the process settings (``ghar_core.config``).
-    ``resources``: what the lifespan starts in order and stops in reverse,
-    each step bounded by ``settings.SHUTDOWN_STEP_TIMEOUT``; ``None`` means
-    :func:`build_default_resources`; a ready :class:`Resources` is used as is.
+    ``resources``: the app's own resources, started in order after the core's
+    (:func:`build_default_resources`: HTTP clients, database, auth, SSE bus)
+    and stopped in reverse, each step bounded by ``settings.SHUTDOWN_STEP_TIMEOUT``.
+    An item may be a factory (a class taking ``Resources`` works): it is called
+    with the resources before it, so it can use any of them
+    (``resources.get("database", Database)``). A ready :class:`Resources` is
+    used as is, without the core's.
+    ``migrations``: the app's own :class:`~ghar_core.migrate.MigrationSet`\ s,
+    applied after the core's on ``DB_MIGRATE_ON_STARTUP`` (or ``ghar-core migrate``).
+    ``clients``: the app's own :class:`~ghar_core.http.ClientSpec`\ s (name,
+    base URL, timeouts, limit), owned and closed by the ``"http_clients"``
+    resource like the core's four.
+    ``core_resources=False`` leaves the core's resources out (a bare app for
+    tests of routing and middleware); ``migrations``/``clients`` then have no
+    owner and are refused.
     ``access_log``: one line per request (default ``settings.ACCESS_LOG``);
     ``True`` logs through the ``ghar_core.access`` logger, a sink (e.g.
     :class:`~ghar_core.asgi.accesslog.BufferedAccessLog`) writes the lines
     itself, much faster; ``False`` leaves the middleware out.
     ``cors``: the CORS middleware from the ``CORS_*`` settings.
     ``builtin_endpoints``: ``GET /health``, ``GET /ready`` and ``GET {API_V1_STR}/me``.
-    ``migrations``: the app's own :class:`~ghar_core.migrate.MigrationSet`\ s,
-    applied after the core's on ``DB_MIGRATE_ON_STARTUP`` (or ``ghar-core migrate``).
 
     Serve it with uvicorn (lifespan events start the resources), mount it in
     another ASGI app (``root_path`` honoured; without lifespan events the
@@ -473,15 +490,20 @@ def create_app(
         from ghar_core.config import get_settings
 
         settings = get_settings()
-    if resources is None:
-        resources = build_default_resources(settings, migrations=migrations)
-    elif migrations:
-        raise ValueError("pass migrations= to Database(...) yourself when giving resources=")
-    owned = (
-        resources
-        if isinstance(resources, Resources)
-        else Resources(resources, step_timeout=settings.SHUTDOWN_STEP_TIMEOUT)
-    )
+    if isinstance(resources, Resources):
+        owned = resources
+    else:
+        specs: list[ResourceSpec] = []
+        if core_resources:
+            specs = build_default_resources(settings, migrations=migrations, clients=clients)
+        elif migrations or clients:
+            raise ValueError(
+                "migrations= and clients= need the core's resources (its database and "
+                "HTTP clients); drop core_resources=False, or pass Database(settings, "
+                "migrations=...) and HTTPClients([...]) in resources= yourself"
+            )
+        specs.extend(resources)
+        owned = Resources(specs, step_timeout=settings.SHUTDOWN_STEP_TIMEOUT)
     if access_log is None:
         access_log = settings.ACCESS_LOG
     app = App(settings, owned, access_log=access_log, cors=cors)

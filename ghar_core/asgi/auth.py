@@ -5,16 +5,20 @@ routes (``allow_query_token=True``) may also pass it as the ``access_token``
 query parameter, because browsers cannot set headers on ``EventSource`` or
 ``WebSocket`` (the access log redacts that parameter). Credentials are never
 guessed: several ``Authorization`` headers, or a header and a query token
-that differ, are a 400 (``AUTH_CREDENTIALS_AMBIGUOUS``), whatever their order. Verification is the
-app's ``"auth"`` resource (:class:`~ghar_core.auth.SupabaseAuth`), or the
-process default when the app has none; a cached token costs a header scan, a
-hash and a dict lookup.
+that differ, are a 400 (``AUTH_CREDENTIALS_AMBIGUOUS``), whatever their order.
+Verification is the app's ``"auth"`` resource (:class:`~ghar_core.auth.SupabaseAuth`),
+or the running app's when this app has none (a host mounting the core); a
+cached token costs a header scan, a hash and a dict lookup.
 
 The users row is synced through :func:`~ghar_core.users.get_or_create_user_from_supabase`
 (one upsert, safe when first requests race) when the app has a ``"database"``
-resource. Rows are remembered per provider user id for ``TOKEN_CACHE_TTL``
-seconds, so a busy user costs one upsert a minute, not one per request;
-profile changes at the provider show up within that time. The result is
+resource. Called while the handler holds a connection (inside
+``execute_with_transient_retry`` or ``db.transaction()``), the upsert runs on
+that connection, in a savepoint: never a second connection from the pool
+(that row is not remembered: the handler's transaction may still roll back).
+Rows are remembered per provider user id for ``TOKEN_CACHE_TTL`` seconds, so
+a busy user costs one upsert a minute, not one per request; profile changes
+at the provider show up within that time. The result is
 kept on ``request.state`` so several calls within one request verify once.
 """
 
@@ -33,6 +37,7 @@ from ghar_core.auth import (
     SupabaseUser,
     get_auth,
 )
+from ghar_core.database import held_connection
 from ghar_core.lifecycle import ResourceNotFound
 from ghar_core.users import get_or_create_user_from_supabase
 
@@ -166,8 +171,15 @@ async def current_user(conn: HTTPConnection, *, allow_query_token: bool = False)
         rows = auth.user_rows
         row = rows.get(identity["id"])
         if row is None:
-            row = await get_or_create_user_from_supabase(db, identity)  # type: ignore[arg-type]
-            rows.set(identity["id"], row)
+            held = held_connection()
+            if held is not None:
+                # Called inside the handler's own transaction: sync the row on
+                # that connection (a second one could wait forever on a small
+                # pool). Not remembered: that transaction may still roll back.
+                row = await get_or_create_user_from_supabase(db, identity, conn=held)  # type: ignore[arg-type]
+            else:
+                row = await get_or_create_user_from_supabase(db, identity)  # type: ignore[arg-type]
+                rows.set(identity["id"], row)
     user = CurrentUser(identity, row)
     state[_STATE_KEY] = user
     return user

@@ -254,7 +254,10 @@ def _embedded(data_dir: Path | None, database: str) -> EmbeddedPostgres:
     root = Path(chosen or ".ghar/dev").absolute()
     port = EMBEDDED_PG_PORT if _port_free("127.0.0.1", EMBEDDED_PG_PORT) else 0
     name = database or "ghar_dev"
-    server = EmbeddedPostgres(root / "pg", database=name, port=port, migrate=True)
+    # Free a moment ago is no promise (another run may bind it first): fall back.
+    server = EmbeddedPostgres(
+        root / "pg", database=name, port=port, migrate=True, port_fallback=True
+    )
     blocked = server.unreachable_parent()
     if blocked is None or chosen:
         return server  # a folder that was asked for gets the plain error, if any
@@ -266,7 +269,7 @@ def _embedded(data_dir: Path | None, database: str) -> EmbeddedPostgres:
         f"data in {root} instead (--data-dir chooses another)",
         flush=True,
     )
-    return EmbeddedPostgres(root / "pg", database=name, port=port, migrate=True)
+    return EmbeddedPostgres(root / "pg", database=name, port=port, migrate=True, port_fallback=True)
 
 
 # --- the command ---------------------------------------------------------------------

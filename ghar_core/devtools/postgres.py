@@ -174,6 +174,7 @@ class EmbeddedPostgres:
         migration_sets: Sequence[MigrationSet] = (),
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 60.0,
+        port_fallback: bool = False,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", database):
             raise ValueError(f"database must be a plain identifier, got {database!r}")
@@ -190,6 +191,8 @@ class EmbeddedPostgres:
         self.startup_timeout = startup_timeout
         self.initialised = False  # True when the last start() ran initdb
         self._requested_port = port
+        # ``port`` is a preference: when another process takes it first, a free one.
+        self._port_fallback = port_fallback
         self._run_as = run_as
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -235,11 +238,12 @@ class EmbeddedPostgres:
         self._clear_orphan()
         try:
             for attempt in range(3):
-                self.port = self._requested_port or free_port()
+                fixed = self._requested_port and (attempt == 0 or not self._port_fallback)
+                self.port = self._requested_port if fixed else free_port()
                 self._spawn(binaries, user)
                 if self._wait_ready():
                     break
-                if self._requested_port or attempt == 2:
+                if (self._requested_port and not self._port_fallback) or attempt == 2:
                     raise EmbeddedPostgresError(
                         f"port {self.port} on 127.0.0.1 is taken; choose another (0: any free one)"
                     )

@@ -15,10 +15,15 @@ from typing import Any
 from ghar_core.asgi import Request, WebSocket, create_app
 from ghar_core.auth import SupabaseAuth
 from ghar_core.config import get_settings
+from ghar_core.http import HTTPClients
 from ghar_core.sse import SSEEventBus
 
 settings = get_settings()
-app = create_app(settings, resources=[SupabaseAuth(settings), SSEEventBus(settings)])
+app = create_app(
+    settings,
+    core_resources=False,
+    resources=[HTTPClients(), SupabaseAuth(settings), SSEEventBus(settings)],
+)
 
 
 @app.post("/echo")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from ghar_core.asgi.auth import current_user
 from ghar_core.auth import SupabaseAuth
 from ghar_core.config import Settings
 from ghar_core.database import Database
+from ghar_core.db_resilience import execute_with_transient_retry
 from ghar_core.devtools import IdentityProviderServer
 from ghar_core.http import HTTPClientsResource
 from ghar_core.testing import TestClient
@@ -36,7 +38,7 @@ async def idp() -> AsyncIterator[IdentityProviderServer]:
 
 def app_without_db(idp: IdentityProviderServer) -> Any:
     s = settings_for(idp, ACCESS_LOG=False)
-    return create_app(s, resources=[HTTPClientsResource(), SupabaseAuth(s)])
+    return create_app(s, core_resources=False, resources=[HTTPClientsResource(), SupabaseAuth(s)])
 
 
 @pytest.fixture
@@ -48,7 +50,9 @@ def migrated_dsn(_migrated: str) -> str:
 @pytest.fixture
 def app_with_db(idp: IdentityProviderServer, migrated_dsn: str) -> tuple[Any, Settings]:
     s = settings_for(idp, ACCESS_LOG=False, DATABASE_URL=migrated_dsn, DB_POOL_MAX_SIZE=5)
-    app = create_app(s, resources=[HTTPClientsResource(), SupabaseAuth(s), Database(s)])
+    app = create_app(
+        s, core_resources=False, resources=[HTTPClientsResource(), SupabaseAuth(s), Database(s)]
+    )
 
     @app.get("/events")
     async def events(request: Any) -> dict[str, Any]:  # stands in for the SSE route
@@ -67,9 +71,55 @@ def app_with_db(idp: IdentityProviderServer, migrated_dsn: str) -> tuple[Any, Se
 
 
 def test_default_resources_include_auth(idp: IdentityProviderServer) -> None:
-    names = [r.name for r in build_default_resources(settings_for(idp))]
-    assert "auth" in names
+    app = create_app(settings_for(idp))
+    names = list(app.resources.names)
+    assert len(names) == len(build_default_resources(settings_for(idp)))
     assert names.index("auth") > names.index("http_clients")  # stops before the sessions close
+    # The auth resource's provider session is the clients resource's own domain.
+    clients = app.resources.get("http_clients", HTTPClientsResource)
+    assert "supabase_auth" in clients.specs
+
+
+async def test_current_user_inside_a_held_transaction_needs_no_second_connection(
+    idp: IdentityProviderServer, migrated_dsn: str
+) -> None:
+    """Pool of 1, current_user() called inside the retried operation: the held one is used."""
+    s = settings_for(
+        idp,
+        ACCESS_LOG=False,
+        DATABASE_URL=migrated_dsn,
+        DB_POOL_MIN_SIZE=1,
+        DB_POOL_MAX_SIZE=1,
+        DB_POOL_ACQUIRE_TIMEOUT=0.5,
+    )
+    app = create_app(s)
+
+    @app.post("/listings")
+    async def create(request: Any) -> dict[str, Any]:
+        db = request.resources.get("database", Database)
+
+        async def op(conn: Any) -> dict[str, Any]:
+            user = await current_user(request)  # while `conn` is held
+            owner = await conn.fetchval("SELECT id FROM users WHERE id = $1", user.id)
+            return {"owner": str(owner), "email": user.identity["email"]}
+
+        return await execute_with_transient_retry(db, op, operation_name="create_listing")
+
+    email = f"held-{uuid.uuid4().hex[:8]}@example.com"
+    token = idp.provider.mint_token(email=email)
+    async with TestClient(app) as client:
+        r = await client.post("/listings", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        assert r.json()["email"] == email
+        owner = r.json()["owner"]
+        assert owner != "None"  # the row the upsert made is visible in the same transaction
+        main = app.resources.get("database", Database).stats()["main"]
+        assert main["exhausted"] == 0
+        assert main["opened"] == 1
+        # Committed with the handler's transaction: /me finds the same row.
+        r = await client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+        assert r.json()["id"] == owner
 
 
 async def test_me_syncs_the_users_row(

@@ -79,7 +79,7 @@ class Tracked:
 
 
 def _app(resource: Tracked):
-    app = create_app(make_settings(MAX_BODY_SIZE=1024), resources=[resource])
+    app = create_app(make_settings(MAX_BODY_SIZE=1024), core_resources=False, resources=[resource])
     closed = asyncio.Event()
     app.state.closed = closed
 
@@ -211,7 +211,7 @@ async def test_cli_serve_your_own_app(tmp_path: Path) -> None:
     """``ghar-core serve --app module:attr`` serves the user's app, with our logging."""
     (tmp_path / "userapp.py").write_text(
         "from ghar_core.asgi import create_app\n"
-        "app = create_app(resources=[])\n"
+        "app = create_app(core_resources=False, resources=[])\n"
         "@app.get('/api/v1/hello')\n"
         "async def hello(request):\n"
         "    return {'hello': request.query_params.get('name')}\n"
@@ -250,7 +250,7 @@ async def test_websocket_through_uvicorn() -> None:
     """A real WebSocket handshake and echo through uvicorn (the sans-I/O websockets impl)."""
     from ghar_core.logging import get_request_id
 
-    app = create_app(make_settings(), resources=[])
+    app = create_app(make_settings(), core_resources=False, resources=[])
 
     @app.websocket_route("/ws/echo")
     async def echo(ws) -> None:
@@ -275,7 +275,7 @@ async def test_websocket_through_uvicorn() -> None:
 
 async def test_websocket_denial_through_uvicorn_is_an_envelope_with_request_id() -> None:
     """uvicorn offers websocket.http.response: an unknown route is a real 404 envelope."""
-    app = create_app(make_settings(), resources=[])
+    app = create_app(make_settings(), core_resources=False, resources=[])
     async with (
         serve(app, ws="websockets-sansio") as base,
         aiohttp.ClientSession() as http,

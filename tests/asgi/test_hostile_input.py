@@ -31,7 +31,7 @@ from tests.strategies import nested_json
 
 
 def _echo_app(settings: Settings) -> Any:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.post("/echo")
     async def echo(request):
@@ -110,7 +110,7 @@ def _cancelling_app(settings: Settings, lines: list[tuple[str, str, int]]) -> An
     def sink(method: str, path: str, status: int, duration_ms: float) -> None:
         lines.append((method, path, status))
 
-    app = create_app(settings, resources=[], access_log=sink)
+    app = create_app(settings, core_resources=False, resources=[], access_log=sink)
 
     @app.get("/cancelled")
     async def cancelled(request):
@@ -177,7 +177,7 @@ async def test_a_cancelled_streaming_body_is_logged_once_and_the_response_cut(
 
 async def test_the_servers_own_cancellation_still_propagates(settings: Settings) -> None:
     """A task cancelled from outside (the server at shutdown) must stay cancelled."""
-    app = create_app(settings, resources=[], access_log=False)
+    app = create_app(settings, core_resources=False, resources=[], access_log=False)
     entered = asyncio.Event()
     sent: list[dict[str, Any]] = []
 
@@ -266,7 +266,7 @@ async def test_cors_follows_the_fetch_standard(
 
 
 async def test_vary_origin_without_an_origin_header() -> None:
-    app = create_app(make_settings(CORS_ORIGINS=(ALLOWED,)), resources=[])
+    app = create_app(make_settings(CORS_ORIGINS=(ALLOWED,)), core_resources=False, resources=[])
 
     @app.get("/cached")
     async def cached(request):

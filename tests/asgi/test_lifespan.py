@@ -39,7 +39,7 @@ class Counting:
 
 
 def _app(settings: Settings, resource: Counting):
-    app = create_app(settings, resources=[resource])
+    app = create_app(settings, core_resources=False, resources=[resource])
 
     @app.get("/use")
     async def use(request):
@@ -68,7 +68,7 @@ async def test_startup_failure_reported_to_host(settings: Settings) -> None:
 async def test_lazy_start_exactly_once_under_concurrency(settings: Settings) -> None:
     res = Counting(start_delay=0.05)
     app = _app(settings, res)
-    client = TestClient(app)  # no lifespan events
+    client = TestClient(app, lifespan=False)  # no lifespan events
     replies = await asyncio.gather(*(client.get("/use") for _ in range(20)))
     assert {r.status_code for r in replies} == {200}
     assert res.starts == 1
@@ -84,7 +84,7 @@ async def test_lazy_start_failure_is_503_and_recovers(settings: Settings, monkey
     monkeypatch.setattr(lifespan_module, "_RETRY_INTERVAL", 0.0)
     res = Counting()
     res.fail_start = True
-    client = TestClient(_app(settings, res))
+    client = TestClient(_app(settings, res), lifespan=False)
     r = await client.get("/use")
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1"
@@ -94,7 +94,7 @@ async def test_lazy_start_failure_is_503_and_recovers(settings: Settings, monkey
 
 async def test_health_does_not_start_resources(settings: Settings) -> None:
     res = Counting()
-    r = await TestClient(_app(settings, res)).get("/health")
+    r = await TestClient(_app(settings, res), lifespan=False).get("/health")
     assert r.json()["status"] == "ok"
     assert r.json()["environment"] == "test"
     assert res.starts == 0
@@ -102,9 +102,9 @@ async def test_health_does_not_start_resources(settings: Settings) -> None:
 
 async def test_ready_names_the_failing_check(settings: Settings) -> None:
     ok, bad = Counting("db"), Counting("idp")
-    app = create_app(settings, resources=[ok, bad])
+    app = create_app(settings, core_resources=False, resources=[ok, bad])
     async with app.lifespan():
-        client = TestClient(app)
+        client = TestClient(app, lifespan=False)
         assert (await client.get("/ready")).json() == {
             "status": "ready",
             "checks": {"db": "ok", "idp": "ok"},
@@ -141,7 +141,7 @@ async def test_shutdown_failure_is_raised_after_all_stops(settings: Settings) ->
             raise RuntimeError("stuck")
 
     a, b = Counting("a"), BadStop("b")
-    app = create_app(settings, resources=[a, b])
+    app = create_app(settings, core_resources=False, resources=[a, b])
     await app.startup()
     with pytest.raises(LifecycleError, match="b: RuntimeError: stuck"):
         await app.shutdown()
@@ -179,7 +179,7 @@ async def test_mounted_under_prefix_without_lifespan(settings: Settings) -> None
 async def test_root_path_already_stripped_by_host(settings: Settings) -> None:
     res = Counting()
     app = _app(settings, res)
-    scope_root = TestClient(app, root_path="/api")
+    scope_root = TestClient(app, root_path="/api", lifespan=False)
     assert (await scope_root.get("/use")).status_code == 200
     sent: list[dict] = []
 
@@ -198,7 +198,7 @@ async def test_settings_default_from_process(monkeypatch) -> None:
     from ghar_core import config
 
     monkeypatch.setattr(config, "_cached", make_settings(PROJECT_NAME="Mine"))
-    app = create_app(resources=[])
+    app = create_app(core_resources=False, resources=[])
     assert (await TestClient(app).get("/health")).json()["name"] == "Mine"
 
 
@@ -219,7 +219,7 @@ async def test_failed_lazy_start_is_attempted_once_under_concurrency(settings: S
         await original()
 
     res.start = counting_start  # type: ignore[method-assign]
-    client = TestClient(_app(settings, res))
+    client = TestClient(_app(settings, res), lifespan=False)
     replies = await asyncio.gather(*(client.get("/use") for _ in range(20)))
     assert {r.status_code for r in replies} == {503}
     assert all(r.headers["retry-after"] == "1" for r in replies)
@@ -231,7 +231,7 @@ async def test_lazy_start_waiting_behind_shutdown_does_not_restart(settings: Set
     # shutdown has run, the request must get 503, not start the resources again.
     res = Counting(start_delay=0.1)
     app = _app(settings, res)
-    client = TestClient(app)
+    client = TestClient(app, lifespan=False)
     starting = asyncio.create_task(app.startup())
     await asyncio.sleep(0.01)
     stopping = asyncio.create_task(app.shutdown())

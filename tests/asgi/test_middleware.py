@@ -25,7 +25,7 @@ from tests.asgi.conftest import make_settings
 
 
 def _app(settings: Settings, **kwargs):
-    app = create_app(settings, resources=[], **kwargs)
+    app = create_app(settings, core_resources=False, resources=[], **kwargs)
 
     @app.get("/ok")
     async def ok(request):

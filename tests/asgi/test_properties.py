@@ -22,7 +22,9 @@ _CONTENT_TYPES = st.sampled_from(
 
 def _app():
     app = create_app(
-        make_settings(MAX_BODY_SIZE=2048, CORS_ORIGINS=("https://a.example",)), resources=[]
+        make_settings(MAX_BODY_SIZE=2048, CORS_ORIGINS=("https://a.example",)),
+        core_resources=False,
+        resources=[],
     )
 
     @app.route("/items/{id:int}", methods=["GET", "PUT", "DELETE"])

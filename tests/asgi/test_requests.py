@@ -25,7 +25,7 @@ class Named:
 
 
 def echo_app(settings: Settings):
-    app = create_app(settings, resources=[Named("db")])
+    app = create_app(settings, core_resources=False, resources=[Named("db")])
 
     @app.post("/echo")
     async def echo(request):
@@ -55,7 +55,7 @@ def echo_app(settings: Settings):
 
 
 async def test_request_views(settings: Settings) -> None:
-    client = TestClient(echo_app(settings))
+    client = TestClient(echo_app(settings), lifespan=False)
     r = await client.get(
         "/info?tag=a&tag=b&name=Zo%C3%AB&empty=",
         headers=[
@@ -80,7 +80,7 @@ async def test_request_views(settings: Settings) -> None:
 
 
 async def test_json_errors(settings: Settings) -> None:
-    client = TestClient(echo_app(settings))
+    client = TestClient(echo_app(settings), lifespan=False)
     ok = await client.post("/echo", json={"a": [1, 2]})
     assert ok.json() == {"json": {"a": [1, 2]}}
     suffix = await client.post(
@@ -105,7 +105,7 @@ async def test_json_errors(settings: Settings) -> None:
 
 
 async def test_bad_content_length_is_400(settings: Settings) -> None:
-    client = TestClient(echo_app(settings))
+    client = TestClient(echo_app(settings), lifespan=False)
     r = await client.post("/raw", content=b"abc", headers={"content-length": "x1"})
     assert r.status_code == 400
 
@@ -157,7 +157,7 @@ async def test_chunked_oversize_body_stops_reading_at_the_limit() -> None:
 
 async def test_body_at_the_limit_is_accepted() -> None:
     app = echo_app(make_settings(MAX_BODY_SIZE=1000))
-    r = await TestClient(app, chunk_size=100).post("/raw", content=b"x" * 1000)
+    r = await TestClient(app, chunk_size=100, lifespan=False).post("/raw", content=b"x" * 1000)
     assert r.json() == {"size": 1000}
 
 
@@ -171,7 +171,7 @@ from hypothesis import strategies as st  # noqa: E402
 async def test_absurd_content_length_is_a_4xx_never_500(digits: int, lead: str) -> None:
     # int() refuses more than 4300 digits with ValueError: that used to be a 500.
     app = echo_app(make_settings(MAX_BODY_SIZE=1000))
-    r = await TestClient(app).post(
+    r = await TestClient(app, lifespan=False).post(
         "/raw", content=b"abc", headers={"content-length": lead * digits}
     )
     if lead == "0":

@@ -29,7 +29,7 @@ class Listing:
 
 
 async def test_json_types_serialise(settings: Settings) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
     uid = uuid.UUID(int=5)
     when = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
@@ -49,7 +49,7 @@ async def test_json_types_serialise(settings: Settings) -> None:
 
 
 async def test_plain_bytes_none_and_204(settings: Settings) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.get("/t")
     async def text(request):
@@ -90,7 +90,7 @@ def test_header_injection_is_refused() -> None:
 
 
 async def test_unsupported_return_is_500_envelope(settings: Settings) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.get("/x")
     async def bad(request):
@@ -102,7 +102,7 @@ async def test_unsupported_return_is_500_envelope(settings: Settings) -> None:
 
 
 async def test_streaming_sends_chunks_as_produced(settings: Settings) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
     gate = asyncio.Event()
 
     async def events():
@@ -129,7 +129,7 @@ async def test_streaming_sends_chunks_as_produced(settings: Settings) -> None:
 
 
 async def test_client_disconnect_closes_the_iterator(settings: Settings) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
     closed = asyncio.Event()
     produced = 0
 
@@ -159,7 +159,7 @@ async def test_client_disconnect_closes_the_iterator(settings: Settings) -> None
 
 
 async def test_streaming_head_and_sync_iterables(settings: Settings) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.get("/s")
     async def s(request):
@@ -172,7 +172,7 @@ async def test_streaming_head_and_sync_iterables(settings: Settings) -> None:
 
 
 async def test_error_mid_stream_truncates_and_logs(settings: Settings, caplog) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     async def broken():
         yield b"partial"

@@ -15,7 +15,7 @@ from ghar_core.testing import TestClient
 
 @pytest.fixture
 def app(settings: Settings):
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.get("/items")
     async def list_items(request):
@@ -113,7 +113,7 @@ def test_bad_templates_are_refused() -> None:
 
 
 def test_duplicate_route_and_sync_handler_are_refused(settings: Settings) -> None:
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.get("/a")
     async def a(request):
@@ -140,7 +140,7 @@ async def test_dict_and_list_subclasses_are_json(settings: Settings) -> None:
     # "may return a dict or list": a defaultdict/OrderedDict is one; it used to be a 500.
     import collections
 
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.get("/dd")
     async def dd(request):

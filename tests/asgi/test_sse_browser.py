@@ -22,6 +22,7 @@ import orjson
 
 from ghar_core.asgi import Request, Response, create_app
 from ghar_core.auth import SupabaseAuth
+from ghar_core.http import HTTPClients
 from ghar_core.sse import SSEEventBus
 from tests.asgi.sse_support import sse_settings, token_for
 from tests.asgi.test_e2e_uvicorn import serve
@@ -134,7 +135,9 @@ async def test_chromium_eventsource_cut_mid_stream_receives_every_event_exactly_
     require(HAVE_DRIVER, "playwright-core in tests/browser (scripts/ensure-browser.sh)")
     settings = sse_settings(SSE_RETRY_INTERVAL=0.2, SSE_HEARTBEAT_INTERVAL=1.0)
     bus = SSEEventBus(settings, handle_signals=False)
-    app = create_app(settings, resources=[SupabaseAuth(settings), bus])
+    app = create_app(
+        settings, core_resources=False, resources=[HTTPClients(), SupabaseAuth(settings), bus]
+    )
     user, token = token_for()
     stream_url = f"/api/v1/events/stream?access_token={token}"
 

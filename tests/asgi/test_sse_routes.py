@@ -17,6 +17,7 @@ import pytest
 from ghar_core.asgi import create_app
 from ghar_core.auth import SupabaseAuth
 from ghar_core.config import Settings
+from ghar_core.http import HTTPClients
 from ghar_core.sse import SSEEventBus
 from ghar_core.testing import TestClient, TestStreamResponse
 from tests.asgi.sse_support import parse_blocks, sse_settings, token_for
@@ -28,7 +29,9 @@ TEST = "/api/v1/events/test"
 def _app(settings: Settings | None = None, **options: Any) -> tuple[Any, SSEEventBus]:
     settings = settings or sse_settings(SSE_HEARTBEAT_INTERVAL=0.05)
     bus = SSEEventBus(settings, handle_signals=False, **options)
-    return create_app(settings, resources=[SupabaseAuth(settings), bus]), bus
+    return create_app(
+        settings, core_resources=False, resources=[HTTPClients(), SupabaseAuth(settings), bus]
+    ), bus
 
 
 async def _read_blocks(r: TestStreamResponse, count: int) -> list[dict[str, str]]:
@@ -229,10 +232,8 @@ async def test_enable_sse_false_removes_both_routes() -> None:
 
 
 async def test_the_default_app_has_the_bus_and_ready_shows_its_stats() -> None:
-    from ghar_core.asgi.app import build_default_resources
-
     settings = sse_settings()
-    assert "sse" in [r.name for r in build_default_resources(settings)]
+    assert "sse" in create_app(settings).resources
     app, _ = _app(settings)
     async with TestClient(app) as client:
         r = await client.get("/ready")

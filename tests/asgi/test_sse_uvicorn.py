@@ -24,6 +24,7 @@ import pytest
 
 from ghar_core.asgi import create_app
 from ghar_core.auth import SupabaseAuth
+from ghar_core.http import HTTPClients
 from ghar_core.sse import SSEEventBus
 from tests.asgi.sse_support import SERVED_ENV, parse_blocks, sse_settings, token_for
 from tests.asgi.test_e2e_uvicorn import serve
@@ -35,7 +36,9 @@ STREAM = "/api/v1/events/stream"
 def _app(**changes: object) -> tuple[object, SSEEventBus]:
     settings = sse_settings(**{"SSE_HEARTBEAT_INTERVAL": 0.1, **changes})
     bus = SSEEventBus(settings, handle_signals=False)
-    return create_app(settings, resources=[SupabaseAuth(settings), bus]), bus
+    return create_app(
+        settings, core_resources=False, resources=[HTTPClients(), SupabaseAuth(settings), bus]
+    ), bus
 
 
 async def _blocks(response: aiohttp.ClientResponse, count: int) -> list[dict[str, str]]:

@@ -10,7 +10,7 @@ from ghar_core.testing import TestClient, WebSocketRejected
 
 
 def _app(settings: Settings):
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
     seen: dict[str, object] = {}
 
     @app.websocket_route("/ws/{room}")
@@ -102,7 +102,7 @@ async def test_api_exceptions_are_expected_refusals_not_errors(settings, caplog)
 
     from ghar_core.exceptions import NotFoundException, UnauthorizedException
 
-    app = create_app(settings, resources=[])
+    app = create_app(settings, core_resources=False, resources=[])
 
     @app.websocket_route("/private")
     async def private(ws):
