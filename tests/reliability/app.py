@@ -32,6 +32,8 @@ from ghar_core.config import Settings, load_settings, setting
 from ghar_core.database import Database
 from ghar_core.db_resilience import execute_with_transient_retry
 from ghar_core.exceptions import BadRequestException, NotFoundException, ValidationException
+from ghar_core.http import HTTPClients
+from ghar_core.lifecycle import Resource, Resources
 from ghar_core.migrate import MigrationSet
 
 __all__ = ["MIGRATIONS", "ReliabilitySettings", "build"]
@@ -152,15 +154,28 @@ def build() -> App:
     """The factory ``ghar-core serve --app tests.reliability.app:build --factory`` calls.
 
     ``RELIABILITY_AUTH_TIMEOUT`` gives the auth resource a shorter deadline
-    than its 5 s default, so the slow-provider case stays short: an app
-    replaces a default resource by passing its own list.
+    than its 5 s default, so the slow-provider case stays short: an app that
+    replaces one of the core's resources passes a ready ``Resources`` (used
+    as is) built from :func:`build_default_resources` with that one swapped.
     """
     settings = load_settings(schema=ReliabilitySettings)
-    resources = [
-        SupabaseAuth(settings, timeout=settings.RELIABILITY_AUTH_TIMEOUT) if r.name == "auth" else r
-        for r in build_default_resources(settings, migrations=[MIGRATIONS])
-    ]
-    app = create_app(settings, resources=resources)
+
+    def auth(started: Resources) -> SupabaseAuth:
+        clients = started.get("http_clients", HTTPClients)
+        return SupabaseAuth(
+            settings,
+            client=clients.provider("supabase_auth"),
+            timeout=settings.RELIABILITY_AUTH_TIMEOUT,
+        )
+
+    specs = build_default_resources(settings, migrations=[MIGRATIONS])
+    # The core's auth is its one factory (it needs the clients resource): ours instead.
+    factories = [i for i, spec in enumerate(specs) if not isinstance(spec, Resource)]
+    assert len(factories) == 1, f"expected one factory among the core's resources: {specs}"
+    specs[factories[0]] = auth
+    app = create_app(
+        settings, resources=Resources(specs, step_timeout=settings.SHUTDOWN_STEP_TIMEOUT)
+    )
     prefix = app.settings.API_V1_STR
     app.add_route(f"{prefix}/writes", create_write, ("POST",))
     app.add_route(f"{prefix}/writes/{{id:uuid}}", read_write, ("GET",))
