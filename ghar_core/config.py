@@ -809,6 +809,61 @@ class Settings:
         maximum=3600,
         reader=("asgi.sse",),
     )
+    # WebSocket
+    WS_MAX_CONNECTIONS_PER_USER: int = _var(
+        10,
+        "int",
+        "WebSocket",
+        "Open WebSockets one user may hold in this process; the next is refused with 429.",
+        minimum=1,
+        maximum=10_000,
+        reader=("websocket",),
+    )
+    WS_SEND_TIMEOUT: float = _var(
+        5.0,
+        "float",
+        "WebSocket",
+        "Seconds one send to a socket may take before it is closed (4001).",
+        minimum=0.05,
+        maximum=600,
+        reader=("websocket",),
+    )
+    WS_QUEUE_MAX_SIZE: int = _var(
+        100,
+        "int",
+        "WebSocket",
+        "Messages waiting per socket; one more closes it (4002, the client reads too slowly).",
+        minimum=1,
+        maximum=100_000,
+        reader=("websocket",),
+    )
+    WS_PING_INTERVAL: float = _var(
+        20.0,
+        "float",
+        "WebSocket",
+        "Seconds of silence from a client before the server sends it a `ping` message.",
+        minimum=0.05,
+        maximum=3600,
+        reader=("websocket",),
+    )
+    WS_PONG_TIMEOUT: float = _var(
+        20.0,
+        "float",
+        "WebSocket",
+        "Seconds a client has to answer a `ping` (any message counts) before it is closed (4003).",
+        minimum=0.05,
+        maximum=3600,
+        reader=("websocket",),
+    )
+    WS_JOB_TTL: float = _var(
+        3600.0,
+        "float",
+        "WebSocket",
+        "Seconds a job registration lives unless the job completes or fails first.",
+        minimum=1,
+        maximum=86400 * 7,
+        reader=("websocket",),
+    )
     # Cache
     CACHE_DEFAULT_TTL: float = _var(
         300.0,

@@ -481,7 +481,14 @@ async def test_create_app_applies_the_apps_sets_on_startup(
         async def check(self) -> None: ...
 
     app = create_app(settings, resources=[Listings], migrations=[market])
-    assert app.resources.names == ("http_clients", "database", "auth", "sse", "listings")
+    assert app.resources.names == (
+        "http_clients",
+        "database",
+        "auth",
+        "sse",
+        "websocket",
+        "listings",
+    )
     async with app.lifespan():
         assert app.resources.get("listings", Listings).versions[-1] == "0002"
         conn = await asyncpg.connect(fresh_database)

@@ -83,6 +83,24 @@ def test_event_stream_example_emits() -> None:
     assert bus.stats()["emitted"] == 1
 
 
+async def test_websocket_example_publishes_to_the_default_manager() -> None:
+    import ghar_core.websocket as ws
+    from ghar_core.websocket import ConnectionManager
+    from tests.asgi.sse_support import sse_settings
+
+    (block,) = [b for b in BLOCKS if "manager.register_job" in b]
+    previous, ws._default = ws._default, ConnectionManager(sse_settings(), handle_signals=False)
+    try:
+        namespace: dict[str, object] = {}
+        exec(compile(block, "README.md[websocket]", "exec"), namespace)
+        await namespace["render_tour"]("job-7", "owner", "user")  # type: ignore[operator]
+        stats = ws._default.stats()
+    finally:
+        ws._default = previous
+    assert stats["published"] == 3  # nobody connected: published, delivered to none
+    assert stats["jobs"] == 0  # the completion released the registration
+
+
 def test_fastapi_host_example_builds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run for real by tests/asgi/test_hosts.py; here: the README's code as written builds."""
     (block,) = [b for b in BLOCKS if "fastapi_current_user(core)" in b]

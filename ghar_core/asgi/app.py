@@ -31,6 +31,7 @@ from ghar_core.asgi.responses import Response, dump_json
 from ghar_core.asgi.routing import Router, is_async_callable
 from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
+from ghar_core.asgi.ws_routes import register_websocket_routes
 from ghar_core.auth import SupabaseAuth
 from ghar_core.database import Database
 from ghar_core.error_reporting import ErrorReporter
@@ -43,6 +44,7 @@ from ghar_core.exceptions import (
 from ghar_core.http import ClientSpec, HTTPClients
 from ghar_core.lifecycle import Resources, ResourceSpec
 from ghar_core.sse import SSEEventBus
+from ghar_core.websocket import ConnectionManager
 
 if TYPE_CHECKING:
     from ghar_core.asgi.types import ASGIApp, Receive, Scope, Send
@@ -77,6 +79,7 @@ def build_default_resources(
     when ``DB_MIGRATE_ON_STARTUP`` is on (see :mod:`ghar_core.migrate`);
     ``clients``: the app's own client domains, beside the core's four.
     """
+    bus = SSEEventBus(settings)
     return [
         HTTPClients(clients),  # "http_clients": every outbound session; stops last
         Database(settings, migrations=migrations),  # "database": both pools
@@ -84,7 +87,9 @@ def build_default_resources(
         lambda started: SupabaseAuth(
             settings, client=started.get("http_clients", HTTPClients).provider("supabase_auth")
         ),
-        SSEEventBus(settings),  # "sse": per-user event bus; stop ends the streams
+        bus,  # "sse": per-user event bus; stop ends the streams
+        # "websocket": job and user sockets; notifications may also go to `bus`; stop closes (1001)
+        ConnectionManager(settings, sse=bus),
     ]
 
 
@@ -512,4 +517,5 @@ def create_app(
         app.add_route("/ready", ready, ("GET",))
         register_auth_routes(app)  # GET {API_V1_STR}/me (issue 5)
         register_sse_routes(app)  # GET .../events/stream, POST .../events/test (ENABLE_SSE)
+        register_websocket_routes(app)  # .../ws/jobs/{job_id}, .../ws/notifications
     return app

@@ -17,18 +17,21 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ghar_core.logging import RedactingFilter
 
-if TYPE_CHECKING:
-    from ghar_core.sse.bus import SSEEventBus
+__all__ = ["ShutdownAware", "redact_server_logs", "signal_hook"]
 
-__all__ = ["redact_server_logs", "signal_hook"]
+
+class ShutdownAware(Protocol):
+    """What the hook tells of a signal: the SSE bus, the WebSocket manager."""
+
+    def begin_shutdown(self) -> None: ...
 
 
 class _SignalHook:
-    """One chained SIGINT/SIGTERM handler per process, shared by every started bus.
+    """One chained SIGINT/SIGTERM handler per process, shared by every started bus or manager.
 
     Servers (uvicorn included) install their handlers before the lifespan
     starts; the hook wraps whatever is installed, tells each bus's loop to
@@ -41,12 +44,12 @@ class _SignalHook:
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self._buses: dict[SSEEventBus, asyncio.AbstractEventLoop] = {}
+        self._buses: dict[ShutdownAware, asyncio.AbstractEventLoop] = {}
         self._previous: dict[int, Any] = {}
         # One bound method, kept: each attribute access would make a new object.
         self._handler = self.handle
 
-    def add(self, bus: SSEEventBus) -> bool:
+    def add(self, bus: ShutdownAware) -> bool:
         if threading.current_thread() is not threading.main_thread():
             return False  # signal handlers can only be set from the main thread
         for sig in self.signals:
@@ -57,7 +60,7 @@ class _SignalHook:
         self._buses[bus] = asyncio.get_running_loop()
         return True
 
-    def discard(self, bus: SSEEventBus) -> None:
+    def discard(self, bus: ShutdownAware) -> None:
         if self._buses.pop(bus, None) is None or self._buses:
             return
         if threading.current_thread() is not threading.main_thread():

@@ -6,10 +6,16 @@ verifies them locally (the real verification path, no provider round trip).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from ghar_core.config import Secret, Settings, load_settings
 from tests.idp import hs256
@@ -23,6 +29,42 @@ SERVED_ENV = {
     "SUPABASE_URL": PROVIDER_URL,
     "SUPABASE_JWT_SECRET": JWT_SECRET,
 }
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start_served(
+    args: list[str], port: int, env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, asyncio.Future[bytes]]:
+    """A server process (``python <args> --port <port>``) and the future of its whole log.
+
+    Waits until ``/health`` answers, up to 20 s.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env={**os.environ, **SERVED_ENV, "PYTHONPATH": str(ROOT), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    log = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(20):
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                        if r.status == 200:
+                            return proc, log
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
 
 
 def sse_settings(**changes: Any) -> Settings:

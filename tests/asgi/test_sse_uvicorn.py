@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import signal
 import socket
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -26,10 +23,9 @@ from ghar_core.asgi import create_app
 from ghar_core.auth import SupabaseAuth
 from ghar_core.http import HTTPClients
 from ghar_core.sse import SSEEventBus
-from tests.asgi.sse_support import SERVED_ENV, parse_blocks, sse_settings, token_for
+from tests.asgi.sse_support import parse_blocks, sse_settings, start_served, token_for
 from tests.asgi.test_e2e_uvicorn import serve
 
-ROOT = Path(__file__).resolve().parents[2]
 STREAM = "/api/v1/events/stream"
 
 
@@ -199,36 +195,11 @@ SERVERS = {
 async def test_sigterm_with_500_open_streams_exits_within_3s(server: str) -> None:
     port = _free_port()
     _, token = token_for()
-    env = {
-        **os.environ,
-        **SERVED_ENV,
-        "PYTHONPATH": str(ROOT),
-        "LOG_LEVEL": "INFO",
-        "LOG_FORMAT": "json",
-        "SSE_MAX_SUBSCRIBERS": "500",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *SERVERS[server],
-        "--port",
-        str(port),
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    log_task = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
+    env = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json", "SSE_MAX_SUBSCRIBERS": "500"}
+    proc, log_task = await start_served(SERVERS[server], port, env)
     opened: list[Stream] = []
     try:
         async with aiohttp.ClientSession() as http:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        async with http.get(f"http://127.0.0.1:{port}/health") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.05)
             opened = await asyncio.gather(
                 *(_open_stream(port, token, query=i % 2 == 0) for i in range(500))
             )
