@@ -12,7 +12,9 @@ The core app plus three routes that give the suite a real read/write load:
   transaction).
 - ``GET {API_V1_STR}/writes/{id:uuid}``: read one back (404 when absent).
 - ``GET {API_V1_STR}/slow?seconds=S``: ``pg_sleep(S)`` in a transaction, a
-  statement that outlives ``DB_COMMAND_TIMEOUT`` on purpose.
+  statement that outlives ``DB_COMMAND_TIMEOUT`` on purpose;
+- ``POST {API_V1_STR}/notify``: the JSON body as a notification to the
+  caller's WebSockets (``ConnectionManager.send_user_notification``).
 
 Every route authenticates with ``current_user``; a handler sleeps inside the
 write transaction when ``?hold=S`` asks it to, so the shutdown case can
@@ -35,6 +37,7 @@ from ghar_core.exceptions import BadRequestException, NotFoundException, Validat
 from ghar_core.http import HTTPClients
 from ghar_core.lifecycle import Resource, Resources
 from ghar_core.migrate import MigrationSet
+from ghar_core.websocket import ConnectionManager
 
 __all__ = ["MIGRATIONS", "ReliabilitySettings", "build"]
 
@@ -150,6 +153,16 @@ class ReliabilitySettings(Settings):
     )
 
 
+async def notify(request: Request) -> dict[str, Any]:
+    """A notification to the caller's own WebSockets (the body is its ``data``)."""
+    user = await current_user(request)
+    data = await request.json()
+    sent = await request.resources.get("websocket", ConnectionManager).send_user_notification(
+        user.id, data
+    )
+    return {"sent": sent}
+
+
 def build() -> App:
     """The factory ``ghar-core serve --app tests.reliability.app:build --factory`` calls.
 
@@ -180,4 +193,5 @@ def build() -> App:
     app.add_route(f"{prefix}/writes", create_write, ("POST",))
     app.add_route(f"{prefix}/writes/{{id:uuid}}", read_write, ("GET",))
     app.add_route(f"{prefix}/slow", slow, ("GET",))
+    app.add_route(f"{prefix}/notify", notify, ("POST",))
     return app

@@ -341,6 +341,7 @@ class Stack:
             "SSE_SEND_TIMEOUT": "1.0",
             "SSE_HEARTBEAT_INTERVAL": "1.0",
             "SSE_REAPER_INTERVAL": "0.5",
+            "WS_SEND_TIMEOUT": "1.0",
             **self.provider.settings_env(),
         }
         env.update(overrides)

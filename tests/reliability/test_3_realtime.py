@@ -9,6 +9,12 @@ receive buffer and never read. The 61st is refused with 503 and
 streams fill their sockets and are dropped after ``SSE_SEND_TIMEOUT``, the
 readers get every event of their user, in order, none twice; the server's
 memory stays bounded and the freed places can be taken again.
+
+WebSockets (``/api/v1/ws/notifications``): nine clients of three users read,
+five of a fourth never read after the handshake; each user gets 30
+notifications (256 KB each for the stalled one). The readers get all of
+theirs in order; the stalled sockets are closed by the manager
+(``WS_SEND_TIMEOUT`` = 1 s, or its queue bound) and leave its registry.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import orjson
 from tests.reliability.report import section
 from tests.reliability.stack import Stack, bearer, call
 
+TITLE = "Realtime: event streams at the cap and WebSockets, some never reading"
 READERS_PER_USER = 10
 READER_USERS = 4
 STALLED_USERS = 2
@@ -161,7 +168,7 @@ async def test_subscribers_at_the_cap_with_some_stalled(stack: Stack) -> None:
         (user, len(r.positions)) for user, r in readers if r.positions != list(range(EVENTS))
     ]
     dropped = after["dropped"] - baseline["dropped"]
-    report = section(3, "Realtime: event-stream subscribers at the cap, some stalled")
+    report = section(3, TITLE)
     report.add(
         "streams",
         f"{READER_USERS * READERS_PER_USER} reading + "
@@ -200,3 +207,96 @@ async def test_subscribers_at_the_cap_with_some_stalled(stack: Stack) -> None:
     # Unbounded, 20 stalled streams would each hold their 6 MiB of events: 120 MiB.
     assert rss_after - rss_before < 64 * 1024
     assert again.status == 200 or again.error == "hang"  # admitted: the stream stays open
+
+
+WS_READER_USERS = 3
+WS_READERS_PER_USER = 3
+WS_STALLED = 5
+WS_MESSAGES = 30
+
+
+def _stalled_websocket(port: int, token: str) -> socket.socket:
+    """A client that completes a WebSocket handshake and never reads a byte after it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        f"GET /api/v1/ws/notifications?access_token={quote(token)} HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    return sock
+
+
+async def test_websocket_clients_with_some_never_reading(stack: Stack) -> None:
+    assert stack.server is not None
+    url = f"{stack.url}/api/v1/ws/notifications"
+    tokens = [stack.provider.token() for _ in range(WS_READER_USERS)]
+    stalled_token = stack.provider.token()
+    got: list[list[int]] = []
+    stalled: list[socket.socket] = []
+
+    async def read(ws: aiohttp.ClientWebSocketResponse, into: list[int]) -> None:
+        async for message in ws:
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                break
+            data = orjson.loads(message.data)
+            if data.get("type") == "notification":
+                into.append(int(data["data"]["n"]))
+                if len(into) >= WS_MESSAGES:
+                    return
+
+    async with aiohttp.ClientSession() as session:
+        sockets = []
+        for token in tokens:
+            for _ in range(WS_READERS_PER_USER):
+                sockets.append(await session.ws_connect(url, headers=bearer(token)))
+                got.append([])
+        for _ in range(WS_STALLED):
+            stalled.append(_stalled_websocket(stack.server.port, stalled_token))
+        readers = [
+            asyncio.create_task(read(ws, into)) for ws, into in zip(sockets, got, strict=True)
+        ]
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        for n in range(WS_MESSAGES):
+            for token in [*tokens, stalled_token]:
+                size = 256 * 1024 if token == stalled_token else 4096
+                answer = await call(
+                    session,
+                    "POST",
+                    f"{stack.url}/api/v1/notify",
+                    headers=bearer(token) | {"Content-Type": "application/json"},
+                    data=orjson.dumps({"n": n, "pad": "x" * size}),
+                )
+                assert answer.status == 200, answer
+        await asyncio.wait_for(asyncio.gather(*readers), 30)
+        delivered = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ready = await call(session, "GET", f"{stack.url}/ready")
+            ws_stats = ready.body["stats"]["websocket"]
+            if ws_stats["sockets"] <= WS_READER_USERS * WS_READERS_PER_USER:
+                break
+            await asyncio.sleep(0.2)
+        for ws in sockets:
+            await ws.close()
+    for sock in stalled:
+        sock.close()
+    complete = sum(1 for into in got if into == list(range(WS_MESSAGES)))
+    report = section(3, TITLE)
+    report.add(
+        "WebSockets",
+        f"{len(got)} reading ({WS_READER_USERS} users), {WS_STALLED} never reading (one user); "
+        f"{WS_MESSAGES} notifications per user, 4 KB to readers, 256 KB to the stalled",
+    )
+    report.add(
+        "WebSocket readers that got every notification, in order",
+        f"{complete}/{len(got)} in {delivered:.1f} s",
+    )
+    report.add(
+        "WebSockets of the stalled user left open",
+        f"{ws_stats['sockets'] - WS_READER_USERS * WS_READERS_PER_USER} of {WS_STALLED}",
+    )
+    assert complete == len(got)
+    assert ws_stats["sockets"] <= WS_READER_USERS * WS_READERS_PER_USER
