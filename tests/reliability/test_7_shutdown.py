@@ -1,6 +1,6 @@
 """Case 7: graceful shutdown of ``ghar-core serve`` with open streams and requests in flight.
 
-A server of this case's own holds 30 open event streams and 10 writes
+A server of this case's own holds 30 open event streams, 10 WebSockets and 10 writes
 that sleep 1 s inside their transaction, under a steady write load, when it
 gets SIGTERM. It must exit within its bound (``SHUTDOWN_STEP_TIMEOUT`` = 5 s,
 which ``ghar-core serve`` also gives uvicorn as its graceful timeout), end
@@ -20,6 +20,7 @@ from tests.reliability.report import section
 from tests.reliability.stack import Stack, bearer
 
 STREAMS = 30
+SOCKETS = 10
 HELD = 10
 BOUND = 5.0
 
@@ -42,6 +43,13 @@ async def _stream(
         return type(exc).__name__
 
 
+async def _close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """The close code the server ended the socket with (None: it just vanished)."""
+    async for _ in ws:
+        pass
+    return ws.close_code
+
+
 async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) -> None:
     server = await asyncio.to_thread(
         stack.new_server, "shutdown", SHUTDOWN_STEP_TIMEOUT=str(int(BOUND))
@@ -59,6 +67,13 @@ async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) ->
             for i in range(STREAMS)
         ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened)), 15)
+        sockets = [
+            await session.ws_connect(
+                f"{server.url}/api/v1/ws/notifications", headers=bearer(tokens[i % 4])
+            )
+            for i in range(SOCKETS)
+        ]
+        closes = [asyncio.create_task(_close_code(ws)) for ws in sockets]
         load = asyncio.create_task(run_load(server.url, tokens, stop, ledger, read_share=0.0))
         await asyncio.sleep(0.5)
         held = [
@@ -70,6 +85,7 @@ async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) ->
         exit_seconds = await asyncio.to_thread(server.stop, BOUND + 10)
         stop.set()
         ended = await asyncio.wait_for(asyncio.gather(*streams), 10)
+        codes = await asyncio.wait_for(asyncio.gather(*closes), 10)
         held_answers = [answer for _, answer in await asyncio.gather(*held)]
         await load
         total = time.monotonic() - started
@@ -81,12 +97,14 @@ async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) ->
     report = section(7, "Graceful shutdown with open streams and requests in flight")
     report.add(
         "open at SIGTERM",
-        f"{STREAMS} event streams, {HELD} writes holding their transaction 1 s, 4 users writing",
+        f"{STREAMS} event streams, {SOCKETS} WebSockets, {HELD} writes holding their "
+        "transaction 1 s, 4 users writing",
     )
     report.add(f"exit after SIGTERM (s, bound {BOUND:g})", f"{exit_seconds:.2f}")
     report.add(
         "streams ended cleanly (final retry:, end of response)", f"{ended.count('clean')}/{STREAMS}"
     )
+    report.add("WebSockets closed by the server with", sorted(set(codes), key=str))
     report.add("held writes answered", ", ".join(str(a.status or a.error) for a in held_answers))
     report.add("writes acknowledged during the run", len(ledger.acknowledged))
     report.add(
@@ -97,6 +115,8 @@ async def test_sigterm_with_open_streams_and_requests_in_flight(stack: Stack) ->
     assert exit_seconds <= BOUND + 1.0, exit_seconds
     assert total < BOUND + 10
     assert ended == ["clean"] * STREAMS, ended
+    # 1001 going away (ours); under ghar-core serve uvicorn's own 1012 may come first.
+    assert set(codes) <= {1001, 1012}, codes
     assert all(a.status == 200 for a in held_answers), held_answers
     assert other == [], other
     assert audit.missing == set()
