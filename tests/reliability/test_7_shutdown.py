@@ -1,11 +1,13 @@
 """Case 7: graceful shutdown of ``ghar-core serve`` with open streams and requests in flight.
 
-A server of this case's own holds 30 open event streams, 10 WebSockets and 10 writes
-that sleep 1 s inside their transaction, under a steady write load, when it
-gets SIGTERM. It must exit within its bound (``SHUTDOWN_STEP_TIMEOUT`` = 5 s,
-which ``ghar-core serve`` also gives uvicorn as its graceful timeout), end
-every stream properly (a final ``retry:`` and the end of the response), and
-lose no acknowledged write: every write answered 2xx is in Postgres once.
+A server of this case's own holds 30 open event streams, 10 WebSockets and
+10 writes that sleep 1 s inside their transaction, under a steady write
+load, when it gets SIGTERM. It must exit within its bound
+(``SHUTDOWN_STEP_TIMEOUT`` = 5 s, which ``ghar-core serve`` also gives
+uvicorn as its graceful timeout), end every stream properly (a final
+``retry:`` and the end of the response), close every WebSocket with 1001
+(uvicorn's own 1012 may come first), and lose no acknowledged write: every
+write answered 2xx is in Postgres once.
 """
 
 from __future__ import annotations
