@@ -83,5 +83,6 @@ def _describe(stack: Stack) -> None:
         "HEAD_TIMEOUT",
         "SSE_MAX_SUBSCRIBERS",
         "SSE_SEND_TIMEOUT",
+        "WS_SEND_TIMEOUT",
     )
     report.add("settings", ", ".join(f"{key}={env[key]}" for key in keys))
