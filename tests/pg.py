@@ -63,6 +63,7 @@ __all__ = [
     "pg_database",
     "pgbouncer",
     "pgbouncer_binary",
+    "pgbouncer_config",
     "postgres_available",
     "run_sync",
     "start_pgbouncer",
@@ -298,12 +299,57 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float)
     return False
 
 
-def start_pgbouncer(admin_dsn: str, *, port: int | None = None, directory: str = "") -> PgBouncer:
+def pgbouncer_config(
+    directory: str,
+    *,
+    listen_port: int,
+    server_host: str,
+    server_port: int,
+    user: str,
+    extra: dict[str, str] | None = None,
+) -> str:
+    """Write a transaction-mode pgbouncer.ini (trust auth, log file) in ``directory``; its path.
+
+    ``extra`` adds or overrides ``[pgbouncer]`` settings (e.g. ``server_login_retry``).
+    """
+    ini = os.path.join(directory, "pgbouncer.ini")
+    auth = os.path.join(directory, "userlist.txt")
+    with open(auth, "w", encoding="utf-8") as fh:
+        fh.write(f'"{user}" ""\n')
+    settings = {
+        "listen_addr": "127.0.0.1",
+        "listen_port": str(listen_port),
+        "unix_socket_dir": "",
+        "auth_type": "trust",
+        "auth_file": auth,
+        "pool_mode": "transaction",
+        "default_pool_size": "20",
+        "max_client_conn": "200",
+        "server_reset_query": "",
+        "ignore_startup_parameters": "extra_float_digits",
+        "logfile": os.path.join(directory, "pgbouncer.log"),
+    } | (extra or {})
+    with open(ini, "w", encoding="utf-8") as fh:
+        fh.write(f"[databases]\n* = host={server_host} port={server_port}\n[pgbouncer]\n")
+        fh.writelines(f"{name} = {value}\n" for name, value in settings.items())
+    for path in (ini, auth):
+        os.chmod(path, 0o644)
+    return ini
+
+
+def start_pgbouncer(
+    admin_dsn: str,
+    *,
+    port: int | None = None,
+    directory: str = "",
+    extra: dict[str, str] | None = None,
+) -> PgBouncer:
     """Start a private pgbouncer (transaction mode, 20 server connections) on ``port``.
 
     Tests that kill and restart it (``kill -9`` under load) call this directly,
     passing the previous instance's ``port`` and ``directory``; the session
-    fixture :func:`pgbouncer` uses it once.
+    fixture :func:`pgbouncer` uses it once. ``extra``: more ``[pgbouncer]``
+    settings (see :func:`pgbouncer_config`).
     """
     binary = pgbouncer_binary()
     require(binary is not None, "the pgbouncer binary (scripts/ensure-pgbouncer.sh)")
@@ -312,41 +358,31 @@ def start_pgbouncer(admin_dsn: str, *, port: int | None = None, directory: str =
     user = admin.username or "postgres"
     directory = directory or tempfile.mkdtemp(prefix="ghar-pgbouncer-")
     port = port or free_port()
-    ini = os.path.join(directory, "pgbouncer.ini")
-    auth = os.path.join(directory, "userlist.txt")
-    with open(auth, "w", encoding="utf-8") as fh:
-        fh.write(f'"{user}" ""\n')
-    with open(ini, "w", encoding="utf-8") as fh:
-        fh.write(
-            "[databases]\n"
-            f"* = host={admin.hostname or '127.0.0.1'} port={admin.port or 5432}\n"
-            "[pgbouncer]\n"
-            "listen_addr = 127.0.0.1\n"
-            f"listen_port = {port}\n"
-            "unix_socket_dir =\n"
-            "auth_type = trust\n"
-            f"auth_file = {auth}\n"
-            "pool_mode = transaction\n"
-            "default_pool_size = 20\n"
-            "max_client_conn = 200\n"
-            "server_reset_query =\n"
-            "ignore_startup_parameters = extra_float_digits\n"
-            f"logfile = {os.path.join(directory, 'pgbouncer.log')}\n"
-        )
+    ini = pgbouncer_config(
+        directory,
+        listen_port=port,
+        server_host=admin.hostname or "127.0.0.1",
+        server_port=admin.port or 5432,
+        user=user,
+        extra=extra,
+    )
     command = [binary, ini]
     if os.geteuid() == 0:
         # pgbouncer refuses to run as root: switch to the postgres user.
         runas = pwd.getpwnam("postgres")
         os.chmod(directory, 0o777)
-        for path in (ini, auth):
-            os.chmod(path, 0o644)
         os.chown(directory, runas.pw_uid, runas.pw_gid)
         command = [binary, "-u", "postgres", ini]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # pgbouncer also logs to stderr: into a file, never a pipe nobody reads (a Postgres
+    # outage makes it log a line per failed connect; a full pipe would block it).
+    errors = os.path.join(directory, "pgbouncer.stderr")
+    with open(errors, "ab") as err:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
     if not _wait_listening(port, process, 10.0):
         process.kill()
-        _, err = process.communicate(timeout=5)
-        pytest.fail(f"pgbouncer did not start: {err.decode(errors='replace')}")
+        process.wait(timeout=5)
+        with open(errors, encoding="utf-8", errors="replace") as fh:
+            pytest.fail(f"pgbouncer did not start: {fh.read()[-2000:]}")
     return PgBouncer("127.0.0.1", port, directory, process)
 
 
@@ -360,8 +396,6 @@ def stop_pgbouncer(bouncer: PgBouncer, *, remove: bool = True) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
-    if process.stderr is not None:
-        process.stderr.close()
     if remove:
         shutil.rmtree(bouncer.directory, ignore_errors=True)
 

@@ -271,6 +271,38 @@ event_ids = st.one_of(
 )
 
 
+# --- raw HTTP/1.1 requests, mutated byte by byte (the reliability suite) ---------------------
+
+_HTTP_BASE = (
+    b"POST /api/v1/writes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 15\r\n\r\n"
+    b'{"payload":"x"}'
+)
+_http_bytes = st.sampled_from(list(b"\x00\r\n :;,/\\\"'%\x7f\xff\t-0123456789AZaz{}"))
+
+
+def _mutate(ops: list[tuple[str, int, int]]) -> bytes:
+    data = bytearray(_HTTP_BASE)
+    for op, at, byte in ops:
+        at %= len(data) + 1
+        if op == "insert":
+            data[at:at] = bytes([byte])
+        elif at < len(data):
+            if op == "replace":
+                data[at] = byte
+            else:
+                del data[at]
+    return bytes(data)
+
+
+#: A valid unauthenticated write request with a few bytes inserted, replaced or deleted.
+mutated_http_requests = st.lists(
+    st.tuples(st.sampled_from(["insert", "replace", "delete"]), st.integers(0, 200), _http_bytes),
+    min_size=1,
+    max_size=6,
+).map(_mutate)
+
+
 # --- JSON nested to an exact depth (issue 11: parse and encode limits agree) -------
 
 _json_leaf = st.one_of(
