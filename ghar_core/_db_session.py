@@ -10,7 +10,9 @@ query text, so the hot path is one dict lookup), and remembers three things:
   for such a connection;
 * **whether the transaction may have written**: anything but a plain read
   (``SELECT``/``SHOW``/``VALUES`` without ``INTO`` or a row lock) or
-  transaction control. Only then does COMMIT first ask for the transaction's
+  transaction control, and every ``COPY`` into a table; a ``NOTIFY`` (or
+  ``pg_notify``) also has COMMIT assign the id it would otherwise only get at
+  pre-commit. Only then does COMMIT first ask for the transaction's
   id, so a read-only transaction pays no extra round trip;
 * **the last error a statement raised inside the transaction**, so a COMMIT
   that the server would silently turn into a ROLLBACK raises instead, naming
@@ -73,8 +75,15 @@ _READ_ONLY_RE: Final = re.compile(
     re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _ROLLBACK_TO_RE: Final = re.compile(r"^\s*ROLLBACK\s+TO\b", re.IGNORECASE)
+# A notification is a write without a transaction id until COMMIT's pre-commit
+# step: "no id yet" would read as "nothing written", and a lost COMMIT would be
+# retried into a second delivery. Over-matching only assigns an id early.
+_NOTIFY_RE: Final = re.compile(
+    rf"(?:^|;){_GAP}*NOTIFY\b|\bpg_notify\"?{_GAP}*\(", re.IGNORECASE | re.DOTALL
+)
 _DIRTY: Final = 1
 _WRITES: Final = 2
+_NOTIFIES: Final = 4
 _VERDICTS: dict[str, int] = {}
 _VERDICTS_MAX: Final = 4096
 
@@ -82,8 +91,10 @@ _VERDICTS_MAX: Final = 4096
 def _verdict(query: str) -> int:
     verdict = _VERDICTS.get(query)
     if verdict is None:
-        verdict = (_DIRTY if _SESSION_STATE_RE.search(query) else 0) | (
-            0 if _READ_ONLY_RE.match(query) else _WRITES
+        verdict = (
+            (_DIRTY if _SESSION_STATE_RE.search(query) else 0)
+            | (0 if _READ_ONLY_RE.match(query) else _WRITES)
+            | (_NOTIFIES | _WRITES if _NOTIFY_RE.search(query) else 0)
         )
         if len(_VERDICTS) < _VERDICTS_MAX:
             _VERDICTS[query] = verdict
@@ -108,12 +119,13 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
     blocks.
     """
 
-    __slots__ = ("_ghar_dirty", "_ghar_failure", "_ghar_writes")
+    __slots__ = ("_ghar_dirty", "_ghar_failure", "_ghar_notifies", "_ghar_writes")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ghar_dirty = False
         self._ghar_writes = False
+        self._ghar_notifies = False
         self._ghar_failure: BaseException | None = None
 
     @property
@@ -139,6 +151,8 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
                 self._ghar_dirty = True
             if verdict & _WRITES:
                 self._ghar_writes = True
+            if verdict & _NOTIFIES:
+                self._ghar_notifies = True
 
     def _failed(self, exc: BaseException) -> None:
         # A timeout counts too: the cancelled statement failed the transaction.
@@ -205,6 +219,33 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
             # one our cache-off default uses does not): DISCARD ALL drops it.
             self._ghar_dirty = True
         return await super().prepare(query, **kwargs)
+
+    async def _noting_failure(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await call(*args, **kwargs)
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+
+    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
+        self._ghar_writes = True
+        result: str = await self._noting_failure(super().copy_to_table, table_name, **kwargs)
+        return result
+
+    async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
+        self._ghar_writes = True
+        call = super().copy_records_to_table
+        result: str = await self._noting_failure(call, table_name, **kwargs)
+        return result
+
+    async def copy_from_table(self, table_name: str, **kwargs: Any) -> str:
+        result: str = await self._noting_failure(super().copy_from_table, table_name, **kwargs)
+        return result
+
+    async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> str:
+        self._note(query)
+        result: str = await self._noting_failure(super().copy_from_query, query, *args, **kwargs)
+        return result
 
     def cursor(self, query: str, *args: Any, **kwargs: Any) -> Any:
         self._note(query)

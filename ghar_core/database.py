@@ -115,6 +115,8 @@ BACKGROUND_APPLICATION_NAME: Final = "360ghar_bg"
 _RESET_QUERY: Final = "DISCARD ALL"
 _RESET_TIMEOUT: Final = 5.0
 _XACT_ID_QUERY: Final = "SELECT pg_current_xact_id_if_assigned()::text"
+# After a NOTIFY: assign the id now (Postgres would only at pre-commit).
+_XACT_ID_ASSIGN_QUERY: Final = "SELECT pg_current_xact_id()::text"
 _XACT_STATUS_QUERY: Final = "SELECT pg_xact_status($1::text::xid8)"
 
 
@@ -270,6 +272,12 @@ class _Pool:
         if raw.is_in_transaction():
             raw._ghar_dirty = True  # left open: rolled back, then DISCARD ALL
         if self.serverless:
+            if raw._protocol._is_cancelling():
+                # A timed-out or cancelled statement: the caller's 503 waits until
+                # the server acknowledged the cancel (close waits for it), as a
+                # pooled release does, so nothing of ours is left running.
+                await self._close(raw)
+                return
             closer = asyncio.get_running_loop().create_task(self._close(raw))
             self._closers.add(closer)
             closer.add_done_callback(self._closers.discard)
@@ -448,7 +456,7 @@ class _Lease:
                     conn = await pool.acquire()
                     raw = conn._con
                     break
-        raw._ghar_writes = False
+        raw._ghar_writes = raw._ghar_notifies = False
         raw._ghar_failure = None
         return conn, raw
 
@@ -553,7 +561,9 @@ class _Lease:
         if writes and check:
             # Nothing is committed yet: a failure here is an ordinary (retryable) one.
             try:
-                xid = await raw.fetchval(_XACT_ID_QUERY)
+                xid = await raw.fetchval(
+                    _XACT_ID_ASSIGN_QUERY if raw._ghar_notifies else _XACT_ID_QUERY
+                )
             except BaseException as exc:
                 lost = _lost(raw, exc)
                 pool.discard(raw)

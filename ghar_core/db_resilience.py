@@ -6,8 +6,10 @@ moment later would probably succeed: the connection was lost or closed
 server was shut down or restarted under us (57P01 admin shutdown, 57P02 crash
 shutdown, 57P03 cannot connect now, 53300 too many connections), or a
 timeout fired (client-side ``TimeoutError``, 57014 query canceled by
-``statement_timeout``), plus the driver and server messages that say the same
-in words. Serialization failures and deadlocks (class 40) are *not* here:
+``statement_timeout``), plus the driver's messages that say the same in
+words. An error the server reports carries a SQLSTATE, and that code alone
+decides: an app's own ``RAISE EXCEPTION 'the provider timed out'`` (P0001) is
+an answer, not an outage. Serialization failures and deadlocks (class 40) are *not* here:
 they are retryable, but by the caller who owns the transaction's logic, and
 they do not call for a new connection.
 
@@ -80,7 +82,7 @@ TRANSIENT_SQLSTATES: Final = frozenset(
         "53300",  # too_many_connections
     }
 )
-#: Lower-case fragments of driver/server messages that mean "connection lost".
+#: Lower-case fragments of driver messages (errors without a SQLSTATE) that mean "connection lost".
 TRANSIENT_MESSAGE_MARKERS: Final = (
     "connection to database closed",
     "connection was closed",
@@ -138,10 +140,9 @@ def is_transient_error(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
         return True
     sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str) and (
-        sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
-    ):
-        return True
+    if isinstance(sqlstate, str) and sqlstate:
+        # The server's own verdict; its text may be the app's (RAISE EXCEPTION).
+        return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError):
         # Socket-level failures (EHOSTUNREACH, ENETDOWN ...) without a nicer subclass.
         return True

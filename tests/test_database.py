@@ -537,3 +537,25 @@ async def test_a_database_never_reached_says_so_not_temporary(
         assert "is it running, and is DATABASE_URL right?" in record.getMessage()
     finally:
         await database.stop()
+
+
+@pytest.mark.parametrize(
+    ("query", "notifies"),
+    [
+        ("NOTIFY jobs", True),
+        ("  notify jobs, 'x'", True),
+        ("SELECT pg_notify($1, $2)", True),
+        ("SELECT 1; NOTIFY jobs", True),
+        ("SELECT notify FROM prefs", False),
+        ("UPDATE prefs SET notify = true", False),
+    ],
+)
+def test_a_notification_is_a_write_that_needs_its_id_before_commit(
+    query: str, notifies: bool
+) -> None:
+    """Review: a NOTIFY gets its transaction id only at COMMIT (see _db_session)."""
+    from ghar_core._db_session import _NOTIFIES, _verdict, may_write
+
+    assert bool(_verdict(query) & _NOTIFIES) is notifies
+    if notifies:
+        assert may_write(query)

@@ -9,7 +9,9 @@ closed, every refusal the error envelope with an ``X-Request-ID``:
 
 - the request head (request line and headers) over ``MAX_HEADER_BYTES``, or
   more than ``MAX_HEADERS`` fields: 431, refused while it is still arriving
-  (at most one read chunk past the limit is ever held);
+  (at most one read chunk past the limit is ever held; a head pipelined in
+  the read where the request before it ended is measured exactly once
+  complete);
 - a request target over ``MAX_URL_BYTES``: 414;
 - HTTP/1.1 without ``Host``, or any request with two: 400 (RFC 9112 §3.2);
 - a head not complete ``HEAD_TIMEOUT`` seconds after the connection opened
@@ -149,6 +151,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline_for = _IDLE
         self._timer: asyncio.TimerHandle | None = None
         self._discarded = 0
+        # Bytes of the read in which the last request ended: a head pipelined
+        # behind it started somewhere in there, uncounted by _head_bytes.
+        self._chunk_len = 0
+        self._slack = 0
+        # A refusal of a pipelined head waits for the answers ahead of it.
+        self._deferred: BaseAPIException | None = None
 
     # --- connection ------------------------------------------------------------------
 
@@ -181,6 +189,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._discard(data)
             return
         self._unset_keepalive_if_required()
+        self._chunk_len = len(data)
         if phase != _BODY:
             # Bytes outside a body are (part of) a head: counted, checked below.
             # (No on_message_begin hook: one call less per request.)
@@ -236,21 +245,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # One combined test on the hot path; which limit it was is worked out after.
         if (
             hosts != 1
-            or self._head_bytes > limits.max_header_bytes
+            or self._head_bytes + self._slack > limits.max_header_bytes
             or len(headers) > limits.max_headers
             or len(self.url) > limits.max_url_bytes
             or (cap and len(self.tasks) >= cap)
         ):
             self._check_head(hosts)
-        self._head_bytes = 0
+        self._head_bytes = self._slack = 0
         HttpToolsProtocol.on_headers_complete(self)
+        # uvicorn appends trailer fields to this list: the app gets a copy, so a
+        # trailer never becomes a header after the head was checked (a second
+        # Host, an Authorization). Trailers are discarded (RFC 9110, 6.5.1).
+        self.scope["headers"] = headers[:]
         self._phase = _BODY
 
     def _check_head(self, hosts: int) -> None:
         """Raise the refusal for the limit a complete head broke, if it broke one."""
         limits = self.limits
         headers = self.headers
-        if self._head_bytes > limits.max_header_bytes and (
+        if self._head_bytes + self._slack > limits.max_header_bytes and (
             _head_size(self.url, headers) > limits.max_header_bytes
         ):
             raise _head_too_large(limits.max_header_bytes)
@@ -289,6 +302,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         HttpToolsProtocol.on_message_complete(self)
         # Read whole: from here the app has all the time it needs (streams, SSE).
+        self._slack = self._chunk_len
         self._phase = _IDLE
         self._deadline = None
 
@@ -354,7 +368,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- refusing ----------------------------------------------------------------------
 
     def _refuse(self, error: BaseAPIException) -> None:
-        """Answer ``error`` as the envelope, close after a short linger, log once."""
+        """Answer ``error`` as the envelope, close after a short linger, log once.
+
+        A head refused while an earlier request on the connection is still being
+        answered (pipelining) waits for that answer, and any queued behind it:
+        answers go out in request order, and the earlier ones are not cut.
+        """
+        cycle = self.cycle
+        if self._phase != _BODY and (
+            self.pipeline or (cycle is not None and not cycle.response_complete)
+        ):
+            self._phase = _DONE
+            self._deadline = None
+            self._deferred = error
+            return
+        self._answer_refusal(error)
+
+    def on_response_complete(self) -> None:
+        HttpToolsProtocol.on_response_complete(self)
+        error = self._deferred
+        if error is not None and not self.pipeline and not self.transport.is_closing():
+            self._deferred = None
+            self._unset_keepalive_if_required()
+            self._answer_refusal(error)
+
+    def _answer_refusal(self, error: BaseAPIException) -> None:
         rid = new_request_id()
         rendered = render_error(error)
         status = rendered.status_code

@@ -59,3 +59,10 @@ async def ws_echo(ws: WebSocket) -> None:
     await ws.accept()
     while True:
         await ws.send_text(await ws.receive_text())
+
+
+@app.post("/header-names")
+async def header_names(request: Request) -> list[str]:
+    """The request's header names as the app sees them once its body is read."""
+    await request.body()
+    return [name.decode("latin-1") for name, _ in request.scope["headers"]]

@@ -189,14 +189,15 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 # --- the head: size, count, target, Host ----------------------------------------------
 
 
-async def test_a_huge_header_is_refused_while_it_arrives(server: Served) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ")
+async def _stream_one_field(port: int, head: bytes, most: int) -> tuple[bytes, int]:
+    """Send ``head``, then one field's value 64 KiB at a time (up to ``most`` bytes)
+    until the server answers; (what it answered, bytes of the value sent)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
     sent = 0
     raw = b""
     try:
-        # Up to 64 MiB; the server must answer long before.
-        while sent < 64 << 20:
+        while sent < most:
             writer.write(b"a" * 65536)
             await writer.drain()
             sent += 65536
@@ -205,15 +206,53 @@ async def test_a_huge_header_is_refused_while_it_arrives(server: Served) -> None
                     raw += await reader.read(65536)
             if raw:
                 break
+        async with asyncio.timeout(5):
+            raw += await reader.read(-1)
     except (ConnectionError, OSError):
         pass
-    async with asyncio.timeout(5):
-        raw += await reader.read(-1)
-    writer.close()
+    finally:
+        writer.close()
+    return raw, sent
+
+
+async def test_a_huge_header_is_refused_while_it_arrives(server: Served) -> None:
+    # Up to 64 MiB; the server must answer long before.
+    head = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: "
+    raw, sent = await _stream_one_field(server.port, head, 64 << 20)
     error = _envelope(raw, 431, "HEADERS_TOO_LARGE")
     assert error["details"] == {"max_header_bytes": 16384}
     assert sent < 4 << 20, f"the server read {sent} bytes of one header"
     await _healthy(server.port)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: trailer fields of a chunked body are not counted against MAX_HEADER_BYTES"
+    " (nor MAX_BODY_SIZE): one huge trailer is read whole, its value concatenated piece by piece",
+)
+async def test_a_huge_trailer_is_refused_while_it_arrives(server: Served) -> None:
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nab\r\n0\r\nX-Trailer: "
+    )
+    # Up to 3 MiB (the server's work grows with the square of it).
+    _, sent = await _stream_one_field(server.port, head, 3 << 20)
+    assert sent < 2 << 20, f"the server read {sent} bytes of one trailer field"
+    await _healthy(server.port)
+
+
+async def test_trailer_fields_do_not_become_headers(server: Served) -> None:
+    """Review: uvicorn appends trailer fields to the request's header list, so a trailer
+    reached the app as a header (here a second Host) after the head was checked."""
+    status, _, body = await _request(
+        server.port,
+        b"POST /header-names HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n2\r\nab\r\n0\r\nHost: evil\r\nX-Injected: 1\r\n\r\n",
+    )
+    assert status == 200
+    names = orjson.loads(body)
+    assert names.count("host") == 1, names
+    assert "x-injected" not in names, names
 
 
 @pytest.mark.parametrize(
@@ -256,6 +295,34 @@ async def test_http_1_0_without_host_is_fine(server: Served) -> None:
 async def test_garbage_is_a_400_envelope(server: Served) -> None:
     raw = await _exchange(server.port, b"\x00\x01 nonsense\r\n\r\n")
     _envelope(raw, 400, "BAD_HTTP_REQUEST")
+    await _healthy(server.port)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        (b"X-Big: " + b"a" * 100_000 + b"\r\n", "HEADERS_TOO_LARGE"),
+        (b"".join(b"X-%d: a\r\n" % i for i in range(150)), "TOO_MANY_HEADERS"),
+        (b"Host: u\r\n", "BAD_HOST_HEADER"),
+    ],
+    ids=["huge", "many", "two-hosts"],
+)
+async def test_a_bad_head_pipelined_behind_a_good_request_is_refused_after_its_answer(
+    server: Served, extra: bytes, code: str
+) -> None:
+    """Review: the head after a request in the same read was not counted (a 100 KB head
+    got 200), and a refusal was written before the answer ahead of it, which then
+    failed with an ERROR traceback ("Cannot call write() after write_eof()")."""
+    rid = f"pipelined-{code.lower()}"
+    good = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Request-ID: %s\r\n\r\n" % rid.encode()
+    bad = b"GET /health HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n"
+    raw = await _exchange(server.port, good + bad)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert statuses[0] == b"200", raw[:600]
+    assert len(statuses) == 2, raw[:600]
+    _envelope(raw[raw.index(b"HTTP/1.1", 10) :], int(statuses[1]), code)
+    text = await _wait_for_log(server, f"[{rid}] GET /health 200")
+    assert not [line for line in text.splitlines() if "ERROR" in line and rid in line], text
     await _healthy(server.port)
 
 

@@ -435,3 +435,89 @@ async def test_swallowed_error_inside_a_transaction_raises_at_commit(db: Databas
                 await conn.execute("INSERT INTO swallowed VALUES (1)")
     async with db.connection() as conn:
         assert await conn.fetchval("SELECT count(*) FROM swallowed WHERE v = 3") == 1
+
+
+# --- review: what the outcome check and the swallowed-error check still miss --------------------
+
+
+async def test_lost_commit_of_a_notify_does_not_deliver_it_twice(
+    db_settings: Settings, relayed: tuple[Database, CommitRelay]
+) -> None:
+    """NOTIFY is a write that has no transaction id before COMMIT (Postgres assigns one
+    in pre-commit): "no id" does not mean "nothing was written"."""
+    database, relay = relayed
+    channel = f"review_{uuid.uuid4().hex[:8]}"
+    received: list[str] = []
+    listener = await asyncpg.connect(db_settings.DATABASE_URL)
+    await listener.add_listener(channel, lambda *args: received.append(args[3]))
+    calls = 0
+
+    async def notify(conn: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            relay.arm("answer")
+        await conn.execute(f"NOTIFY {channel}, 'once'")
+
+    try:
+        with contextlib.suppress(CommitOutcomeUnknownException):
+            await execute_with_transient_retry(database, notify, operation_name="notify")
+        assert relay.fired.is_set()
+        await asyncio.sleep(0.3)
+        assert received == ["once"], f"{calls} runs delivered {received}"
+    finally:
+        await listener.close()
+
+
+async def test_swallowed_copy_error_inside_a_transaction_raises_at_commit(db: Database) -> None:
+    """The COPY methods are statements too: a caught COPY failure must not commit silently."""
+    async with db.connection() as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS copied (v int UNIQUE)")
+        await conn.execute("TRUNCATE copied")
+        await conn.execute("INSERT INTO copied VALUES (1)")
+
+    async def swallow() -> None:
+        async with db.transaction() as conn:
+            await conn.copy_records_to_table("copied", records=[(2,)])
+            with contextlib.suppress(asyncpg.UniqueViolationError):
+                await conn.copy_records_to_table("copied", records=[(1,)])
+            assert conn.may_have_written
+
+    with pytest.raises(FailedTransactionError, match="UniqueViolationError"):
+        await swallow()
+    async with db.connection() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM copied WHERE v = 2") == 0
+
+
+async def test_timed_out_statement_is_cancelled_on_the_server_in_serverless_mode(
+    db: Database, db_settings: Settings, pg_admin_dsn: str
+) -> None:
+    """Serverless mode closes the connection in the background: the 503 must still wait."""
+    table = f"locked_{uuid.uuid4().hex[:8]}"
+    async with db.connection() as conn:
+        await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+        await conn.execute(f"INSERT INTO {table} VALUES (1, 'before')")
+    settings = dataclasses.replace(
+        db_settings, DB_COMMAND_TIMEOUT=0.3, DB_POOL_MIN_SIZE=0, SERVERLESS_ENABLED=True
+    )
+    database = Database(settings)
+    await database.start()
+    holder = await asyncpg.connect(db_settings.DATABASE_URL)
+    admin = await asyncpg.connect(pg_admin_dsn)
+    datname = db_settings.DATABASE_URL.rsplit("/", 1)[1]
+    try:
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        await holder.execute(f"UPDATE {table} SET v = 'holder' WHERE id = 1")
+        for _ in range(5):
+            with pytest.raises(DatabaseUnavailableException):
+                async with database.connection() as conn:
+                    await conn.execute(f"UPDATE {table} SET v = 'ours' WHERE id = 1")
+            assert await _waiting_backends(admin, datname) == 0
+        await holder_tx.commit()
+        await asyncio.sleep(0.2)
+        assert await holder.fetchval(f"SELECT v FROM {table} WHERE id = 1") == "holder"
+    finally:
+        await holder.close()
+        await admin.close()
+        await database.stop(grace=1.0)
