@@ -31,6 +31,12 @@ measures, side by side:
 5. **WebSocket broadcast** to N = 10, 100, 1 000 sockets of one job over
    loopback, with and without one stalled client: ``ConnectionManager`` vs a
    naive manager that awaits each send in turn (see ``benchmarks/_ws_broadcast.py``).
+6. **Across instances over one Postgres** (``EVENT_BROKER=postgres``): emit
+   on instance A, delivered to a subscriber of instance B -- latency p50/p99
+   at 1 000 publishes/s and the publish rate one instance sustains -- ours
+   (the outbox broker, durable and with ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``
+   off) beside encode/broadcaster's Postgres backend and the floor, a bare
+   asyncpg NOTIFY -> LISTEN round trip (see ``benchmarks/_realtime_broker.py``).
 
     .venv/bin/python benchmarks/realtime.py            # writes benchmarks/results/
     .venv/bin/python benchmarks/realtime.py --quick    # smoke run, no files
@@ -62,6 +68,13 @@ import jwt
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._realtime_broker import (
+    CrossInstance,
+    measure_cross_instance,
+    render_cross,
+    summary_cross,
+    targets_cross,
+)
 from benchmarks._ws_broadcast import Broadcast, measure_broadcast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -743,6 +756,7 @@ def render(
     args: argparse.Namespace,
     load: tuple[str, str],
     broadcasts: list[Broadcast] = (),  # type: ignore[assignment]
+    cross: list[CrossInstance] = (),  # type: ignore[assignment]
 ) -> tuple[str, list[tuple[str, str, bool]]]:
     from importlib.metadata import version
 
@@ -846,8 +860,12 @@ def render(
             "send timeout; ours queues to each socket and drops the stalled one alone.",
             "",
         ]
+    if cross:
+        out += render_cross(cross)
     targets = _targets(throughput, memory, sockets) + _ws_targets(broadcasts)
-    out += ["## Targets (issues 13 and 14)", "", "| target | measured | met |", "|---|---:|:---:|"]
+    if cross:
+        targets += targets_cross(cross)
+    out += ["## Targets (issues 13, 14, 15)", "", "| target | measured | met |", "|---|---:|:---:|"]
     for name, measured, met in targets:
         out.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
     return "\n".join(out) + "\n", targets
@@ -1046,16 +1064,21 @@ def main(argv: list[str] | None = None) -> None:
     ws_sizes = [10, 100] if args.quick else [10, 100, 1000]
     before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    async def run() -> tuple[list[Throughput], list[Memory], list[Socketed], list[Broadcast]]:
+    latency_events, rate_events = (300, 2000) if args.quick else (3000, 20_000)
+
+    async def run() -> tuple[
+        list[Throughput], list[Memory], list[Socketed], list[Broadcast], list[CrossInstance]
+    ]:
         throughput = await measure_throughput(sizes, args.deliveries, args.rounds)
         memory = await measure_memory(args.subscribers)
         sockets = await measure_sockets(args.connections, 1 if args.quick else args.rounds)
         broadcasts = await measure_broadcast(ws_sizes, args.ws_rounds, args.ws_send_timeout)
-        return throughput, memory, sockets, broadcasts
+        cross = await measure_cross_instance(latency_events, rate_events)
+        return throughput, memory, sockets, broadcasts, cross
 
-    throughput, memory, sockets, broadcasts = asyncio.run(run())
+    throughput, memory, sockets, broadcasts, cross = asyncio.run(run())
     after = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    table, targets = render(throughput, memory, sockets, args, (before, after), broadcasts)
+    table, targets = render(throughput, memory, sockets, args, (before, after), broadcasts, cross)
     print(table)
     out_dir = args.results_dir or (None if args.quick else RESULTS)
     if out_dir is not None:
@@ -1066,8 +1089,9 @@ def main(argv: list[str] | None = None) -> None:
             "memory": [asdict(m) for m in memory],
             "sockets": [asdict(s) for s in sockets],
             "websocket_broadcast": [asdict(b) for b in broadcasts],
+            "cross_instance": [asdict(c) for c in cross],
             "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets],
-            "summary": summary(throughput, memory, sockets, broadcasts),
+            "summary": summary(throughput, memory, sockets, broadcasts) + summary_cross(cross),
         }
         (out_dir / "realtime.json").write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -163,7 +163,8 @@ class AuthenticationException(UnauthorizedException):
         instance twice: its traceback, context and headers are per request).
         """
         copy = _new_exception(AuthenticationException, self.message)
-        copy.__dict__.update(self.__dict__)
+        # One dict copy replaces the instance dict (cheaper than filling a new one).
+        copy.__dict__ = self.__dict__.copy()
         copy.headers = self.headers.copy()
         return copy
 
@@ -490,7 +491,13 @@ class SupabaseAuth:
             raise refusal.again()
         jwks = self.verifier.jwks
         local = self.local_refusals.get(token)
-        if local is not None and jwks is not None and jwks.keys is local[1] and jwks.is_fresh():
+        if (
+            local is not None
+            and jwks is not None
+            and jwks._keys is local[1]
+            and (fetched_at := jwks._fetched_at) is not None
+            and jwks._clock() - fetched_at < jwks.min_refresh_interval  # is_fresh(), inlined
+        ):
             raise local[0].again()
         if self.base_url is None:
             raise AuthProviderUnavailableException(
@@ -507,7 +514,7 @@ class SupabaseAuth:
         # A kid the fresh key set lacks (returned, not raised: the storm's path).
         known = _LOCAL_REFUSALS[verdict.message]
         if jwks is not None:
-            self.local_refusals.remember(token, (known, jwks.keys))
+            self.local_refusals.remember(token, (known, jwks._keys))
         raise known.again()
 
     async def verify_token(self, token: str | None) -> SupabaseUser:

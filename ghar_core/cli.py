@@ -48,6 +48,70 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_cmd_config)
 
 
+def _cmd_emit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import asyncpg
+    import orjson
+
+    from ghar_core.broker import EventTooLargeError, emit
+    from ghar_core.config import load_settings
+
+    try:
+        data = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        print(f"--data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    try:
+        record = asyncio.run(
+            emit(
+                user=args.user,
+                job=args.job,
+                type=args.type,
+                data=data,
+                dsn=args.dsn,
+                settings=settings,
+            )
+        )
+    except (EventTooLargeError, ValueError) as exc:
+        print(f"not emitted: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.UndefinedFunctionError:
+        print(
+            "not emitted: the database has no event outbox; run `ghar-core migrate` first",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        print(
+            f"not emitted: cannot write to Postgres: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        return 1
+    target = f"user {args.user}" if args.user is not None else f"job {args.job}"
+    print(f"emitted {args.type} to {target} as {record.epoch}:{record.position}")
+    return 0
+
+
+def _add_emit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "emit",
+        help="publish an event to the running servers (EVENT_BROKER=postgres) from a shell",
+        description=(
+            "Write one event to the Postgres outbox: every server with EVENT_BROKER=postgres "
+            "on the same database delivers it to the user's event streams and sockets (or the "
+            'job\'s sockets). The event is {"type": TYPE, "data": DATA}.'
+        ),
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user", help="the user id whose streams get the event")
+    target.add_argument("--job", help="the job id whose subscribers get the event")
+    p.add_argument("--type", required=True, help="the event type (1-64 of [A-Za-z0-9_.-])")
+    p.add_argument("--data", default="null", help="the event data, as JSON (default: null)")
+    p.add_argument("--dsn", help="Postgres DSN (default: DATABASE_URL)")
+    p.set_defaults(func=_cmd_emit)
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -408,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config(sub)
     _add_dev(sub)
+    _add_emit(sub)
     _add_identity_provider(sub)
     _add_migrate(sub)
     _add_serve(sub)

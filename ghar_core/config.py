@@ -295,7 +295,7 @@ class Settings:
         "Seconds each resource gets to start or stop.",
         minimum=0.1,
         maximum=600,
-        reader=("asgi.app", "database", "cli"),
+        reader=("asgi.app", "database", "broker", "cli"),
     )
     STRICT_SETTINGS: bool = _var(
         False,
@@ -452,7 +452,17 @@ class Settings:
         "Database",
         "Postgres DSN (direct or PgBouncer); its password is masked.",
         schemes=_PG,
-        reader=("database", "cli"),
+        reader=("database", "broker", "cli"),
+    )
+    DATABASE_DIRECT_URL: str | None = _var(
+        None,
+        "url",
+        "Database",
+        "Direct Postgres DSN (never PgBouncer) for the event broker's LISTEN; "
+        "default DATABASE_URL.",
+        optional=True,
+        schemes=_PG,
+        reader=("broker",),
     )
     DB_POOL_MIN_SIZE: int = _var(
         1,
@@ -524,7 +534,7 @@ class Settings:
         "Seconds to open a connection.",
         minimum=0.001,
         maximum=600,
-        reader=("database",),
+        reader=("database", "broker"),
     )
     DB_MAX_INACTIVE_LIFETIME: float = _var(
         300.0,
@@ -717,6 +727,59 @@ class Settings:
         "Feature flags",
         "Run your background schedulers in this process (the core runs none).",
         reader=APP,
+    )
+    EVENT_BROKER: str = _var(
+        "memory",
+        "choice",
+        "Feature flags",
+        "How events cross processes: memory (one process) or postgres (outbox + LISTEN/NOTIFY).",
+        choices=("memory", "postgres"),
+        reader=("broker",),
+    )
+    EVENT_MAX_PAYLOAD_BYTES: int = _var(
+        65_536,
+        "int",
+        "Feature flags",
+        "Largest encoded event the postgres broker accepts; larger is an error.",
+        minimum=64,
+        maximum=50_000_000,
+        reader=("broker", "sse"),
+    )
+    EVENT_OUTBOX_RETENTION_AGE: float = _var(
+        3600.0,
+        "float",
+        "Feature flags",
+        "Seconds an outbox row is kept (the resume window of EVENT_BROKER=postgres).",
+        minimum=1,
+        maximum=86400 * 30,
+        reader=("broker",),
+    )
+    EVENT_OUTBOX_RETENTION_COUNT: int = _var(
+        1_000_000,
+        "int",
+        "Feature flags",
+        "Most outbox rows kept; the oldest beyond are pruned.",
+        minimum=1,
+        maximum=1_000_000_000,
+        reader=("broker",),
+    )
+    EVENT_OUTBOX_SYNCHRONOUS_COMMIT: bool = _var(
+        True,
+        "bool",
+        "Feature flags",
+        "Wait for the WAL flush of each outbox batch; off cuts the emit-to-delivery latency "
+        "by the disk's fsync, and a Postgres crash (not a restart) can lose the last "
+        "fraction of a second of events.",
+        reader=("broker",),
+    )
+    EVENT_OUTBOX_PRUNE_INTERVAL: float = _var(
+        30.0,
+        "float",
+        "Feature flags",
+        "Seconds between two outbox prunes (one instance at a time).",
+        minimum=0.1,
+        maximum=86400,
+        reader=("broker",),
     )
     # SSE
     SSE_QUEUE_MAX_SIZE: int = _var(

@@ -51,6 +51,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol, cas
 
 import orjson
 
+from ghar_core.broker import (
+    TOPIC_JOB,
+    TOPIC_SOCKET,
+    Broker,
+    Record,
+    decode_socket_message,
+    encode_socket_message,
+)
 from ghar_core.exceptions import (
     ForbiddenException,
     NotFoundException,
@@ -216,6 +224,7 @@ class ConnectionManager:
         ping_interval: float | None = None,
         pong_timeout: float | None = None,
         job_ttl: float | None = None,
+        broker: Broker | None = None,
         clock: Callable[[], float] = time.monotonic,
         handle_signals: bool = True,
     ) -> None:
@@ -248,6 +257,13 @@ class ConnectionManager:
         self._live: set[Connection] = set()  # from registration until its close is done
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.publisher: Callable[[Outbound], int] = self.deliver_local
+        # A remote broker (EVENT_BROKER=postgres) carries every message, so each
+        # instance -- this one too -- delivers what comes back to its own sockets.
+        self.broker = broker if broker is not None and broker.remote else None
+        if self.broker is not None:
+            self.publisher = self._publish_remote
+            self.broker.attach(TOPIC_JOB, _SocketSink(self, "job"))
+            self.broker.attach(TOPIC_SOCKET, _SocketSink(self, "user"))
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self.started = False
@@ -341,6 +357,12 @@ class ConnectionManager:
         self._per_user[user] = self._per_user.get(user, 0) + 1
         self._live.add(conn)
         try:
+            if self.broker is not None:
+                # From here on every message of this job or user reaches this process.
+                if job is None:
+                    await self.broker.head(TOPIC_SOCKET, user)
+                else:
+                    await self.broker.head(TOPIC_JOB, job)
             await ws.accept()
         except BaseException:
             self._drop(conn, CLOSE_NORMAL, "accept failed", drain=False)
@@ -512,6 +534,15 @@ class ConnectionManager:
         self.counters["published"] += 1
         return self.publisher(message)
 
+    def _publish_remote(self, message: Outbound) -> int:
+        # Counted as 0: the sockets are reached when the message comes back committed.
+        assert self.broker is not None
+        topic = TOPIC_JOB if message.target == "job" else TOPIC_SOCKET
+        self.broker.publish_nowait(
+            topic, message.key, "ws", encode_socket_message(message.text, message.end)
+        )
+        return 0
+
     def deliver_local(self, message: Outbound) -> int:
         """Queue an encoded message on this process's sockets of its job or user.
 
@@ -573,7 +604,7 @@ class ConnectionManager:
         message: dict[str, Any] = {"type": type, "data": notification}
         if sse:
             bus = self.sse if self.sse is not None else get_sse_bus()
-            published = bus.publish(user, message)
+            published = await bus.send(user, message)
             message = {**message, "id": published.event.id}
         return self.publish(Outbound("user", user, _dumps(message)))
 
@@ -685,6 +716,29 @@ class ConnectionManager:
 
 
 _default: ConnectionManager | None = None
+
+
+class _SocketSink:
+    """The manager's side of a remote broker: messages of its jobs or users, to their sockets."""
+
+    __slots__ = ("manager", "target")
+
+    def __init__(self, manager: ConnectionManager, target: Literal["job", "user"]) -> None:
+        self.manager = manager
+        self.target = target
+
+    def wants(self, key: str) -> bool:
+        manager = self.manager
+        if self.target == "job":
+            return key in manager.job_connections or key in manager._jobs
+        return key in manager.user_connections
+
+    def receive(self, record: Record) -> None:
+        text, end = decode_socket_message(record.payload)
+        self.manager.deliver_local(Outbound(self.target, record.key, text, end))
+
+    def reset(self, key: str, epoch: str, position: int, reason: str) -> None:
+        return None  # sockets carry no positions: nothing to resume
 
 
 def get_manager() -> ConnectionManager:

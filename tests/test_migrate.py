@@ -396,12 +396,14 @@ def test_cli_migrate_and_status(
     assert out[0] == "namespace\tversion\tname\tapplied"
     assert out[1:] == [
         "ghar_core\t0001\tusers\tpending",
+        "ghar_core\t0002\tevent_outbox\tpending",
         "marketplace\t0001\tlistings\tpending",
         "marketplace\t0002\tlisting_title\tpending",
     ]
     assert main(["migrate", "--dsn", fresh_database, *pair]) == 0
     assert capsys.readouterr().out.strip() == (
-        "applied: ghar_core/0001_users, marketplace/0001_listings, marketplace/0002_listing_title"
+        "applied: ghar_core/0001_users, ghar_core/0002_event_outbox, marketplace/0001_listings, "
+        "marketplace/0002_listing_title"
     )
     assert main(["migrate", "--dsn", fresh_database, *pair]) == 0
     assert "up to date" in capsys.readouterr().out
@@ -485,6 +487,7 @@ async def test_create_app_applies_the_apps_sets_on_startup(
         "http_clients",
         "database",
         "auth",
+        "broker",
         "sse",
         "websocket",
         "listings",

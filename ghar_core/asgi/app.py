@@ -33,6 +33,7 @@ from ghar_core.asgi.sse import register_sse_routes
 from ghar_core.asgi.websocket import WebSocket, WebSocketDisconnect, WebSocketState
 from ghar_core.asgi.ws_routes import register_websocket_routes
 from ghar_core.auth import SupabaseAuth
+from ghar_core.broker import build_broker
 from ghar_core.database import Database
 from ghar_core.error_reporting import ErrorReporter
 from ghar_core.exceptions import (
@@ -79,17 +80,20 @@ def build_default_resources(
     when ``DB_MIGRATE_ON_STARTUP`` is on (see :mod:`ghar_core.migrate`);
     ``clients``: the app's own client domains, beside the core's four.
     """
-    bus = SSEEventBus(settings)
+    database = Database(settings, migrations=migrations)
+    broker = build_broker(settings, database)
+    bus = SSEEventBus(settings, broker=broker)
     return [
         HTTPClients(clients),  # "http_clients": every outbound session; stops last
-        Database(settings, migrations=migrations),  # "database": both pools
+        database,  # "database": both pools
         # "auth": JWKS and token caches, on the clients resource's provider session.
         lambda started: SupabaseAuth(
             settings, client=started.get("http_clients", HTTPClients).provider("supabase_auth")
         ),
+        broker,  # "broker": EVENT_BROKER (memory, or the Postgres outbox + a direct LISTEN)
         bus,  # "sse": per-user event bus; stop ends the streams
         # "websocket": job and user sockets; notifications may also go to `bus`; stop closes (1001)
-        ConnectionManager(settings, sse=bus),
+        ConnectionManager(settings, sse=bus, broker=broker),
     ]
 
 

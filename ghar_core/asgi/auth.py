@@ -109,7 +109,12 @@ def bearer_token(conn: HTTPConnection, *, allow_query_token: bool = False) -> st
                     details={"reason": "more than one Authorization header"}
                 )
             header = value
-    token = _from_header(header) if header is not None else None
+    if header is None:
+        token = None
+    elif header[:7] == b"Bearer ":  # the usual spelling, without a call
+        token = header[7:].decode("latin-1").strip() or None
+    else:
+        token = _from_header(header)
     if not allow_query_token:
         return token
     sent = {v for v in conn.query_params.getlist(ACCESS_TOKEN_PARAM) if v}

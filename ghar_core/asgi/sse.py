@@ -175,7 +175,7 @@ async def emit_test_event(request: Request) -> dict[str, Any]:
     user = await current_user(request)
     body = await request.body()
     data: Any = await request.json() if body.strip() else {"message": "test event"}
-    published = _bus_of(request.app).publish(user.id, {"type": "test", "data": data})
+    published = await _bus_of(request.app).send(user.id, {"type": "test", "data": data})
     return {"id": published.event.id, "delivered": published.delivered}
 
 

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import orjson
 
+from ghar_core.broker import TOPIC_USER, Broker, check_event
 from ghar_core.exceptions import ServiceUnavailableException
 from ghar_core.sse.default import claim_default, release_default
 from ghar_core.sse.log import RESET_EVENT, Event, EventLog, MemoryEventLog, json_default
+from ghar_core.sse.outbox import BrokerEventLog, BrokerSink, event_of
 from ghar_core.sse.signals import redact_server_logs, signal_hook
 from ghar_core.sse.subscription import REAPED_IDLE, REAPED_STALLED, SHUTDOWN, Subscription
 
@@ -54,6 +56,11 @@ class SSEEventBus:
     app it is started and stopped by the lifespan; it also works unstarted
     (no reaper task, no signal hook), which is what the process default does
     before an app runs.
+
+    ``broker``: with a remote one (``EVENT_BROKER=postgres``) ``emit`` hands
+    each event to the broker and the bus delivers what the broker hands back
+    (emitted here or on any other instance), with positions, epochs and the
+    resume history from the outbox; the in-memory broker changes nothing.
     """
 
     name = "sse"
@@ -68,6 +75,7 @@ class SSEEventBus:
         idle_timeout: float | None = None,
         full_cycles_limit: int | None = None,
         log: EventLog | None = None,
+        broker: Broker | None = None,
         clock: Callable[[], float] = time.monotonic,
         handle_signals: bool = True,
     ) -> None:
@@ -97,6 +105,10 @@ class SSEEventBus:
         if self.reaper_interval <= 0 or self.idle_timeout <= 0:
             raise ValueError("reaper_interval and idle_timeout must be positive")
         self.clock = clock
+        self.broker = broker if broker is not None and broker.remote else None
+        if self.broker is not None and log is None:
+            log = BrokerEventLog(self.broker, clock)
+            self.broker.attach(TOPIC_USER, BrokerSink(self))
         self.log: EventLog = log or MemoryEventLog(
             size=settings.SSE_HISTORY_SIZE, max_age=settings.SSE_HISTORY_MAX_AGE, clock=clock
         )
@@ -127,8 +139,15 @@ class SSEEventBus:
         name (1-64 of ``[A-Za-z0-9_.-]``; ``reset`` is the bus's own); the
         whole mapping, orjson-encoded, is the ``data:``. Never blocks or
         awaits; a value orjson cannot encode is a ``TypeError`` here, at the
-        emitter, and uses no position.
+        emitter, and uses no position. With a remote broker the event is queued
+        for the outbox and returns 0: it reaches the streams (here and on every
+        instance) when it comes back committed; an event over
+        ``EVENT_MAX_PAYLOAD_BYTES`` is an :class:`~ghar_core.broker.EventTooLargeError`.
         """
+        if self.broker is not None:
+            user, kind, payload = self._encode(user_id, event)
+            self.broker.publish_nowait(TOPIC_USER, user, kind, payload)
+            return 0
         count = self._deliver(self._store(user_id, event))
         self._count += 1  # _tick(), inlined on the hottest path
         if self._count >= _REAP_EVERY:
@@ -138,11 +157,38 @@ class SSEEventBus:
         return count
 
     def publish(self, user_id: Any, event: Mapping[str, Any]) -> Published:
-        """:meth:`emit`, returning the stored :class:`Event` (its ``id``) and the count."""
+        """:meth:`emit`, returning the stored :class:`Event` (its ``id``) and the count.
+
+        In-process log only: over a remote broker use ``await`` :meth:`send`.
+        """
+        if self.broker is not None:
+            raise RuntimeError("the bus publishes through a remote broker: await bus.send(...)")
         stored = self._store(user_id, event)
         count = self._deliver(stored)
         self._tick()
         return Published(stored, count)
+
+    async def send(self, user_id: Any, event: Mapping[str, Any]) -> Published:
+        """:meth:`publish` that also works over a remote broker: returns once stored.
+
+        With a remote broker the returned event carries the outbox position and
+        ``delivered`` is 0 (delivery follows the commit, on every instance).
+        """
+        if self.broker is None:
+            return self.publish(user_id, event)
+        user, kind, payload = self._encode(user_id, event)
+        record = await self.broker.publish(TOPIC_USER, user, kind, payload)
+        return Published(event_of(record, self.clock()), 0)
+
+    def _encode(self, user_id: Any, event: Mapping[str, Any]) -> tuple[str, str, bytes]:
+        user = user_id if type(user_id) is str else str(user_id)
+        kind = event.get("type", "message")
+        if kind not in self._types:
+            self._check_type(kind)
+        payload = orjson.dumps(event, default=json_default, option=_JSON_OPTIONS)
+        check_event(TOPIC_USER, user, kind, payload, self.settings.EVENT_MAX_PAYLOAD_BYTES)
+        self.emitted += 1
+        return user, kind, payload
 
     def _tick(self) -> None:
         # Every 10th emit reaps the full queues (cheap: only those are looked at).

@@ -60,6 +60,9 @@ class _DefaultBus:
     def publish(self, user_id: Any, event: Mapping[str, Any]) -> Published:
         return get_sse_bus().publish(user_id, event)
 
+    async def send(self, user_id: Any, event: Mapping[str, Any]) -> Published:
+        return await get_sse_bus().send(user_id, event)
+
     def subscribe(self, user_id: Any, *, last_event_id: str | None = None) -> Subscription:
         return get_sse_bus().subscribe(user_id, last_event_id=last_event_id)
 

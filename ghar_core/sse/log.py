@@ -118,7 +118,9 @@ class EventLog(Protocol):
     """Where positions, epochs and the resume history come from (pluggable).
 
     ``head`` is the user's current epoch and last position (an epoch is made
-    for a user seen for the first time); ``append`` gives the next position;
+    for a user seen for the first time); ``open_head`` is the same for a
+    subscription being opened (after it registered: a log backed by storage
+    may have to ask it); ``append`` gives the next position;
     ``read_since`` returns the events after ``position`` or, when they cannot
     all be given, the reason (``"epoch_changed"``, ``"history_expired"``,
     ``"unknown_position"``); ``trim`` forgets what is past the history's
@@ -128,6 +130,8 @@ class EventLog(Protocol):
     """
 
     def head(self, user: str) -> tuple[str, int]: ...
+
+    async def open_head(self, user: str) -> tuple[str, int]: ...
 
     def append(self, user: str, type: str, data: Any, payload: bytes) -> Event: ...
 
@@ -188,6 +192,9 @@ class MemoryEventLog:
         entry = self._entry(user)
         entry.touched = self._clock()
         return entry.epoch, entry.head
+
+    async def open_head(self, user: str) -> tuple[str, int]:
+        return self.head(user)
 
     def append(self, user: str, type: str, data: Any, payload: bytes) -> Event:
         # The hot path of every emit: one dict lookup, one clock read, one format.

@@ -101,7 +101,7 @@ class Subscription:
         bus._register(self)
         self._opened = True
         try:
-            epoch, head = bus.log.head(self.user)
+            epoch, head = await bus.log.open_head(self.user)
             self.epoch, self.cursor = epoch, head
             if self.last_event_id is not None:
                 await self._resume(epoch, head)

@@ -1,0 +1,187 @@
+"""The outbox's SQL, the direct connection check and the writer's small parts.
+
+Shared by :class:`~ghar_core.broker.PostgresBroker` and :func:`~ghar_core.broker.emit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
+
+import asyncpg
+
+from ghar_core.broker.base import NOTIFY_CHANNEL, PoolerAddressError, Record, split_stream
+
+__all__ = ["LISTEN_APPLICATION_NAME", "PUBLISH_SQL", "connect_direct", "publish_rows"]
+
+LISTEN_APPLICATION_NAME: Final = "ghar-core-listen"
+PUBLISH_SQL: Final = (
+    "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5, $6)"
+)
+_LOOKUP_SQL: Final = "SELECT id, stream, epoch, position FROM ghar_event_outbox WHERE batch = $1"
+_ROW_COLUMNS: Final = (
+    "o.stream, o.epoch, o.position, o.type, o.payload, extract(epoch FROM o.created_at)::float8"
+)
+_BY_IDS_SQL: Final = (
+    f"SELECT {_ROW_COLUMNS} FROM ghar_event_outbox o WHERE o.id BETWEEN $1 AND $2"
+    " AND ($3::text[] IS NULL OR o.stream = ANY($3::text[])) ORDER BY o.stream, o.id"
+)
+_RANGES_SQL: Final = (
+    f"SELECT {_ROW_COLUMNS} FROM ghar_event_outbox o"
+    " JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])"
+    " AS w(stream, epoch, after, upto)"
+    " ON o.stream = w.stream AND o.epoch = w.epoch AND o.position > w.after"
+    " AND o.position <= w.upto ORDER BY o.stream, o.position"
+)
+_HEADS_SQL: Final = (
+    "SELECT stream, epoch, head FROM ghar_event_streams WHERE stream = ANY($1::text[])"
+)
+_NEW_HEADS_SQL: Final = "SELECT stream, epoch, head FROM ghar_event_head($1::text[])"
+_BUMP_SQL: Final = (
+    "UPDATE ghar_event_streams SET epoch = ghar_event_new_epoch(), touched_at = now()"
+    " WHERE stream = $1 AND epoch = $2 RETURNING epoch, head"
+)
+# Oldest rows first, a bounded batch at a time: past the age, or beyond the count.
+_PRUNE_SQL: Final = (
+    "DELETE FROM ghar_event_outbox WHERE id IN"
+    " (SELECT id FROM ghar_event_outbox ORDER BY id LIMIT $3)"
+    " AND (created_at < now() - make_interval(secs => $1)"
+    " OR id <= (SELECT max(id) FROM ghar_event_outbox) - $2)"
+)
+_PRUNE_STREAMS_SQL: Final = (
+    "DELETE FROM ghar_event_streams s WHERE s.ctid = ANY(ARRAY("
+    " SELECT t.ctid FROM ghar_event_streams t"
+    " WHERE t.touched_at < now() - make_interval(secs => $1)"
+    " AND NOT EXISTS (SELECT 1 FROM ghar_event_outbox o WHERE o.stream = t.stream) LIMIT $2))"
+)
+_OUTBOX_STATS_SQL: Final = (
+    "SELECT (SELECT count(*) FROM ghar_event_outbox),"
+    " (SELECT extract(epoch FROM now() - created_at)::float8 FROM ghar_event_outbox"
+    " ORDER BY id LIMIT 1)"
+)
+_PRUNE_LOCK: Final = 0x6768_6172_5052  # pg_try_advisory_xact_lock key of the pruner ("gharPR")
+_REPLAY_LIMIT: Final = 10_000  # rows one resume or catch-up reads at most; more is a reset
+_FILTER_LIMIT: Final = 2_000  # known streams passed as a filter; more reads every row
+
+
+class _Pending(NamedTuple):
+    stream: str
+    type: str
+    payload: bytes
+    future: asyncio.Future[Record] | None
+
+
+class _Batch:
+    __slots__ = ("id", "items", "unknown")
+
+    def __init__(self, items: list[_Pending]) -> None:
+        self.items = items
+        self.id = uuid.uuid4()
+        self.unknown = False  # the last attempt may have committed: look it up first
+
+
+class _Lane:
+    """One writer's queue: the streams hashed to it, written in order, one batch in flight."""
+
+    __slots__ = ("queue", "retry", "wake")
+
+    def __init__(self) -> None:
+        self.queue: deque[_Pending] = deque()
+        self.retry: _Batch | None = None
+        self.wake = asyncio.Event()
+
+    def pending(self) -> int:
+        return len(self.queue) + (len(self.retry.items) if self.retry else 0)
+
+
+class _Backoff:
+    """Jittered exponential delays from ``first`` to ``cap`` seconds."""
+
+    def __init__(self, first: float = 0.05, cap: float = 2.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.cap, self.delay * 2)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+def _record(row: Sequence[Any]) -> Record:
+    topic, key = split_stream(row[0])
+    return Record(topic, key, row[1], row[2], row[3], bytes(row[4]), row[5] or 0.0)
+
+
+async def connect_direct(
+    dsn: str, *, connect_timeout: float = 5.0, application_name: str = LISTEN_APPLICATION_NAME
+) -> asyncpg.Connection:
+    """A connection of its own to Postgres itself, refusing a pooler in between.
+
+    The check: the backend pid Postgres gave in the connection's start-up
+    (``BackendKeyData``) must be the pid of the session answering queries. A
+    pooler (PgBouncer) invents the start-up pid and hands queries to server
+    connections of its own, so the two differ; in transaction mode a LISTEN
+    would stay on a server connection that other clients then use, and the
+    notifications would never reach us. Raises :class:`PoolerAddressError`.
+    """
+    conn = await asyncpg.connect(
+        dsn,
+        timeout=connect_timeout,
+        statement_cache_size=0,
+        server_settings={"application_name": application_name},
+    )
+    try:
+        pid = await conn.fetchval("SELECT pg_backend_pid()", timeout=connect_timeout)
+    except BaseException:
+        conn.terminate()
+        raise
+    given = conn.get_server_pid()
+    if pid != given:
+        conn.terminate()
+        raise PoolerAddressError(
+            "DATABASE_DIRECT_URL (default DATABASE_URL) reaches Postgres through a connection "
+            f"pooler such as PgBouncer (the start-up backend pid {given} is not "
+            f"the session's {pid}): LISTEN needs a session of its own, and in PgBouncer's "
+            "transaction mode notifications go to whichever client holds the server "
+            "connection, so events would be lost. Set DATABASE_DIRECT_URL to Postgres's own "
+            "host and port (not PgBouncer's); the pools may keep using PgBouncer."
+        )
+    return conn
+
+
+async def publish_rows(
+    conn: Any,
+    streams: list[str],
+    types: list[str],
+    payloads: list[bytes],
+    batch: uuid.UUID,
+    *,
+    durable: bool = True,
+) -> list[Any]:
+    """Write events to the outbox on ``conn`` (the caller's transaction, if any) and NOTIFY.
+
+    ``durable=False`` lets this transaction commit without waiting for the WAL
+    flush (``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``); inside a caller's transaction
+    that applies to the whole transaction, so only the broker's writer uses it.
+    """
+    rows: list[Any] = await conn.fetch(
+        PUBLISH_SQL, streams, types, payloads, batch, NOTIFY_CHANNEL, durable
+    )
+    return rows
+
+
+def _maybe_committed(exc: BaseException) -> bool:
+    # A server-side SQL error is a definite "not written"; anything else (lost
+    # connection, timeout, the pool's 503) may have happened after the commit.
+    return not (isinstance(exc, asyncpg.PostgresError) and exc.sqlstate[:2] not in ("08", "57"))
+
+
+def _permanent(exc: BaseException) -> bool:
+    # Bad data (class 22) or a constraint (23): retrying cannot help.
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in ("22", "23")
