@@ -9,6 +9,7 @@ data folder. The error paths answer in one paragraph without starting anything.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import queue
@@ -171,11 +172,38 @@ def _printed_stream_gets_the_printed_test_event(running: Running, token: str) ->
         while "event: test" not in "".join(got) and time.monotonic() < deadline:
             got.append(reader.stdout.readline())
         assert "event: test" in "".join(got), got
+        # The WebSocket line's URL and the emit line, as a script would run it:
+        # the event reaches the socket and the stream through the outbox.
+        ws_url = running.value(r'new WebSocket\("([^"]+)"\)')
+        emit = running.value(r"^  (\S*ghar\S* emit .*)$")
+        message = run_sync(_socket_gets_what_emit_sends(ws_url, emit, env))
+        assert message["type"] == "hello", message
+        assert message["data"] == {"text": "hi"}, message
+        while "event: hello" not in "".join(got) and time.monotonic() < deadline + 15:
+            got.append(reader.stdout.readline())
+        assert "event: hello" in "".join(got), got
     finally:
         reader.kill()
         reader.wait(10)
         if reader.stdout is not None:
             reader.stdout.close()
+
+
+async def _socket_gets_what_emit_sends(
+    ws_url: str, emit: str, env: dict[str, str]
+) -> dict[str, object]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=10)) as ws,
+    ):
+        process = await asyncio.create_subprocess_exec(
+            "sh", "-c", emit, cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err
+        message = await ws.receive_json(timeout=15)
+        assert isinstance(message, dict)
+        return message
 
 
 async def _get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
@@ -335,6 +363,18 @@ def test_the_examples_use_the_token_and_the_served_urls() -> None:
     assert f'curl -s -X POST -H "Authorization: Bearer $GHAR_TOKEN" {events}/test' in text
     no_sse = "\n".join(example_lines(dataclasses.replace(session, sse=False)))
     assert "/events/" not in no_sse
+    ws = "ws://127.0.0.1:8000/api/v1/ws/notifications?access_token=header.payload.signature"
+    assert f'new WebSocket("{ws}")' in text
+    assert "WebSocket" not in "\n".join(
+        example_lines(dataclasses.replace(session, websockets=False))
+    )
+    assert " emit " not in text  # the in-memory broker: a shell cannot reach it
+    embedded = "\n".join(example_lines(dataclasses.replace(session, emit_dsn="postgresql://x/d")))
+    assert (
+        f"ghar-core emit --dsn postgresql://x/d --user {session.user_id} --type hello" in embedded
+    )
+    configured = "\n".join(example_lines(dataclasses.replace(session, emit_dsn="")))
+    assert f"ghar-core emit --user {session.user_id} --type hello" in configured
     assert "export GHAR_TOKEN='header.payload.signature'" in text
     assert 'curl -s -H "Authorization: Bearer $GHAR_TOKEN" http://127.0.0.1:8000/api/v1/me' in text
     assert "--provider-url http://127.0.0.1:40000" in text  # not the default port

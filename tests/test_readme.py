@@ -71,7 +71,7 @@ def test_event_stream_example_emits() -> None:
     from ghar_core.sse import SSEEventBus, set_default_bus
     from tests.asgi.sse_support import sse_settings
 
-    (block,) = [b for b in BLOCKS if "sse_bus.emit" in b]
+    (block,) = [b for b in BLOCKS if "delivered = sse_bus.emit" in b]
     bus = SSEEventBus(sse_settings(), handle_signals=False)
     previous = set_default_bus(bus)
     try:
@@ -99,6 +99,31 @@ async def test_websocket_example_publishes_to_the_default_manager() -> None:
         ws._default = previous
     assert stats["published"] == 3  # nobody connected: published, delivered to none
     assert stats["jobs"] == 0  # the completion released the registration
+
+
+async def test_tell_the_user_example_reaches_both_transports() -> None:
+    import ghar_core.websocket as ws
+    from ghar_core.sse import SSEEventBus, set_default_bus
+    from ghar_core.websocket import ConnectionManager
+    from tests.asgi.sse_support import sse_settings
+
+    (block,) = [b for b in BLOCKS if "def on_booking_confirmed" in b]
+    bus = SSEEventBus(sse_settings(), handle_signals=False)
+    previous_bus = set_default_bus(bus)
+    manager = ConnectionManager(sse_settings(), sse=bus, handle_signals=False)
+    previous, ws._default = ws._default, manager
+    try:
+        async with bus.subscribe("user-1") as subscription:
+            namespace: dict[str, object] = {}
+            exec(compile(block, "README.md[tell-the-user]", "exec"), namespace)
+            await namespace["on_booking_confirmed"]("user-1", 42)  # type: ignore[operator]
+            taken = subscription.take()
+    finally:
+        ws._default = previous
+        set_default_bus(previous_bus)
+    assert taken is not None
+    assert [event.type for event in taken] == ["booking.confirmed", "notification"]
+    assert manager.stats()["published"] == 1
 
 
 def test_fastapi_host_example_builds(monkeypatch: pytest.MonkeyPatch) -> None:

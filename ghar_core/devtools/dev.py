@@ -100,10 +100,15 @@ class DevSession:
     database_note: str
     provider_url: str | None
     email: str | None
-    user_id: str | None
+    user_id: str | None  # the users row's id, as /me gives it (what streams are keyed by)
     token: str | None
     cli: str = "ghar-core"  # how to call our CLI from a new shell in the working folder
     sse: bool = True  # ENABLE_SSE: the event-stream lines only when its routes are served
+    websockets: bool = True  # ENABLE_WEBSOCKETS: the WebSocket line only when served
+    # How `ghar-core emit` reaches this server: None when it cannot (the
+    # in-memory broker), "" when a new shell's settings already name the
+    # database, else the DSN to pass with --dsn (the embedded server's).
+    emit_dsn: str | None = None
 
     @property
     def me_url(self) -> str:
@@ -135,6 +140,20 @@ def example_lines(session: DevSession) -> list[str]:
             "# from another shell: a test event to your own stream",
             f'curl -s -X POST -H "Authorization: Bearer $GHAR_TOKEN" {events}/test',
         ]
+    if session.websockets:
+        ws = session.app_url.replace("http", "ws", 1) + session.api_prefix
+        lines += [
+            "# a WebSocket for your notifications (paste into a browser's developer console)",
+            f'new WebSocket("{ws}/ws/notifications?access_token={session.token}")'
+            ".onmessage = (e) => console.log(e.data)",
+        ]
+    if session.emit_dsn is not None and session.user_id:
+        dsn = f" --dsn {session.emit_dsn}" if session.emit_dsn else ""
+        lines += [
+            "# an event to your stream and sockets from any shell (what a script or job does)",
+            f"{session.cli} emit{dsn} --user {session.user_id} --type hello"
+            """ --data '{"text": "hi"}'""",
+        ]
     another = f"{session.cli} token"
     if session.provider_url != DEV_PROVIDER_URL:
         another += f" --provider-url {session.provider_url}"
@@ -156,7 +175,8 @@ def banner(session: DevSession) -> str:
     else:
         rows.append(("identity", "SUPABASE_URL (sign in there for a token)"))
     if session.email:
-        rows.append(("dev user", f"{session.email}  (id {session.user_id})"))
+        shown = f"  (id {session.user_id})" if session.user_id else ""
+        rows.append(("dev user", f"{session.email}{shown}"))
     width = max(len(name) for name, _ in rows)
     out = ["", "ghar-core dev is ready; Ctrl-C stops everything it started.", ""]
     out += [f"  {name.ljust(width)}  {value}" for name, value in rows]
@@ -182,6 +202,9 @@ def _is_set(name: str, settings: Settings) -> bool:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
+        # As the servers bind (uvicorn, postgres): a connection of the past in
+        # TIME_WAIT on that port is no obstacle, only a socket bound there now.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -200,6 +223,21 @@ def _masked(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":****@", 1)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+async def _users_row_id(me_url: str, token: str) -> str | None:
+    """The dev user's id as ``/me`` gives it; None when the app serves no ``/me``."""
+    timeout = aiohttp.ClientTimeout(total=10)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(me_url, headers={"Authorization": f"Bearer {token}"}) as response,
+        ):
+            body = await response.json() if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    found = body.get("id") if isinstance(body, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def _cli_command() -> str:
@@ -424,6 +462,14 @@ class _Dev:
             return 0
         dsn, note = found
         env = {"DATABASE_URL": dsn, **await self.identity()}
+        emit_dsn: str | None = None
+        if self.postgres is not None and not _is_set("EVENT_BROKER", self.settings):
+            # Our own server is direct (no pooler): events from `ghar-core emit`,
+            # a script or a second instance reach this one through its outbox.
+            env["EVENT_BROKER"] = "postgres"
+            emit_dsn = dsn
+        elif self.settings.EVENT_BROKER == "postgres":
+            emit_dsn = ""
         url = f"http://{host}:{port}"
         self.spawn_app(host, port, env)
         if not await self.wait_app_ready(url):
@@ -432,8 +478,11 @@ class _Dev:
         email: str | None = None
         if self.provider is not None:
             email = self.options.email
-            user_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ghar-core-dev:{email}"))
-            token = self.provider.provider.mint_token(user_id, email, expires_in=DEV_TOKEN_TTL)
+            subject = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ghar-core-dev:{email}"))
+            token = self.provider.provider.mint_token(subject, email, expires_in=DEV_TOKEN_TTL)
+            # Streams and sockets are keyed by the users row's id, not the token's
+            # subject: ask /me (which creates the row) for the id to emit to.
+            user_id = await _users_row_id(f"{url}{self.settings.API_V1_STR}/me", token)
         session = DevSession(
             app_url=url,
             api_prefix=self.settings.API_V1_STR,
@@ -445,6 +494,8 @@ class _Dev:
             token=token,
             cli=_cli_command(),
             sse=self.settings.ENABLE_SSE,
+            websockets=self.settings.ENABLE_WEBSOCKETS,
+            emit_dsn=emit_dsn,
         )
         sys.stdout.write(banner(session))
         sys.stdout.flush()
