@@ -33,7 +33,10 @@ Publication goes through :meth:`ConnectionManager.publish`, which calls
 that spans processes replaces ``publisher`` and hands messages published
 elsewhere to ``deliver_local``. Ownership: the app's lifespan owns the
 resource; ``stop`` (or the chained SIGINT/SIGTERM hook, like the SSE bus's)
-closes every socket with 1001 "going away", promptly.
+closes every socket with 1001 "going away", promptly. On a signal the hook
+hands it to the server only once :meth:`ConnectionManager.drained` (at most
+1 s): uvicorn closes every socket still open with its own 1012 the moment it
+sees the signal, so without the wait the close code would be a race.
 """
 
 from __future__ import annotations
@@ -251,6 +254,8 @@ class ConnectionManager:
         self.user_connections: dict[str, set[Connection]] = {}
         self._per_user: dict[str, int] = {}
         self._jobs: dict[str, _Job] = {}
+        self._live: set[Connection] = set()  # from registration until its close is done
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self.publisher: Callable[[Outbound], int] = self.deliver_local
         # A remote broker (EVENT_BROKER=postgres) carries every message, so each
         # instance -- this one too -- delivers what comes back to its own sockets.
@@ -350,6 +355,7 @@ class ConnectionManager:
         else:
             self.job_connections.setdefault(job, set()).add(conn)
         self._per_user[user] = self._per_user.get(user, 0) + 1
+        self._live.add(conn)
         try:
             if self.broker is not None:
                 # From here on every message of this job or user reaches this process.
@@ -360,6 +366,7 @@ class ConnectionManager:
             await ws.accept()
         except BaseException:
             self._drop(conn, CLOSE_NORMAL, "accept failed", drain=False)
+            self._finished(conn)
             raise
         return conn
 
@@ -421,6 +428,27 @@ class ConnectionManager:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+            self._finished(conn)
+
+    def _finished(self, conn: Connection) -> None:
+        self._live.discard(conn)
+        if not self._live:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def drained(self) -> None:
+        """Return once every socket's close is done (sent, or its bound passed).
+
+        The signal hook awaits it before it hands the signal to the server:
+        uvicorn fails every socket still open with 1012 as soon as it sees it.
+        """
+        if not self._live:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
 
     async def _read(self, conn: Connection, receive: Callable[[], Awaitable[str | None]]) -> None:
         while True:

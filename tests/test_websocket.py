@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from typing import Any
 
 import orjson
@@ -21,7 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
 
 from ghar_core.exceptions import BaseAPIException
+from ghar_core.sse.signals import HOLD_TIMEOUT
 from ghar_core.websocket import (
+    CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_QUEUE_OVERFLOW,
     Connection,
@@ -30,6 +34,7 @@ from ghar_core.websocket import (
     manager,
 )
 from tests.asgi.sse_support import sse_settings
+from tests.asgi.ws_support import until
 
 USERS = ("u0", "u1", "u2")
 JOBS = ("j0", "j1", "j2")
@@ -304,3 +309,64 @@ def test_options_are_validated_and_the_default_manager_forwards() -> None:
         ConnectionManager(sse_settings(), max_per_user=0, handle_signals=False)
     assert manager.stats() == get_manager().stats()
     assert "ConnectionManager" in repr(manager)
+
+
+class SlowClose(Socket):
+    """A socket whose close waits for ``gate`` (a client slow to take the close)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.gate.wait()
+        self.closed_with = (code, reason)
+
+
+async def test_sigterm_reaches_the_server_only_after_every_socket_closed() -> None:
+    # uvicorn fails every socket still open with 1012 once its handler has run:
+    # the hook hands the signal on only after the 1001s are out, a second signal
+    # at once (replaying the held one: Ctrl-C twice still forces the exit), and
+    # a socket that never takes its close holds the signal for HOLD_TIMEOUT at most.
+    calls: list[tuple[int, list[tuple[int, str] | None]]] = []
+    sockets: list[SlowClose] = []
+    original = signal.signal(
+        signal.SIGTERM,
+        lambda signum, frame: calls.append((signum, [s.closed_with for s in sockets])),
+    )
+    try:
+        for case in ("drained", "twice", "stuck"):
+            m = ConnectionManager(sse_settings(), ping_interval=3600, pong_timeout=3600)
+            await m.start()
+            sockets[:] = [SlowClose() for _ in range(3)]
+            conns = [await m.connect_user(s, f"u{i}") for i, s in enumerate(sockets)]
+            pairs = zip(conns, sockets, strict=True)
+            tasks = [asyncio.ensure_future(m.serve(c, s.receive)) for c, s in pairs]
+            calls.clear()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            assert all(c.close_code == CLOSE_GOING_AWAY for c in conns)
+            assert calls == []  # held: every close is still pending
+            if case == "drained":
+                for s in sockets:
+                    s.gate.set()
+                await until(lambda: calls)
+                assert calls == [(signal.SIGTERM, [(CLOSE_GOING_AWAY, "server shutting down")] * 3)]
+            elif case == "twice":
+                os.kill(os.getpid(), signal.SIGTERM)
+                await until(lambda: calls)
+                assert calls == [(signal.SIGTERM, [None] * 3)] * 2
+            else:
+                took = await until(lambda: calls, HOLD_TIMEOUT + 2)
+                assert took < HOLD_TIMEOUT + 1.0
+                assert calls == [(signal.SIGTERM, [None] * 3)]  # bounded: handed on anyway
+            await asyncio.sleep(0.05)
+            assert len(calls) == (2 if case == "twice" else 1)  # never handed on twice
+            for s in sockets:
+                s.gate.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 3)
+            await m.drained()
+            await m.stop()
+        assert signal.getsignal(signal.SIGTERM) is not None
+    finally:
+        signal.signal(signal.SIGTERM, original)
