@@ -269,7 +269,10 @@ def write_charts(suites: list[SuiteResult], out: Path, meta: dict[str, object]) 
     drawn = set()
     for suite in suites:
         if suite.summary and not check_summary(suite.summary):
-            draw_chart(suite, out / f"{suite.name}.png", note=note)
+            earlier = f"figures of an {suite.status}, not this one; " * (
+                suite.status.startswith("earlier run")
+            )
+            draw_chart(suite, out / f"{suite.name}.png", note=earlier + note)
             drawn.add(suite.name)
     return drawn
 

@@ -83,7 +83,7 @@ def draw_chart(suite: SuiteResult, path: Path, *, note: str) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     groups = _groups(suite.summary)
-    heights = [0.9 + 0.42 * len(rows) for rows in groups.values()]
+    heights = [1.1 + 0.42 * len(rows) for rows in groups.values()]  # room for a 2-line title
     fig, axes = plt.subplots(
         len(groups),
         1,
@@ -118,12 +118,12 @@ def draw_chart(suite: SuiteResult, path: Path, *, note: str) -> None:
                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85},
             )
         direction = "lower is better" if baseline["better"] == "lower" else "higher is better"
-        ax.set_title(
+        title = (
             f"{group}: ratio to {textwrap.shorten(str(baseline['label']), 60, placeholder='...')}"
-            f" ({direction})",
-            fontsize=10,
-            loc="left",
+            f" ({direction})"
         )
+        # Left-aligned over the bars, a long title ran off the figure's right edge.
+        ax.set_title(textwrap.fill(title, 100), fontsize=10, loc="left")
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", color="#e6e6e6", linewidth=0.6)
         ax.set_axisbelow(True)

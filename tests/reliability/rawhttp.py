@@ -26,6 +26,9 @@ class Raw:
     head: bytes
     body: bytes
     hung: bool
+    # What came after this response's Content-Length: the answers to requests
+    # pipelined behind it (a mutated body can leave bytes that parse as one).
+    rest: bytes = b""
 
 
 async def exchange(port: int, data: bytes, *, wait: float = 3.0, half_close: bool = False) -> Raw:
@@ -67,10 +70,18 @@ async def exchange(port: int, data: bytes, *, wait: float = 3.0, half_close: boo
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+    return _parse(received, hung)
+
+
+def _parse(received: bytes, hung: bool = False) -> Raw:
     head, _, body = received.partition(b"\r\n\r\n")
     match = _STATUS.match(head)
     status = int(match.group(1)) if match else None
-    return Raw(status, head, body, hung and status is None)
+    rest = b""
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if length is not None:
+        body, rest = body[: int(length.group(1))], body[int(length.group(1)) :]
+    return Raw(status, head, body, hung and status is None, rest)
 
 
 def _complete(received: bytes) -> bool:
@@ -89,6 +100,8 @@ def clean(raw: Raw) -> bool:
         return True  # closed without an answer
     if not 400 <= raw.status < 500:
         return False
+    if raw.rest.startswith(b"HTTP/") and not clean(_parse(raw.rest)):
+        return False  # every pipelined answer is judged, not only the first
     if b"application/json" in raw.head.lower():
         try:
             return "error" in orjson.loads(raw.body)

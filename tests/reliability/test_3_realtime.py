@@ -32,7 +32,7 @@ import orjson
 from tests.reliability.report import section
 from tests.reliability.stack import Stack, bearer, call
 
-TITLE = "Realtime: event streams at the cap and WebSockets, some never reading"
+TITLE = "Realtime: streams at the cap, WebSockets not reading, events across instances"
 READERS_PER_USER = 10
 READER_USERS = 4
 STALLED_USERS = 2
