@@ -39,19 +39,18 @@ The async fixtures need pytest-asyncio (``asyncio_mode = "auto"``).
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
 import importlib
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from ghar_core.utils import run_on_private_loop, with_database
 
 if TYPE_CHECKING:
     from ghar_core.asgi.app import App
@@ -82,7 +81,6 @@ __all__ = [
     "pytest_sessionfinish",
 ]
 
-T = TypeVar("T")
 ADMIN_ENV = "GHAR_TEST_DATABASE_URL"
 
 
@@ -93,18 +91,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "('package.module:build')",
         default="",
     )
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    # A private loop in a helper thread: sync fixtures never touch the test's loop.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-def with_database(dsn: str, database: str) -> str:
-    """``dsn`` with its database replaced."""
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 async def _answers(dsn: str) -> str | None:
@@ -134,7 +120,7 @@ class _Server:
         explicit = os.environ.get(ADMIN_ENV)
         candidates = [explicit] if explicit else [with_database(settings.DATABASE_URL, "postgres")]
         for dsn in candidates:
-            why = _run(_answers(dsn))
+            why = run_on_private_loop(_answers(dsn))
             if why is None:
                 self.dsn = dsn
                 return dsn
@@ -252,11 +238,11 @@ def ghar_database(ghar_admin_dsn: str, ghar_migrations: Sequence[MigrationSet]) 
     """DSN of a throwaway database with the core's and the app's migrations; dropped after."""
     admin = ghar_admin_dsn
     name = f"ghar_test_{uuid.uuid4().hex[:16]}"
-    dsn = _run(_create_migrated(admin, name, ghar_migrations))
+    dsn = run_on_private_loop(_create_migrated(admin, name, ghar_migrations))
     try:
         yield dsn
     finally:
-        _run(_drop(admin, name))
+        run_on_private_loop(_drop(admin, name))
 
 
 @_async_fixture

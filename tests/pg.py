@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -38,8 +37,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -49,6 +48,7 @@ from ghar_core.config import Settings, load_settings
 from ghar_core.database import Database
 from ghar_core.devtools.postgres import EmbeddedPostgres, EmbeddedPostgresError
 from ghar_core.migrate import migrate_dsn
+from ghar_core.utils import run_on_private_loop
 from tests.conftest import require
 
 __all__ = [
@@ -73,16 +73,10 @@ __all__ = [
 
 # An explicit choice: used as it is, never replaced by a cluster of our own.
 PG_ADMIN_DSN = os.environ.get("GHAR_TEST_DATABASE_URL") or os.environ.get("GHAR_TEST_PG_DSN")
-T = TypeVar("T")
 
 
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion on a private loop in a helper thread.
-
-    Sync fixtures use it so they never touch the loop pytest-asyncio runs.
-    """
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+# Sync fixtures use it so they never touch the loop pytest-asyncio runs.
+run_sync = run_on_private_loop
 
 
 def free_port() -> int:

@@ -54,6 +54,7 @@ from ghar_core.devtools.postgres import (
 )
 from ghar_core.envfile import EnvSyntaxError, parse_env_text
 from ghar_core.migrate import migrate_dsn
+from ghar_core.utils import with_database
 
 __all__ = [
     "DEV_DIR_ENV",
@@ -212,11 +213,6 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _with_database(dsn: str, database: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
 def _masked(dsn: str) -> str:
     parts = urlsplit(dsn)
     if parts.password is None:
@@ -271,7 +267,7 @@ async def _probe(dsn: str) -> str | None:
     except asyncpg.InvalidCatalogNameError:
         name = urlsplit(dsn).path.lstrip("/")
         try:
-            admin = await asyncpg.connect(_with_database(dsn, "postgres"), timeout=3)
+            admin = await asyncpg.connect(with_database(dsn, "postgres"), timeout=3)
             try:
                 await admin.execute(f'CREATE DATABASE "{name}"')
             finally:

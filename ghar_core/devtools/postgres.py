@@ -25,8 +25,6 @@ Unix socket, trust auth for the ``postgres`` role) and stop it when done.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -40,9 +38,9 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final
 
 import asyncpg
 
@@ -53,6 +51,7 @@ from ghar_core.devtools.pg_binaries import (
     not_found_message,
 )
 from ghar_core.migrate import MigrationSet, migrate_dsn
+from ghar_core.utils import run_on_private_loop
 
 __all__ = [
     "PG_BIN_ENV",
@@ -66,7 +65,6 @@ __all__ = [
 
 SUPERUSER: Final = "postgres"
 _PR_SET_PDEATHSIG: Final = 1
-T = TypeVar("T")
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -79,12 +77,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on a private loop in a helper thread (callable from inside a running loop)."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 def _die_with_parent() -> None:
@@ -248,7 +240,7 @@ class EmbeddedPostgres:
                         f"port {self.port} on 127.0.0.1 is taken; choose another (0: any free one)"
                     )
             self._owner_path.write_text(f"{os.getpid()}\n")
-            _run(self._prepare_database())
+            run_on_private_loop(self._prepare_database())
         except BaseException:
             self.stop()
             raise
@@ -469,7 +461,7 @@ class EmbeddedPostgres:
                     f"PostgreSQL exited with status {process.returncode} while starting on "
                     f"{self.data_dir}; the end of {self.log_path}:\n{tail}"
                 )
-            if _run(self._accepts()):
+            if run_on_private_loop(self._accepts()):
                 return True
             time.sleep(0.05)
         raise EmbeddedPostgresError(
