@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives import serialization
+from jwt.algorithms import ECAlgorithm
 
 from ghar_core.config import Settings, load_settings
 from ghar_core.devtools import IdentityProviderServer, LocalIdentityProvider
@@ -125,3 +126,78 @@ def with_header(token: str, header: dict[str, Any]) -> str:
     """``token`` with its header replaced (the signature no longer matches)."""
     _, body_b64, sig_b64 = token.split(".")
     return f"{encode_json(header)}.{body_b64}.{sig_b64}"
+
+
+def sign_raw(provider: LocalIdentityProvider, header: bytes, payload: bytes) -> str:
+    """A token whose exact header and payload bytes the provider's own key signed (ES256).
+
+    For JSON no encoder writes (duplicated member names): the bytes are ours,
+    the signature is the provider's, so only the parser can refuse it.
+    """
+    signing_input = f"{b64(header)}.{b64(payload)}".encode()
+    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input, provider.signing_key())
+    return f"{signing_input.decode()}.{b64(signature)}"
+
+
+def _member(obj: bytes, member: bytes, *, first: bool) -> bytes:
+    """``obj`` (a JSON object) with ``member`` (``"name":value``) added first or last."""
+    return b"{" + member + b"," + obj[1:] if first else obj[:-1] + b"," + member + b"}"
+
+
+def duplicated_member_tokens(provider: LocalIdentityProvider) -> list[tuple[str, str]]:
+    """(name, token): a member name twice in the header or the payload, each validly signed.
+
+    Every duplicate comes once before and once after the genuine member, so
+    whichever of the two a JSON parser keeps (the first, the last), one token
+    of each pair carries the hostile value: two ``alg`` (none, HS256), two
+    ``kid`` (an unknown one), two ``sub`` (another user), two ``exp`` (an
+    expired token made current), two ``aud``, two ``role`` (service_role), one
+    name spelled with an escape (``"s\\u0075b"``), one inside ``app_metadata``.
+    """
+    valid = provider.mint_token()
+    head_b64, body_b64, _ = valid.split(".")
+    header, payload = unb64(head_b64), unb64(body_b64)
+    now = int(time.time())
+    expired_claims = orjson.loads(payload) | {"exp": now - 3600}
+    expired = orjson.dumps(expired_claims)
+    other = str(uuid.uuid4()).encode()
+    unknown_kid = str(uuid.uuid4()).encode()
+    out: list[tuple[str, str]] = []
+    for first in (True, False):
+        where = "before" if first else "after"
+        for what, member in (
+            ("alg none", b'"alg":"none"'),
+            ("alg HS256", b'"alg":"HS256"'),
+            ("an unknown kid", b'"kid":"' + unknown_kid + b'"'),
+        ):
+            out.append(
+                (
+                    f"header: {what} {where} the real one",
+                    sign_raw(provider, _member(header, member, first=first), payload),
+                )
+            )
+        for what, obj, member in (
+            ("sub of another user", payload, b'"sub":"' + other + b'"'),
+            ("exp far in the future, on an expired token", expired, b'"exp":%d' % (now + 10**8)),
+            ("exp in the past", payload, b'"exp":%d' % (now - 3600)),
+            ("aud anon", payload, b'"aud":"anon"'),
+            ("role service_role", payload, b'"role":"service_role"'),
+            ("sub spelled s\\u0075b", payload, b'"s\\u0075b":"' + other + b'"'),
+        ):
+            out.append(
+                (
+                    f"payload: {what} {where} the real one",
+                    sign_raw(provider, header, _member(obj, member, first=first)),
+                )
+            )
+        # A nested object (apps read roles from app_metadata): admin first or last.
+        roles = (b'"admin","role":"user"', b'"user","role":"admin"')[0 if first else 1]
+        nested = orjson.loads(payload) | {"app_metadata": {"provider": "email", "role": "r"}}
+        raw = orjson.dumps(nested).replace(b'"role":"r"', b'"role":' + roles)
+        out.append(
+            (
+                f"payload: app_metadata.role twice, admin {'first' if first else 'last'}",
+                sign_raw(provider, header, raw),
+            )
+        )
+    return out

@@ -39,7 +39,17 @@ from ghar_core.jwt_verification import (
     TokenRejected,
     _header,
 )
-from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64, with_header
+from tests.idp import (
+    b64,
+    duplicated_member_tokens,
+    encode_json,
+    forge,
+    hs256,
+    public_pem,
+    sign_raw,
+    unb64,
+    with_header,
+)
 from tests.strategies import (
     ASYMMETRIC_ALGS,
     json_values,
@@ -522,6 +532,31 @@ async def test_non_canonical_signature_encodings_are_refused(
     with pytest.raises(TokenRejected) as info:
         await verifier.verify(f"{head_b64}.{body_b64}.{variant}")
     assert info.value.reason is AuthFailureReason.MALFORMED
+    await verifier.aclose()
+
+
+async def test_duplicated_member_names_are_refused_even_when_validly_signed(
+    idp: IdentityProviderServer,
+) -> None:
+    # RFC 7515 §4 and RFC 7519 §4 let a parser keep the last duplicate; orjson
+    # does. A token the provider's key signed with two `sub` (or `kid`, `exp`,
+    # `role`...) then reads differently to a parser keeping the first, which
+    # is how one layer authorises a user another layer never saw: refuse them.
+    verifier = make_verifier(idp.url)
+    valid = idp.provider.mint_token()
+    head_b64, body_b64, _ = valid.split(".")
+    # The hand signing is sound: the same bytes without a duplicate verify.
+    assert (await verifier.verify(sign_raw(idp.provider, unb64(head_b64), unb64(body_b64))))["sub"]
+    accepted: list[str] = []
+    for name, token in duplicated_member_tokens(idp.provider):
+        try:
+            await verifier.verify(token)
+        except TokenRejected as exc:
+            assert exc.reason is AuthFailureReason.MALFORMED, (name, exc.reason, exc.message)
+            assert "duplicate" in exc.message, (name, exc.message)
+        else:
+            accepted.append(name)
+    assert accepted == []
     await verifier.aclose()
 
 
