@@ -109,6 +109,9 @@ _MAX_SKIP_REASONS: Final = 10
 # braces, a urn: prefix, no hyphens and underscores between digits).
 _UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _TAIL: Final = 16  # characters of the signature an entry of the token cache keeps
+# One JSON string of valid JSON (orjson has parsed the text before this runs).
+_JSON_STRING_RE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_DUPLICATE_NAME: Final = "the token {} names a member twice (duplicated JSON keys)"
 
 T = TypeVar("T")
 
@@ -236,6 +239,8 @@ def _header(token: str) -> tuple[str, dict[str, Any]]:
         ) from None
     if type(value) is not dict:
         raise TokenRejected(AuthFailureReason.MALFORMED, "the token header is not a JSON object")
+    if _has_duplicate_names(data, value):
+        raise TokenRejected(AuthFailureReason.MALFORMED, _DUPLICATE_NAME.format("header"))
     return segment, value
 
 
@@ -255,14 +260,47 @@ def _split(token: str) -> tuple[str, str, str]:
 
 def _json_object(segment: str, what: str) -> dict[str, Any]:
     try:
-        value = orjson.loads(_b64decode(segment))
+        data = _b64decode(segment)
+        value = orjson.loads(data)
     except (binascii.Error, ValueError):
         raise TokenRejected(
             AuthFailureReason.MALFORMED, f"the token {what} is not base64url JSON"
         ) from None
     if not isinstance(value, dict):
         raise TokenRejected(AuthFailureReason.MALFORMED, f"the token {what} is not a JSON object")
+    if _has_duplicate_names(data, value):
+        raise TokenRejected(AuthFailureReason.MALFORMED, _DUPLICATE_NAME.format(what))
     return value
+
+
+def _has_duplicate_names(data: bytes, value: dict[str, Any]) -> bool:
+    """Whether the JSON text ``data`` (parsed to ``value``) names a member twice in an object.
+
+    RFC 7515 §4 and RFC 7519 §4 allow a parser to keep the last duplicate, as
+    orjson does; but then a token the provider signed with two ``sub`` (or
+    ``kid``, ``exp``, ``role``) means one user to us and another to any layer
+    keeping the first, so such a token is refused, at every depth. orjson
+    keeps no duplicates, so the check counts: outside strings each ``:``
+    separates one member, and a parsed object holds each name once; fewer
+    parsed members than colons means a name came twice. Two shortcuts keep
+    it cheap: a header without a colon in its values costs one ``count``, and
+    compact JSON as the provider writes it is re-encoded identically (about
+    a microsecond); only other spellings pay for the full count.
+    """
+    if data.count(b":") == len(value):
+        return False  # no colon inside a string and none nested: each is one distinct member
+    if orjson.dumps(value) == data:
+        return False  # the same bytes from a dict, where every name is once
+    members = 0
+    pending: list[Any] = [value]
+    while pending:  # iterative: a 16 KB token can nest deeper than the recursion limit
+        item = pending.pop()
+        if type(item) is dict:
+            members += len(item)
+            pending.extend(item.values())
+        elif type(item) is list:
+            pending.extend(item)
+    return _JSON_STRING_RE.sub(b"", data).count(b":") != members
 
 
 def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:

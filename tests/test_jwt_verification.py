@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import re
 import time
@@ -37,6 +38,7 @@ from ghar_core.jwt_verification import (
     JWTVerifier,
     TokenCache,
     TokenRejected,
+    _has_duplicate_names,
     _header,
 )
 from tests.idp import (
@@ -558,6 +560,27 @@ async def test_duplicated_member_names_are_refused_even_when_validly_signed(
             accepted.append(name)
     assert accepted == []
     await verifier.aclose()
+
+
+@settings(max_examples=200)
+@given(
+    value=st.dictionaries(st.text(max_size=5), json_values, min_size=1, max_size=4),
+    ascii_only=st.booleans(),
+    spaced=st.booleans(),
+    nested=st.booleans(),
+    data=st.data(),
+)
+def test_duplicate_names_are_found_at_any_depth_in_any_spelling(
+    value: dict[str, Any], ascii_only: bool, spaced: bool, nested: bool, data: st.DataObject
+) -> None:
+    separators = (", ", ": ") if spaced else (",", ":")
+    text = json.dumps(value, ensure_ascii=ascii_only, separators=separators).encode()
+    name = json.dumps(data.draw(st.sampled_from(sorted(value))), ensure_ascii=ascii_only)
+    doubled = b"{" + name.encode() + b":null," + text[1:]
+    if nested:
+        text, doubled = b'{"x":[' + text + b"]}", b'{"x":[' + doubled + b"]}"
+    assert not _has_duplicate_names(text, orjson.loads(text))
+    assert _has_duplicate_names(doubled, orjson.loads(doubled))
 
 
 @contextlib.asynccontextmanager

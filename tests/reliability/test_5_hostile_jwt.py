@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from jwt.algorithms import ECAlgorithm
 
-from tests.idp import b64, encode_json, forge, hs256, public_pem, unb64
+from tests.idp import b64, duplicated_member_tokens, encode_json, forge, hs256, public_pem, unb64
 from tests.reliability.rawhttp import clean, exchange
 from tests.reliability.report import section
 from tests.reliability.stack import Answer, Stack, bearer, call
@@ -282,11 +282,29 @@ async def test_the_jwt_attack_catalogue_is_refused(stack: Stack) -> None:
             for name, token in catalogue:
                 answer = await call(session, "GET", f"{stack.url}/api/v1/me", headers=bearer(token))
                 results.append((name, answer))
+            # The provider's real key signed these: only refusing duplicates stops them.
+            signed_duplicates = duplicated_member_tokens(stack.provider.provider)
+            duplicates: list[tuple[str, Answer]] = []
+            for name, token in signed_duplicates:
+                answer = await call(session, "GET", f"{stack.url}/api/v1/me", headers=bearer(token))
+                duplicates.append((name, answer))
             healthy = await call(
                 session, "GET", f"{stack.url}/api/v1/me", headers=bearer(stack.provider.token())
             )
     finally:
         await attacker.stop()
+    dup_codes: dict[str, int] = {}
+    for _, answer in duplicates:
+        code = answer.body["error"]["code"] if clean_refusal(answer) and answer.status else "-"
+        label = f"{answer.status or answer.error} {code}"
+        dup_codes[label] = dup_codes.get(label, 0) + 1
+    dup_accepted = [name for name, a in duplicates if 200 <= a.status < 300]
+    dup_other = [
+        (name, a.status, a.body)
+        for name, a in duplicates
+        if not (clean_refusal(a) and a.status == 401)
+        or a.body["error"]["code"] != "AUTH_TOKEN_MALFORMED"
+    ]
     accepted = [name for name, a in results if 200 <= a.status < 300]
     unclean = [(name, a.status, a.error) for name, a in results if not clean_refusal(a)]
     codes: dict[str, int] = {}
@@ -297,9 +315,16 @@ async def test_the_jwt_attack_catalogue_is_refused(stack: Stack) -> None:
     report.add("JWT attacks tried (named catalogue)", len(catalogue))
     report.add("JWT answers by status", dict(sorted(codes.items())))
     report.add("JWT attacks accepted", len(accepted))
+    report.add(
+        "duplicated member names, signed with the provider's real ES256 key",
+        f"{len(signed_duplicates)} tokens; answers {dict(sorted(dup_codes.items()))}; "
+        f"{len(dup_accepted)} accepted",
+    )
     report.add("requests to the attacker's jku/x5u URLs", attacker.hits)
     report.add(
-        "lost", f"nothing: {len(accepted)} hostile tokens accepted, {len(unclean)} unclean answers"
+        "lost",
+        f"nothing: {len(accepted) + len(dup_accepted)} hostile tokens accepted, "
+        f"{len(unclean)} unclean answers",
     )
     report.note(
         "JWT catalogue: alg none (5 spellings, with and without a signature), HS256/384/512 "
@@ -309,8 +334,18 @@ async def test_the_jwt_attack_catalogue_is_refused(stack: Stack) -> None:
         "jku/jwk/x5c/x5u, an unknown crit, oversize (6 KB claims, 60 KB header, 1 MB token), "
         "duplicated alg/sub/exp, swapped, four and five segments"
     )
+    report.note(
+        "duplicated member names signed with the provider's own key (the bytes written by "
+        "hand, the signature the provider's): two alg (none, HS256), two kid (one unknown), "
+        "two sub (another user; once spelled s\\u0075b), two exp (an expired token made "
+        "current, a current one expired), two aud, two role (service_role), app_metadata.role "
+        "twice (admin): each once before and once after the genuine member, so whichever "
+        "duplicate a parser keeps, one of the pair carries the hostile value"
+    )
     assert accepted == []
     assert unclean == []
+    assert dup_accepted == []
+    assert dup_other == []
     assert attacker.hits == 0
     assert healthy.status == 200
 
