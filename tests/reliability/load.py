@@ -33,6 +33,7 @@ class Ledger:
     """Every request of a load and what it says about the writes."""
 
     answers: list[tuple[str, Answer]] = field(default_factory=list)
+    writes: list[tuple[str, Answer]] = field(default_factory=list)
     acknowledged: set[str] = field(default_factory=set)
     refused: set[str] = field(default_factory=set)
     unknown: set[str] = field(default_factory=set)
@@ -47,6 +48,7 @@ class Ledger:
 
     def record_write(self, key: str, answer: Answer) -> None:
         self.answers.append(("write", answer))
+        self.writes.append((key, answer))
         if 200 <= answer.status < 300:
             self.acknowledged.add(key)
         elif answer.is_clean_503() and answer.body["error"]["code"] == COMMIT_OUTCOME_UNKNOWN:
@@ -73,9 +75,10 @@ async def write(
     *,
     hold: float = 0.0,
     within: float = 15.0,
+    key: str | None = None,
 ) -> tuple[str, Answer]:
-    """One write with a fresh id, recorded in ``ledger``."""
-    key = str(uuid.uuid4())
+    """One write with a fresh id (or ``key``, to resend one), recorded in ``ledger``."""
+    key = key or str(uuid.uuid4())
     target = f"{url}/api/v1/writes" + (f"?hold={hold}" if hold else "")
     answer = await call(
         session,
