@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +150,24 @@ def test_the_server_stops_when_its_owner_is_killed(folder: Path) -> None:
         time.sleep(0.1)
     assert not _alive(server)
     assert not (folder / "postmaster.pid").exists()
+
+
+def test_a_server_started_from_a_short_lived_thread_outlives_that_thread(folder: Path) -> None:
+    # The kernel's parent-death signal follows the thread that forked, not the
+    # process: a start from asyncio.to_thread or a worker that then exits must
+    # not take the server down with it.
+    pg = EmbeddedPostgres(folder, durable=False)
+    worker = threading.Thread(target=pg.start)
+    worker.start()
+    worker.join(60)
+    try:
+        assert pg.pid is not None
+        time.sleep(1.0)  # a SIGINT from the exited thread would have stopped it by now
+        assert _alive(pg.pid)
+        assert run_sync(_fetch(pg.dsn, "SELECT 1")) == 1
+    finally:
+        pg.stop()
+    _assert_nothing_left(folder)
 
 
 def test_a_cluster_of_another_major_version_is_refused_with_the_fix(folder: Path) -> None:

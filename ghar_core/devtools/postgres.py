@@ -19,16 +19,19 @@ Unix socket, trust auth for the ``postgres`` role) and stop it when done.
 - **Ownership**: :class:`EmbeddedPostgres` owns the server process; ``stop()``
   (or leaving ``with``) shuts it down fast and waits, so no process and no
   ``postmaster.pid`` is left behind. The server also gets SIGINT (a fast
-  shutdown) if the process that started it dies without stopping it, and a
-  server orphaned that way anyway is stopped by the next ``start()``.
+  shutdown) if the process that started it dies without stopping it, from
+  whichever thread ``start()`` was called, and a server orphaned that way
+  anyway is stopped by the next ``start()``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import os
 import pwd
+import queue
 import re
 import shutil
 import signal
@@ -36,9 +39,10 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -80,9 +84,44 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: a fast shutdown (SIGINT) when our process dies without stopping the server."""
+    """preexec_fn: a fast shutdown (SIGINT) when the forking thread dies (see :func:`_spawn`)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+
+
+_spawn_requests: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+    queue.SimpleQueue()
+)
+_spawner: threading.Thread | None = None
+_spawner_lock = threading.Lock()
+
+
+def _serve_spawns() -> None:
+    while True:
+        call, result = _spawn_requests.get()
+        try:
+            result.set_result(call())
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            result.set_exception(exc)
+
+
+def _spawn(command: list[str], **options: Any) -> subprocess.Popen[bytes]:
+    """``Popen`` from one daemon thread that lives as long as the process.
+
+    Why: the kernel sends ``PR_SET_PDEATHSIG`` when the *thread* that forked
+    exits, not the process. A start from ``asyncio.to_thread`` or any worker
+    that later ends would shut the server down behind its owner's back; forking
+    from a daemon thread, which only ends with the process, makes the signal
+    mean "our process died", as intended.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = threading.Thread(target=_serve_spawns, name="pg-spawner", daemon=True)
+            _spawner.start()
+    result: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+    _spawn_requests.put((lambda: subprocess.Popen(command, **options), result))
+    return result.result()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -434,7 +473,7 @@ class EmbeddedPostgres:
         log.flush()
         # Its own session: a Ctrl-C in the terminal reaches us, and we stop the
         # server after the app that uses it, not at the same moment.
-        self._process = subprocess.Popen(
+        self._process = _spawn(
             command,
             stdin=subprocess.DEVNULL,
             stdout=log,
