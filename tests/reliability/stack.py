@@ -78,11 +78,10 @@ def _wait_port(port: int, seconds: float, alive: Callable[[], bool] = lambda: Tr
 class Cluster:
     """A PostgreSQL of the suite's own on one port for its whole life.
 
-    The server is always started from one long-lived thread of ours: it is
-    spawned with ``PR_SET_PDEATHSIG``, which fires when the *thread* that
-    started it exits, so a start from a short-lived worker thread (say
-    ``asyncio.to_thread`` in a test whose loop then closes) would be followed
-    by a shutdown nobody asked for.
+    Starts, stops and restarts run on one thread of the cluster's own, so
+    they never overlap and never block a test's event loop. (Which thread
+    starts it no longer matters for its lifetime: ``EmbeddedPostgres`` forks
+    from a thread that lives as long as the process.)
     """
 
     database = "reliability"
