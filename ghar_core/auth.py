@@ -484,11 +484,24 @@ class SupabaseAuth:
         lacks, a bad signature or claims) is refused here, synchronously, with
         no coroutine, timer or log line on the way.
         """
+        verdict = self.decide(token)
+        if isinstance(verdict, BaseAPIException):
+            raise verdict
+        return verdict
+
+    def decide(self, token: str | None) -> SupabaseUser | BaseAPIException | None:
+        """:meth:`verify_now` with the refusal returned instead of raised.
+
+        The returned exception is a fresh copy for this request: raise it.
+        The cheap refusals (negative cache, an unknown kid, replayed or not)
+        raise nothing on the way, so the caller's one ``raise`` is the only
+        traceback a refused request builds.
+        """
         if not token:
-            raise AuthenticationException(AuthFailureReason.MISSING)
+            return AuthenticationException(AuthFailureReason.MISSING)
         refusal = self._refused(token)
         if refusal is not None:
-            raise refusal.again()
+            return refusal.again()
         jwks = self.verifier.jwks
         local = self.local_refusals.get(token)
         if (
@@ -498,15 +511,15 @@ class SupabaseAuth:
             and (fetched_at := jwks._fetched_at) is not None
             and jwks._clock() - fetched_at < jwks.min_refresh_interval  # is_fresh(), inlined
         ):
-            raise local[0].again()
+            return local[0].again()
         if self.base_url is None:
-            raise AuthProviderUnavailableException(
+            return AuthProviderUnavailableException(
                 "The identity provider is not configured (set SUPABASE_URL)."
             )
         try:
             verdict = self.verifier.judge_now(token)
         except TokenRejected as exc:
-            raise AuthenticationException(exc.reason, exc.message) from None
+            return AuthenticationException(exc.reason, exc.message)
         except CannotDecide:
             return None
         if not isinstance(verdict, TokenRejected):
@@ -515,7 +528,7 @@ class SupabaseAuth:
         known = _LOCAL_REFUSALS[verdict.message]
         if jwks is not None:
             self.local_refusals.remember(token, (known, jwks._keys))
-        raise known.again()
+        return known.again()
 
     async def verify_token(self, token: str | None) -> SupabaseUser:
         """The user the token belongs to; raises the 401/503 exceptions above."""

@@ -38,6 +38,7 @@ from ghar_core.auth import (
     get_auth,
 )
 from ghar_core.database import held_connection
+from ghar_core.exceptions import BaseAPIException
 from ghar_core.lifecycle import ResourceNotFound
 from ghar_core.users import get_or_create_user_from_supabase
 
@@ -161,12 +162,14 @@ async def current_user(conn: HTTPConnection, *, allow_query_token: bool = False)
     token = bearer_token(conn, allow_query_token=allow_query_token)
     auth = _auth_of(conn.app)
     # Synchronous first: a cache hit, and every refusal we make on our own,
-    # costs no coroutine (the negative cache, a kid the key set lacks).
-    identity = (
-        (auth.cached_user(token) if token else None)
-        or auth.verify_now(token)
-        or await auth.verify_token(token)
-    )
+    # costs no coroutine (the negative cache, a kid the key set lacks), and a
+    # refusal is raised once, here (decide returns it).
+    identity = auth.cached_user(token) if token else None
+    if identity is None:
+        verdict = auth.decide(token)
+        if isinstance(verdict, BaseAPIException):
+            raise verdict
+        identity = verdict or await auth.verify_token(token)
     row: dict[str, Any] | None = None
     try:
         db = conn.app.resources.get("database")
