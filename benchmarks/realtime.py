@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -115,8 +116,6 @@ class NaiveBus:
         return queue
 
     def emit(self, user: str, event: dict[str, Any]) -> int:
-        import orjson
-
         data = orjson.dumps(event)
         queues = self.subs.get(user, ())
         for queue in queues:
@@ -138,14 +137,12 @@ async def _ours_take(users: list[str]) -> tuple[Any, list[int], Any]:
     subs = [await bus.subscribe(u).open() for u in users]
 
     async def consume(sub: Any) -> None:
-        while True:
+        while True:  # the route's loop: wait for the first event, take all queued
+            await sub.wait()
             batch = sub.take()
             if batch is None:
                 return
-            if batch:
-                done[0] += len(batch)
-            else:
-                await sub.wait()
+            done[0] += len(batch)
 
     tasks = [asyncio.ensure_future(consume(s)) for s in subs]
 
@@ -429,8 +426,6 @@ async def _maybe(result: Any) -> None:
 
 
 def ours_app() -> Any:
-    import orjson
-
     from ghar_core.asgi import Request, create_app
     from ghar_core.auth import SupabaseAuth
     from ghar_core.http import HTTPClients
@@ -446,9 +441,14 @@ def ours_app() -> Any:
     async def fire(request: Request) -> dict[str, Any]:
         mode, n, gap = _fire_params(request.scope["query_string"].decode())
         users = list(bus._subs)
+        last: list[Any] = [b"", None]
 
         def emit(user: str, stamp: bytes) -> None:
-            bus.emit(user, {"type": "t", "t": orjson.loads(stamp)["t"]})
+            # One event object per stamp, shared by every recipient of a broadcast
+            # (the peer and the floor also build each message once).
+            if stamp is not last[0]:
+                last[:] = stamp, {"type": "t", "t": orjson.loads(stamp)["t"]}
+            bus.emit(user, last[1])
 
         _running.add(asyncio.ensure_future(_driver(mode, n, gap, users, emit)))
         return {"streams": bus.stats()["subscribers"]}

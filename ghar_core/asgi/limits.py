@@ -12,6 +12,10 @@ closed, every refusal the error envelope with an ``X-Request-ID``:
   (at most one read chunk past the limit is ever held; a head pipelined in
   the read where the request before it ended is measured exactly once
   complete);
+- a chunked body's framing and trailer fields over ``MAX_HEADER_BYTES``
+  between two body bytes, or more than ``MAX_HEADERS`` trailer fields: 431
+  (``TRAILERS_TOO_LARGE``/``TOO_MANY_TRAILERS``), refused while they arrive;
+  if the app's answer has started, the connection is closed instead;
 - a request target over ``MAX_URL_BYTES``: 414;
 - HTTP/1.1 without ``Host``, or any request with two: 400 (RFC 9112 §3.2);
 - a head not complete ``HEAD_TIMEOUT`` seconds after the connection opened
@@ -151,6 +155,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline_for = _IDLE
         self._timer: asyncio.TimerHandle | None = None
         self._discarded = 0
+        self._framing = 0
         # Bytes of the read in which the last request ended: a head pipelined
         # behind it started somewhere in there, uncounted by _head_bytes.
         self._chunk_len = 0
@@ -189,12 +194,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._discard(data)
             return
         self._unset_keepalive_if_required()
-        self._chunk_len = len(data)
+        self._chunk_len = size = len(data)
         if phase != _BODY:
             # Bytes outside a body are (part of) a head: counted, checked below.
             # (No on_message_begin hook: one call less per request.)
             self._phase = _HEAD
-            self._head_bytes += len(data)
+            self._head_bytes += size
+            body_before = -1
+        else:
+            # Inside a body, what the parser takes without handing the app a byte
+            # is framing: chunk sizes, extensions, trailer fields (checked below).
+            body_before = len(self.cycle.body)
         try:
             self.parser.feed_data(data)
         except _Refusal as refusal:  # pragma: no cover - httptools wraps them
@@ -229,8 +239,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(_head_too_large(limit).error)
             elif self._deadline_for != _HEAD or self._deadline is None:
                 self._set_deadline(_HEAD, self.limits.head_timeout)
-        elif phase == _BODY and (self._deadline_for != _BODY or self._deadline is None):
-            self._set_deadline(_BODY, self.limits.body_timeout)
+        elif phase == _BODY:
+            if body_before >= 0:
+                self._count_framing(size, body_before)
+            if self._phase == _BODY and (self._deadline_for != _BODY or self._deadline is None):
+                self._set_deadline(_BODY, self.limits.body_timeout)
+
+    def _count_framing(self, size: int, body_before: int) -> None:
+        """Refuse trailer fields (or chunk framing) past the head's limits while they arrive.
+
+        httptools concatenates one field piece by piece before its callback sees
+        it (quadratic in the field's size), so the bytes are counted here, per
+        read: a read that carries a body byte resets the count, one that does
+        not adds to it. At most one read past ``MAX_HEADER_BYTES`` is held.
+        """
+        cycle = self.cycle
+        if len(cycle.body) != body_before or cycle.response_complete:
+            # (The app answered already: uvicorn drops the body, so nothing tells.)
+            self._framing = 0
+        else:
+            self._framing += size
+        limits = self.limits
+        if self._framing > limits.max_header_bytes:
+            self._refuse(_trailers_too_large(limits.max_header_bytes).error)
+        elif limits.max_headers and len(self.headers) > limits.max_headers:
+            self._refuse(_too_many_trailers(limits.max_headers).error)
 
     # --- parser callbacks --------------------------------------------------------------
 
@@ -251,13 +284,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             or (cap and len(self.tasks) >= cap)
         ):
             self._check_head(hosts)
-        self._head_bytes = self._slack = 0
+        self._head_bytes = self._slack = self._framing = 0
         HttpToolsProtocol.on_headers_complete(self)
-        # uvicorn appends trailer fields to this list: the app gets a copy, so a
-        # trailer never becomes a header after the head was checked (a second
-        # Host, an Authorization). Trailers are discarded (RFC 9110, 6.5.1).
-        self.scope["headers"] = headers[:]
+        # uvicorn appends trailer fields to this list, which the scope shares: a
+        # fresh one keeps a trailer from becoming a header after the head was
+        # checked (a second Host, an Authorization) and counts the trailers.
+        # Trailers are discarded (RFC 9110, 6.5.1).
+        self.headers = []
         self._phase = _BODY
+
+    def _get_upgrade(self) -> bytes | None:
+        # uvicorn's reads self.headers, which holds only trailers once the head is done.
+        connection: list[bytes] = []
+        upgrade = None
+        for name, value in self.scope["headers"]:
+            if name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade = value.lower()
+        return upgrade if b"upgrade" in connection else None
 
     def _check_head(self, hosts: int) -> None:
         """Raise the refusal for the limit a complete head broke, if it broke one."""
@@ -300,6 +345,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def on_message_complete(self) -> None:
+        # Trailer fields that arrived with the read that ended the message.
+        if self.headers and 0 < self.limits.max_headers < len(self.headers):
+            raise _too_many_trailers(self.limits.max_headers)
         HttpToolsProtocol.on_message_complete(self)
         # Read whole: from here the app has all the time it needs (streams, SSE).
         self._slack = self._chunk_len
@@ -339,17 +387,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._close()
             return
         cycle = self.cycle
-        if self._phase == _BODY and cycle is not None:
-            # The handler may be waiting on receive(): tell it the client is gone,
-            # and make sure nothing it sends later follows our answer.
-            cycle.disconnected = True
-            cycle.message_event.set()
-            if cycle.response_started:
-                logger.warning(
-                    "request body not complete in %gs; closing", self.limits.body_timeout
-                )
-                self._close()
-                return
+        if self._phase == _BODY:
+            pass  # _refuse tells the handler, or closes if its answer started
         elif cycle is not None and cycle.response_started and not cycle.response_complete:
             # A slow head pipelined behind a response in progress: no room for a 408.
             self._close()
@@ -375,7 +414,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         answers go out in request order, and the earlier ones are not cut.
         """
         cycle = self.cycle
-        if self._phase != _BODY and (
+        if self._phase == _BODY and cycle is not None and not cycle.response_complete:
+            # The handler may be waiting on receive(): tell it the client is gone,
+            # and make sure nothing it sends later follows our answer.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                logger.warning("refused a request whose answer had started: %s", error.error_code)
+                self._close()
+                return
+            if self.pipeline:  # queued behind the answers before it
+                self._phase = _DONE
+                self._deadline = None
+                self._deferred = error
+                return
+        elif self._phase != _BODY and (
             self.pipeline or (cycle is not None and not cycle.response_complete)
         ):
             self._phase = _DONE
@@ -438,6 +491,24 @@ def _head_too_large(limit: int) -> _Refusal:
         "HEADERS_TOO_LARGE",
         f"The request line and headers exceed {limit} bytes.",
         max_header_bytes=limit,
+    )
+
+
+def _trailers_too_large(limit: int) -> _Refusal:
+    return _refusal(
+        431,
+        "TRAILERS_TOO_LARGE",
+        f"The chunked body's framing and trailer fields exceed {limit} bytes.",
+        max_header_bytes=limit,
+    )
+
+
+def _too_many_trailers(limit: int) -> _Refusal:
+    return _refusal(
+        431,
+        "TOO_MANY_TRAILERS",
+        f"The chunked body has more than {limit} trailer fields.",
+        max_headers=limit,
     )
 
 

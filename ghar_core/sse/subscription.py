@@ -148,12 +148,12 @@ class Subscription:
             if not self._opened:
                 await self.open()
             while True:
+                # Wait for the first event, then take everything queued in one
+                # hand-over (no empty take per wake-up).
+                await self.wait()
                 batch = self.take()
                 if batch is None:
                     return
-                if not batch:
-                    await self.wait()
-                    continue
                 for event in batch:
                     yield event
         finally:
@@ -241,6 +241,16 @@ class Subscription:
                 timer.cancel()
             self._waiter = None
             self.touched = self._bus.clock()
+
+    def nudge(self) -> None:
+        """End a :meth:`wait` now as if its time had passed (it returns ``False``).
+
+        The stream route's one shared timer uses it for keepalives, instead of
+        a timer per wait.
+        """
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     @property
     def waiting(self) -> bool:
