@@ -137,7 +137,7 @@ def ws_app(send_timeout: float) -> Any:
     async def fire(request: Request) -> dict[str, Any]:
         variant = request.query_params.get("variant")
         if variant == "ours":
-            manager.register_job(JOB, OWNER)
+            await manager.register_job(JOB, OWNER)
             count = len(manager.job_connections.get(JOB, ()))
             coro: Any = manager.send_job_update(JOB, {"t": time.monotonic()})
         else:
@@ -149,7 +149,7 @@ def ws_app(send_timeout: float) -> Any:
 
     @app.post("/bench/ws/register")
     async def register(request: Request) -> dict[str, Any]:
-        manager.register_job(JOB, OWNER)
+        await manager.register_job(JOB, OWNER)
         for task in fillers:
             task.cancel()
         fillers.clear()

@@ -418,7 +418,9 @@ class Settings:
         ("http://localhost:3000",),
         "list",
         "CORS",
-        "Allowed browser origins (comma-separated or JSON list); `*` allows any.",
+        "Allowed browser origins (comma-separated or JSON list); `*` allows any, never with"
+        " credentials (answered `*`, no Allow-Credentials; prod refuses it with"
+        " CORS_ALLOW_CREDENTIALS).",
         reader=("asgi.app",),
     )
     CORS_ORIGINS_STR: str | None = _var(
@@ -433,7 +435,7 @@ class Settings:
         True,
         "bool",
         "CORS",
-        "Allow cookies and Authorization on CORS requests.",
+        "Allow cookies and Authorization on CORS requests from the listed origins (not with `*`).",
         reader=("asgi.app",),
     )
     CORS_MAX_AGE: int = _var(

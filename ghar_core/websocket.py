@@ -18,9 +18,14 @@ never wait for it.
 
 Who may hear what: a user's notification sockets are keyed by their own id,
 and a job socket is accepted only for a job the starting service registered
-to that user (``register_job(job_id, owner_id)``); a foreign job is refused
-(403) and an unknown or expired one too (404), before the handshake completes.
-Registrations end when the job completes or fails, and after ``WS_JOB_TTL``.
+to that user (``await register_job(job_id, owner_id)``); a foreign job is
+refused (403) and an unknown or expired one too (404), before the handshake
+completes. Registrations end when the job completes or fails, and after
+``WS_JOB_TTL``. With a remote broker they are stored in Postgres
+(``ghar_ws_jobs``): a job registered on one instance may be followed from any
+other, the check before accept asks the stored row when this process does not
+know the job for that user, and expiry here asks it again first (another
+instance may have renewed the job).
 
 Liveness: every ``WS_PING_INTERVAL`` of silence from a client the server
 sends ``{"type": "ping"}``; any message from the client counts as the answer
@@ -46,7 +51,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol, cast
 
 import orjson
@@ -128,11 +133,25 @@ class Outbound(NamedTuple):
 
 
 class _Job:
-    __slots__ = ("expires", "owner")
+    __slots__ = ("checking", "expires", "owner")
 
     def __init__(self, owner: str, expires: float) -> None:
         self.owner = owner
         self.expires = expires
+        self.checking = False  # expired here; the stored registration is being asked
+
+
+class _Done:
+    """An awaitable that is already done (``register_job`` without a remote broker)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_DONE: Final = _Done()
 
 
 class Connection:
@@ -265,6 +284,7 @@ class ConnectionManager:
             self.broker.attach(TOPIC_JOB, _SocketSink(self, "job"))
             self.broker.attach(TOPIC_SOCKET, _SocketSink(self, "user"))
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()  # registrations' background writes
         self._closing = False
         self.started = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -274,33 +294,100 @@ class ConnectionManager:
 
     # --- jobs ------------------------------------------------------------------
 
-    def register_job(self, job_id: Any, owner_id: Any, *, ttl: float | None = None) -> None:
+    def register_job(
+        self, job_id: Any, owner_id: Any, *, ttl: float | None = None
+    ) -> Awaitable[None]:
         """Let ``owner_id`` follow ``job_id`` (the service that starts the job calls this).
 
-        The registration ends when the job completes or fails, or after
-        ``ttl`` seconds (default ``WS_JOB_TTL``); registering again renews it.
+        Await it: with a remote broker (``EVENT_BROKER=postgres``) the
+        registration is stored in Postgres, so a job socket may connect to
+        any instance once the awaitable is done; it is in this process's
+        registry at once either way. The registration ends when the job
+        completes or fails, or after ``ttl`` seconds (default ``WS_JOB_TTL``);
+        registering again renews it.
         """
         job, owner = str(job_id), str(owner_id)
         known = self._jobs.get(job)
         if known is not None and known.owner != owner and self.job_connections.get(job):
             raise ValueError(f"job {job!r} is registered to another user with sockets open")
-        self._jobs[job] = _Job(owner, self.clock() + (self.job_ttl if ttl is None else ttl))
+        seconds = self.job_ttl if ttl is None else ttl
+        self._jobs[job] = _Job(owner, self.clock() + seconds)
+        if self.broker is None:
+            return _DONE
+        return asyncio.ensure_future(self.broker.register_job(job, owner, seconds))
 
     def release_job(self, job_id: Any, *, code: int = CLOSE_JOB_RELEASED, reason: str = "") -> int:
-        """End ``job_id``'s registration here and close its sockets; returns how many."""
+        """End ``job_id``'s registration (on every instance) and close its sockets here.
+
+        Returns how many sockets of this process it closed. With a remote
+        broker the stored registration is deleted in the background, so a new
+        socket for the job is refused on every instance once that is done.
+        """
         job = str(job_id)
+        if self.broker is not None:
+            self._background(self.broker.release_job(job), f"release job {job!r}")
+        return self._release_here(job, code, reason)
+
+    def _release_here(self, job: str, code: int = CLOSE_JOB_RELEASED, reason: str = "") -> int:
         self._jobs.pop(job, None)
         conns = list(self.job_connections.get(job, ()))
         for conn in conns:
             self._drop(conn, code, reason or "job registration released", drain=True)
         return len(conns)
 
+    async def _forget_stored(self, job: str) -> None:
+        # The completion already releases it on every instance that knows it; a
+        # failed delete leaves the stored row to expire (logged, never raised).
+        if self.broker is None:
+            return
+        self._jobs.pop(job, None)  # refused here now, before the message comes back
+        try:
+            await self.broker.release_job(job)
+        except Exception as exc:
+            logger.warning("websocket: release job %r failed: %s: %s", job, type(exc).__name__, exc)
+
+    def _background(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Future[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                logger.warning("websocket: %s failed: %s: %s", what, type(exc).__name__, exc)
+
+        task.add_done_callback(done)
+
     def job_owner(self, job_id: Any) -> str | None:
-        """Who may follow ``job_id`` now (``None``: unregistered or expired)."""
+        """Who may follow ``job_id`` now, as this process knows it (``None``: unknown, expired).
+
+        With a remote broker a registration made on another instance is
+        learnt by :meth:`connect_job` (or :meth:`refresh_job`) before it checks.
+        """
         job = self._jobs.get(str(job_id))
         if job is None or job.expires <= self.clock():
             return None
         return job.owner
+
+    async def refresh_job(self, job_id: Any) -> str | None:
+        """Learn ``job_id``'s stored registration (any instance's); returns its owner now.
+
+        Without a remote broker it is :meth:`job_owner`. A stored registration
+        replaces this process's (the last registration wins everywhere); none
+        stored leaves this process's own as it is.
+        """
+        job = str(job_id)
+        if self.broker is not None:
+            found = await self.broker.job_owner(job)
+            if found is not None:
+                owner, left = found
+                known = self._jobs.get(job)
+                if known is not None and known.owner == owner:
+                    known.expires = self.clock() + left
+                    known.checking = False
+                else:
+                    self._jobs[job] = _Job(owner, self.clock() + left)
+        return self.job_owner(job)
 
     # --- connecting ------------------------------------------------------------
 
@@ -336,9 +423,13 @@ class ConnectionManager:
         """Accept ``ws`` for ``job_id``'s updates; refuses (raises) before accept.
 
         403/404 for a job that is not ``user_id``'s, 429 past the per-user cap,
-        503 while shutting down.
+        503 while shutting down. With a remote broker the ownership check
+        consults the stored registrations, so the job may have been registered
+        on any instance.
         """
         user, job = str(user_id), str(job_id)
+        if self.broker is not None and self.job_owner(job) != user:
+            await self.refresh_job(job)  # registered on another instance, or since renewed
         self.check_job(job, user)
         return await self._accept(ws, user, job)
 
@@ -577,13 +668,17 @@ class ConnectionManager:
         """``{"type": "job_completed", ...}``, then close its sockets (1000) and release it."""
         job = str(job_id)
         text = _dumps({"type": "job_completed", "job_id": job, "result": result})
-        return self.publish(Outbound("job", job, text, (CLOSE_NORMAL, "job completed")))
+        count = self.publish(Outbound("job", job, text, (CLOSE_NORMAL, "job completed")))
+        await self._forget_stored(job)  # no instance accepts a socket for it now
+        return count
 
     async def broadcast_job_error(self, job_id: Any, error: Any) -> int:
         """``{"type": "job_error", ...}``, then close its sockets (1000) and release it."""
         job = str(job_id)
         text = _dumps({"type": "job_error", "job_id": job, "error": error})
-        return self.publish(Outbound("job", job, text, (CLOSE_NORMAL, "job failed")))
+        count = self.publish(Outbound("job", job, text, (CLOSE_NORMAL, "job failed")))
+        await self._forget_stored(job)
+        return count
 
     async def send_user_notification(
         self,
@@ -628,9 +723,24 @@ class ConnectionManager:
                 elif now - conn.seen >= self.ping_interval:
                     conn.ping_sent = now
                     self._queue(conn, _PING)
-        expired = [job for job, reg in self._jobs.items() if reg.expires <= now]
+        expired = [
+            job for job, reg in self._jobs.items() if reg.expires <= now and not reg.checking
+        ]
         for job in expired:
-            self.release_job(job, reason="job registration expired")
+            if self.broker is None:
+                self._release_here(job, reason="job registration expired")
+            else:
+                # Another instance may have renewed it: ask before closing its sockets.
+                self._jobs[job].checking = True
+                self._background(self._expire(job), f"expire job {job!r}")
+
+    async def _expire(self, job: str) -> None:
+        try:
+            await self.refresh_job(job)
+        finally:
+            reg = self._jobs.get(job)
+            if reg is not None and reg.expires <= self.clock():
+                self._release_here(job, reason="job registration expired")
 
     async def _tick_forever(self) -> None:
         period = max(0.02, min(self.ping_interval, self.pong_timeout) / 4)
@@ -679,6 +789,8 @@ class ConnectionManager:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+        if self._tasks:  # registrations still being written or released (bounded)
+            await asyncio.wait(list(self._tasks), timeout=_CLOSE_TIMEOUT)
         if _default is self:
             _default = None
         self.started = False

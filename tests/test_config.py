@@ -118,6 +118,20 @@ def test_prod_refuses_default_secret_and_missing_provider(tmp_path: Path) -> Non
     assert ok.SUPABASE_URL == "https://x.supabase.co"
 
 
+@pytest.mark.parametrize("origins", ["*", "https://app.example.com,*"])
+def test_prod_refuses_star_origins_with_credentials(tmp_path: Path, origins: str) -> None:
+    base = {"SECRET_KEY": "s" * 40, "SUPABASE_URL": "https://x.supabase.co"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(app_env="prod", env_dir=tmp_path, environ={**base, "CORS_ORIGINS": origins})
+    assert [n for n, _ in info.value.problems] == ["CORS_ORIGINS"]
+    ok = load_settings(
+        app_env="prod",
+        env_dir=tmp_path,
+        environ={**base, "CORS_ORIGINS": origins, "CORS_ALLOW_CREDENTIALS": "false"},
+    )
+    assert "*" in ok.CORS_ORIGINS
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     (tmp_path / ".env.test").write_text("DB_POOL_MAX_SIZE=7\nDEBUG=true\n")
     loaded = load_settings(app_env="test", env_dir=tmp_path, environ={"DB_POOL_MAX_SIZE": "9"})

@@ -11,10 +11,19 @@ methods, the requested headers echoed when they are well-formed tokens, and
 actual request from an allowed origin gets ``Access-Control-Allow-Origin``
 (the origin itself, or ``*`` when any origin is allowed without
 credentials), ``Allow-Credentials`` when configured, ``Vary: Origin`` and
-``Access-Control-Expose-Headers: X-Request-ID`` so browsers can read the id;
-those three replace any the app set itself (two ``Allow-Origin`` values are
-refused by browsers). A request from another origin passes through without
-our CORS headers (with ``Vary: Origin``), and the browser withholds the answer.
+``Access-Control-Expose-Headers: X-Request-ID`` so browsers can read the id.
+Ours replace the app's own ``Allow-Origin`` and ``Allow-Credentials`` (two
+``Allow-Origin`` values are refused by browsers); an ``Expose-Headers`` the
+app set is merged with ours (each name once, compared case-insensitively).
+A request from another origin passes through without our CORS headers (with
+``Vary: Origin``), and the browser withholds the answer.
+
+``*`` never goes with credentials (Fetch: a credentialed request fails on
+``Access-Control-Allow-Origin: *``). With ``*`` among the origins and
+``allow_credentials`` set, we answer ``*`` without ``Allow-Credentials`` and
+log one warning when the middleware is built: echoing every origin back with
+credentials would let any site read a signed-in user's answers. Production
+settings refuse the combination outright (``ghar_core.config``).
 
 The middleware sits inside the error envelope. Errors raised by handlers
 as :class:`~ghar_core.exceptions.BaseAPIException` are rendered by the
@@ -26,6 +35,7 @@ read every error (and its request id).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -39,17 +49,21 @@ if TYPE_CHECKING:
 
 __all__ = ["CORSMiddleware"]
 
+logger = logging.getLogger("ghar_core.cors")
+
 _ORIGIN = b"origin"
 _REQUEST_METHOD = b"access-control-request-method"
 _REQUEST_HEADERS = b"access-control-request-headers"
 _VARY_ORIGIN = (b"vary", b"Origin")
 _VARY_ONLY = (_VARY_ORIGIN,)
-# What we set on an allowed origin's answer; the app's own values are dropped.
+# What we set on an allowed origin's answer; the app's own values are dropped
+# (Expose-Headers is merged with ours instead).
+_EXPOSE = b"access-control-expose-headers"
 _OURS = frozenset(
     {
         b"access-control-allow-origin",
         b"access-control-allow-credentials",
-        b"access-control-expose-headers",
+        _EXPOSE,
     }
 )
 _TOKEN_LIST = re.compile(
@@ -74,6 +88,13 @@ class CORSMiddleware:
         origins = [o.strip().rstrip("/") for o in allow_origins if o.strip()]
         self.allow_all = "*" in origins
         self.origins = frozenset(o.encode("latin-1") for o in origins if o != "*")
+        if self.allow_all and allow_credentials:
+            logger.warning(
+                "CORS_ORIGINS has `*` and CORS_ALLOW_CREDENTIALS is on: `*` never goes"
+                " with credentials (Fetch standard), so any origin gets `*` without"
+                " Allow-Credentials; list the origins that need credentials instead"
+            )
+            allow_credentials = False
         self.allow_credentials = allow_credentials
         # Only a constant "*" (any origin, no credentials) is the same for every
         # Origin; otherwise every answer depends on it and says so in Vary.
@@ -82,9 +103,11 @@ class CORSMiddleware:
         tail: list[tuple[bytes, bytes]] = []
         if allow_credentials:
             tail.append((b"access-control-allow-credentials", b"true"))
-        exposed = ", ".join(expose_headers)
+        self._exposed = tuple(h.strip() for h in expose_headers if h.strip())
+        self._exposed_lower = frozenset(h.lower() for h in self._exposed)
+        exposed = ", ".join(self._exposed)
         if exposed:
-            tail.append((b"access-control-expose-headers", exposed.encode("latin-1")))
+            tail.append((_EXPOSE, exposed.encode("latin-1")))
         tail.append(_VARY_ORIGIN)
         self._tail = tuple(tail)
         self._preflight = (
@@ -135,11 +158,32 @@ class CORSMiddleware:
                 headers = message.get("headers") or ()
                 # Ours replace the app's own: two Allow-Origin values are refused
                 # by browsers (Fetch: the header takes exactly one origin or "*").
-                mine = [h for h in headers if h[0].lower() not in _OURS] if headers else []
-                message["headers"] = [*mine, *extra]
+                if not headers:
+                    message["headers"] = list(extra)
+                else:
+                    mine = [h for h in headers if h[0].lower() not in _OURS]
+                    theirs = [v for n, v in headers if n.lower() == _EXPOSE]
+                    message["headers"] = [*mine, *(self._merge(extra, theirs) if theirs else extra)]
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+    def _merge(
+        self, extra: tuple[tuple[bytes, bytes], ...], theirs: list[bytes]
+    ) -> list[tuple[bytes, bytes]]:
+        """``extra`` with the app's ``Expose-Headers`` names joined to ours, each once."""
+        names = list(self._exposed)
+        seen = set(self._exposed_lower)
+        for value in theirs:
+            for name in value.decode("latin-1").split(","):
+                name = name.strip()
+                if name and name.lower() not in seen:
+                    seen.add(name.lower())
+                    names.append(name)
+        merged = (_EXPOSE, ", ".join(names).encode("latin-1"))
+        out = [h for h in extra if h[0] != _EXPOSE]
+        out.insert(len(out) - 1, merged)  # before Vary, where ours stands
+        return out
 
     async def _answer_preflight(
         self, scope: Scope, send: Send, origin: bytes, allowed: bool, method: bytes

@@ -157,6 +157,10 @@ class Broker(Protocol):
     ``publish`` returns once the event is stored. ``head`` is where a new
     local subscriber starts (every later position then reaches the sinks);
     ``known_head`` is what this process has delivered, without waiting.
+    ``register_job`` / ``release_job`` / ``job_owner`` share WebSocket job
+    registrations between instances (a remote broker stores them; ``job_owner``
+    gives the owner and the seconds left); the in-memory broker keeps none,
+    the manager's own registry is the whole truth there.
     """
 
     name: str
@@ -177,6 +181,12 @@ class Broker(Protocol):
     async def read_since(
         self, topic: str, key: str, epoch: str, position: int
     ) -> list[Record] | str: ...
+
+    async def register_job(self, job: str, owner: str, ttl: float) -> None: ...
+
+    async def release_job(self, job: str) -> None: ...
+
+    async def job_owner(self, job: str) -> tuple[str, float] | None: ...
 
     async def start(self) -> None: ...
 

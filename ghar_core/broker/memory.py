@@ -76,6 +76,15 @@ class MemoryBroker:
             return "epoch_changed"
         return [] if position == self._position else "history_expired"
 
+    async def register_job(self, job: str, owner: str, ttl: float) -> None:
+        return None  # one process: the manager's registry is enough
+
+    async def release_job(self, job: str) -> None:
+        return None
+
+    async def job_owner(self, job: str) -> tuple[str, float] | None:
+        return None
+
     async def start(self) -> None:
         return None
 

@@ -63,6 +63,21 @@ _OUTBOX_STATS_SQL: Final = (
     " (SELECT extract(epoch FROM now() - created_at)::float8 FROM ghar_event_outbox"
     " ORDER BY id LIMIT 1)"
 )
+_JOB_REGISTER_SQL: Final = (
+    "INSERT INTO ghar_ws_jobs (job_id, owner_id, instance, expires_at)"
+    " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
+    " ON CONFLICT (job_id) DO UPDATE SET owner_id = EXCLUDED.owner_id,"
+    " instance = EXCLUDED.instance, expires_at = EXCLUDED.expires_at"
+)
+_JOB_OWNER_SQL: Final = (
+    "SELECT owner_id, extract(epoch FROM expires_at - now())::float8 FROM ghar_ws_jobs"
+    " WHERE job_id = $1 AND expires_at > now()"
+)
+_JOB_RELEASE_SQL: Final = "DELETE FROM ghar_ws_jobs WHERE job_id = $1"
+_JOB_PRUNE_SQL: Final = (
+    "DELETE FROM ghar_ws_jobs j WHERE j.ctid = ANY(ARRAY("
+    " SELECT t.ctid FROM ghar_ws_jobs t WHERE t.expires_at <= now() LIMIT $1))"
+)
 _PRUNE_LOCK: Final = 0x6768_6172_5052  # pg_try_advisory_xact_lock key of the pruner ("gharPR")
 _REPLAY_LIMIT: Final = 10_000  # rows one resume or catch-up reads at most; more is a reset
 _FILTER_LIMIT: Final = 2_000  # known streams passed as a filter; more reads every row

@@ -9,7 +9,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +36,10 @@ from ghar_core.broker.outbox import (
     _BY_IDS_SQL,
     _FILTER_LIMIT,
     _HEADS_SQL,
+    _JOB_OWNER_SQL,
+    _JOB_PRUNE_SQL,
+    _JOB_REGISTER_SQL,
+    _JOB_RELEASE_SQL,
     _LOOKUP_SQL,
     _NEW_HEADS_SQL,
     _OUTBOX_STATS_SQL,
@@ -116,6 +123,8 @@ class PostgresBroker:
         self.prune_interval = settings.EVENT_OUTBOX_PRUNE_INTERVAL
         self.synchronous_commit = settings.EVENT_OUTBOX_SYNCHRONOUS_COMMIT
         self.clock = clock
+        # Names this process in ghar_ws_jobs.instance (for an operator's eyes only).
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._sinks: dict[str, list[Sink]] = {topic: [] for topic in TOPICS}
         # Publishing: a stream always goes to the same lane, whose one writer task
         # writes in order; lanes commit in parallel (other streams, other rows).
@@ -321,6 +330,24 @@ class PostgresBroker:
         if len(rows) != head - position or rows[0][2] != position + 1:
             return "history_expired"
         return [_record(row) for row in rows]
+
+    # --- WebSocket job registrations --------------------------------------------------
+
+    async def register_job(self, job: str, owner: str, ttl: float) -> None:
+        """Store ``job``'s registration to ``owner`` for ``ttl`` seconds (renews; last wins)."""
+        async with self.database.connection() as conn:
+            await conn.execute(_JOB_REGISTER_SQL, job, owner, self.instance, float(ttl))
+
+    async def release_job(self, job: str) -> None:
+        """Forget ``job``'s registration on every instance (it completed, failed, was released)."""
+        async with self.database.connection() as conn:
+            await conn.execute(_JOB_RELEASE_SQL, job)
+
+    async def job_owner(self, job: str) -> tuple[str, float] | None:
+        """``(owner, seconds left)`` of ``job``'s live registration, by whichever instance."""
+        async with self.database.connection() as conn:
+            row = await conn.fetchrow(_JOB_OWNER_SQL, job)
+        return None if row is None else (row[0], row[1])
 
     # --- the listener ------------------------------------------------------------------
 
@@ -538,6 +565,7 @@ class PostgresBroker:
                 count = int(status.rsplit(" ", 1)[-1])
                 if count < batch:
                     await conn.execute(_PRUNE_STREAMS_SQL, self.retention_age, batch)
+                    await conn.execute(_JOB_PRUNE_SQL, batch)  # expired job registrations
             deleted += count
             if count < batch:
                 break

@@ -197,7 +197,7 @@ async def test_websocket_messages_cross_instances(outbox_dsn: str) -> None:
             f"{base_a}/api/v1/me", headers={"Authorization": f"Bearer {token}"}
         ) as me:
             user = (await me.json())["id"]
-        manager_b.register_job("job-1", user)  # job registrations are per instance
+        await manager_b.register_job("job-1", user)
         notes = await connect(http, base_b, NOTIFICATIONS, token)
         job = await connect(http, base_b, f"{JOBS}/job-1", token)
         # Published on A, by the manager and from a shell; heard on B's sockets.
@@ -228,3 +228,81 @@ async def test_websocket_messages_cross_instances(outbox_dsn: str) -> None:
         assert job.of_type("job_completed")[0]["result"] == {"ok": True}
         assert manager_b.job_owner("job-1") is None
         await notes.close()
+
+
+async def test_a_job_registered_on_one_instance_is_followed_from_another(outbox_dsn: str) -> None:
+    import asyncpg
+
+    from tests.asgi.ws_support import JOBS, connect, refusal
+
+    app_a, manager_a = _instance_ws(outbox_dsn)
+    app_b, manager_b = _instance_ws(outbox_dsn)
+    _, token = token_for()
+    _, other_token = token_for()
+    ws = {"ws": "websockets-sansio"}
+    async with (
+        serve(app_a, **ws) as base_a,
+        serve(app_b, **ws) as base_b,
+        aiohttp.ClientSession() as http,
+    ):
+        ids = []
+        for bearer in (token, other_token):
+            async with http.get(
+                f"{base_a}/api/v1/me", headers={"Authorization": f"Bearer {bearer}"}
+            ) as me:
+                ids.append((await me.json())["id"])
+        owner = ids[0]
+        # Registered on A only; B has never heard of these jobs.
+        await manager_a.register_job("job-x", owner)
+        await manager_a.register_job("short", owner, ttl=1.0)
+        await manager_a.register_job("renewed", owner, ttl=1.0)
+        assert manager_b.job_owner("job-x") is None
+        # Ownership is checked on B against the stored registration, before accept.
+        status, body = await refusal(
+            http, base_b, f"{JOBS}/job-x", {"Authorization": f"Bearer {other_token}"}
+        )
+        assert (status, body["error"]["code"]) == (403, "WS_JOB_FORBIDDEN")
+        status, body = await refusal(
+            http, base_b, f"{JOBS}/nobody", {"Authorization": f"Bearer {token}"}
+        )
+        assert (status, body["error"]["code"]) == (404, "WS_JOB_NOT_FOUND")
+        job = await connect(http, base_b, f"{JOBS}/job-x", token)
+        short = await connect(http, base_b, f"{JOBS}/short", token)
+        renewed = await connect(http, base_b, f"{JOBS}/renewed", token)
+        await manager_a.register_job("renewed", owner, ttl=60.0)  # renewed on A after B learnt it
+        # Updates from either instance reach the socket on B.
+        await manager_a.send_job_update("job-x", {"progress": 10})
+        await manager_b.send_job_update("job-x", {"progress": 20})
+        async with asyncio.timeout(10):
+            while len(job.messages) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert sorted(m["data"]["progress"] for _, m in job.messages) == [10, 20]
+        # Expiry on B asks the stored row first: "short" ends, "renewed" goes on.
+        async with asyncio.timeout(10):
+            await short.closed.wait()
+        assert short.ws.close_code == 4004
+        await asyncio.sleep(0.5)
+        assert not renewed.closed.is_set()
+        assert manager_b.job_owner("renewed") == owner
+        status, body = await refusal(
+            http, base_b, f"{JOBS}/short", {"Authorization": f"Bearer {token}"}
+        )
+        assert (status, body["error"]["code"]) == (404, "WS_JOB_NOT_FOUND")
+        # Completed on A: B's socket closes and no instance accepts the job again.
+        await manager_a.broadcast_job_completion("job-x", {"ok": True})
+        async with asyncio.timeout(10):
+            await job.closed.wait()
+        assert job.of_type("job_completed")[0]["result"] == {"ok": True}
+        for base in (base_a, base_b):
+            status, body = await refusal(
+                http, base, f"{JOBS}/job-x", {"Authorization": f"Bearer {token}"}
+            )
+            assert (status, body["error"]["code"]) == (404, "WS_JOB_NOT_FOUND")
+        conn = await asyncpg.connect(outbox_dsn)
+        try:
+            rows = await conn.fetch("SELECT job_id, instance FROM ghar_ws_jobs ORDER BY job_id")
+        finally:
+            await conn.close()
+        assert [r[0] for r in rows] == ["renewed", "short"]  # "short" waits for the pruner
+        assert rows[0][1] == manager_a.broker.instance  # type: ignore[union-attr]
+        await renewed.close()

@@ -248,21 +248,23 @@ async def test_cors_follows_the_fetch_standard(
     raw = r.raw_headers
     acao = _values(raw, b"access-control-allow-origin")
     allowed = origin is not None and (allow_all or origin == ALLOWED)
-    # The allowed origin depends on Origin unless it is a constant "*" (Fetch,
-    # "CORS protocol and HTTP caches"): then Vary: Origin on every response.
-    constant_star = allow_all and not credentials
+    # "*" never goes with credentials (Fetch, "HTTP responses" and the CORS check:
+    # a credentialed request fails on "*"), so any origin is a constant "*" and
+    # the allowed origin depends on Origin otherwise (Fetch, "CORS protocol and
+    # HTTP caches"): then Vary: Origin on every response.
+    constant_star = allow_all
     if not constant_star:
         assert "origin" in _vary_tokens(raw), (raw, origin)
     # Never two values: browsers reject a list.
     assert len(acao) <= 1, raw
+    credentialed = _values(raw, b"access-control-allow-credentials")
     if allowed:
         assert acao == (["*"] if constant_star else [origin]), raw
-        if credentials:
-            assert _values(raw, b"access-control-allow-credentials") == ["true"]
+        assert credentialed == (["true"] if credentials and not allow_all else []), raw
     elif origin is not None and app_acao is None:
         assert acao == [], raw
-    if credentials and acao:
-        assert acao != ["*"] or not allowed
+    if acao == ["*"]:
+        assert credentialed == [], raw
 
 
 async def test_vary_origin_without_an_origin_header() -> None:
@@ -284,3 +286,62 @@ async def test_an_apps_own_allow_origin_is_replaced_not_doubled() -> None:
     r = await TestClient(app).get("/x", headers={"Origin": ALLOWED})
     assert _values(r.raw_headers, b"access-control-allow-origin") == [ALLOWED]
     assert orjson.dumps(r.text)  # the body untouched
+
+
+async def test_star_with_credentials_is_star_without_credentials_and_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: ``*`` with credentials echoed every origin back with credentials, so
+    any site could read a signed-in user's answers."""
+    caplog.set_level(logging.WARNING, logger="ghar_core.cors")
+    app = create_app(
+        make_settings(CORS_ORIGINS=("*",), CORS_ALLOW_CREDENTIALS=True),
+        core_resources=False,
+        resources=[],
+    )
+
+    @app.get("/me")
+    async def me(request):
+        return {"ok": True}
+
+    client = TestClient(app)
+    for origin in ("https://evil.example", ALLOWED):
+        r = await client.get("/me", headers={"Origin": origin, "Cookie": "session=1"})
+        assert _values(r.raw_headers, b"access-control-allow-origin") == ["*"]
+        assert _values(r.raw_headers, b"access-control-allow-credentials") == []
+        preflight = await client.options(
+            "/me", headers={"Origin": origin, "Access-Control-Request-Method": "GET"}
+        )
+        assert _values(preflight.raw_headers, b"access-control-allow-origin") == ["*"]
+        assert _values(preflight.raw_headers, b"access-control-allow-credentials") == []
+    warnings = [rec for rec in caplog.records if rec.name == "ghar_core.cors"]
+    assert len(warnings) == 1, [rec.getMessage() for rec in warnings]
+    assert "credentials" in warnings[0].getMessage()
+
+
+def _exposing_app(*values: str) -> Any:
+    async def inner(scope, receive, send):
+        headers = [(b"access-control-expose-headers", v.encode()) for v in values]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return inner
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((), ["X-Request-ID"]),
+        (("ETag",), ["X-Request-ID", "ETag"]),
+        (("x-request-id, ETag , Link", "etag,X-Page"), ["X-Request-ID", "ETag", "Link", "X-Page"]),
+        ((" , ",), ["X-Request-ID"]),
+    ],
+)
+async def test_an_apps_expose_headers_are_merged_with_ours(
+    values: tuple[str, ...], expected: list[str]
+) -> None:
+    app = CORSMiddleware(_exposing_app(*values), allow_origins=[ALLOWED])
+    r = await TestClient(app).get("/x", headers={"Origin": ALLOWED})
+    exposed = _values(r.raw_headers, b"access-control-expose-headers")
+    assert len(exposed) == 1, r.raw_headers  # one field, each name once
+    assert [n.strip() for n in exposed[0].split(",")] == expected

@@ -38,7 +38,7 @@ PAGE = """<!doctype html>
 <script>
 window.received = []; window.resets = []; window.opens = 0; window.errors = 0;
 const source = new EventSource(%s);
-source.onopen = () => { window.opens += 1; };
+source.onopen = () => { window.opens += 1; fetch("/opened", {method: "POST"}); };
 source.onerror = () => { window.errors += 1; };
 source.addEventListener("tick", (e) => {
   const n = JSON.parse(e.data).n;
@@ -151,6 +151,13 @@ async def test_chromium_eventsource_cut_mid_stream_receives_every_event_exactly_
     async def first_seen(request: Request) -> None:
         seen.set()
 
+    opened = 0
+
+    @app.post("/opened")
+    async def browser_opened(request: Request) -> None:
+        nonlocal opened
+        opened += 1
+
     n = 0
 
     def tick(count: int) -> None:
@@ -173,7 +180,10 @@ async def test_chromium_eventsource_cut_mid_stream_receives_every_event_exactly_
         tick(1)
         async with asyncio.timeout(30):
             await seen.wait()
-        for _ in range(3):
+        for cut in range(3):
+            # Cut only a stream the browser has opened: a cut that lands before
+            # the response head reaches it is a failed attempt, not an open.
+            await _until(lambda: opened > cut, why=f"open {cut + 1}; {opened}")  # noqa: B023
             # A burst, cut while it is still on its way (some of it in the
             # proxy's or the browser's buffers), more while the browser is away.
             tick(5)

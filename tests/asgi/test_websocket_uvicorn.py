@@ -38,7 +38,7 @@ async def test_each_user_hears_only_their_own_notifications_and_jobs() -> None:
     users = [token_for() for _ in range(3)]
     jobs = {user: f"job-{i}" for i, (user, _) in enumerate(users)}
     for user, job in jobs.items():
-        manager.register_job(job, user)
+        await manager.register_job(job, user)
     async with serve(app, **WS) as base, aiohttp.ClientSession() as http:
         notes: dict[str, list[Client]] = {}
         followers: dict[str, list[Client]] = {}
@@ -82,7 +82,7 @@ async def test_refusals_come_before_accept_with_the_envelope() -> None:
     app, manager, _ = _app(WS_MAX_CONNECTIONS_PER_USER=2)
     owner, owner_token = token_for()
     _, other_token = token_for()
-    manager.register_job("j1", owner)
+    await manager.register_job("j1", owner)
     bearer = {"Authorization": f"Bearer {other_token}"}
     async with serve(app, **WS) as base, aiohttp.ClientSession() as http:
         status, body = await refusal(http, base, NOTIFICATIONS, {"Authorization": "Bearer nope"})
@@ -123,7 +123,7 @@ async def test_a_client_that_never_reads_does_not_delay_the_others() -> None:
     # for its timeout; the delay the others see is measured with and without it.
     app, manager, _ = _app(WS_SEND_TIMEOUT=3.0, WS_QUEUE_MAX_SIZE=1000)
     user, token = token_for()
-    manager.register_job("big", user)
+    await manager.register_job("big", user)
     payload = {"blob": "x" * 200_000}
     rounds = 40
 
@@ -190,8 +190,8 @@ async def test_completion_error_and_expiry_close_the_job_and_release_it() -> Non
     app, manager, _ = _app()
     user, token = token_for()
     for job in ("done", "failed"):
-        manager.register_job(job, user)
-    manager.register_job("short", user, ttl=0.5)
+        await manager.register_job(job, user)
+    await manager.register_job("short", user, ttl=0.5)
     async with serve(app, **WS) as base, aiohttp.ClientSession() as http:
         clients = {j: await connect(http, base, f"{JOBS}/{j}", token) for j in ("done", "failed")}
         short = await connect(http, base, f"{JOBS}/short", token)
@@ -242,7 +242,7 @@ async def test_one_notification_reaches_both_transports_with_one_id() -> None:
 async def test_enable_websockets_false_removes_both_routes() -> None:
     app, manager, _ = _app(ENABLE_WEBSOCKETS=False)
     user, token = token_for()
-    manager.register_job("j", user)
+    await manager.register_job("j", user)
     async with serve(app, **WS) as base, aiohttp.ClientSession() as http:
         for path in (NOTIFICATIONS, f"{JOBS}/j"):
             status, body = await refusal(http, base, path, {"Authorization": f"Bearer {token}"})
@@ -252,7 +252,7 @@ async def test_enable_websockets_false_removes_both_routes() -> None:
 async def test_begin_shutdown_closes_every_socket_going_away() -> None:
     app, manager, _ = _app()
     user, token = token_for()
-    manager.register_job("j", user)
+    await manager.register_job("j", user)
     async with serve(app, **WS) as base, aiohttp.ClientSession() as http:
         clients = [await connect(http, base, NOTIFICATIONS, token) for _ in range(3)]
         clients.append(await connect(http, base, f"{JOBS}/j", token))
