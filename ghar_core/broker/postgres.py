@@ -48,6 +48,7 @@ from ghar_core.broker.outbox import (
     _PRUNE_STREAMS_SQL,
     _RANGES_SQL,
     _REPLAY_LIMIT,
+    _UNFILTERED_RANGE,
     LISTEN_APPLICATION_NAME,
     PUBLISH_SQL,
     WRITER_APPLICATION_NAME,
@@ -502,7 +503,8 @@ class PostgresBroker:
                 return  # nobody here follows any stream
             lo = min(r[0] for r in ranges)
             hi = max(r[1] for r in ranges)
-            streams = list(self._known) if len(self._known) <= _FILTER_LIMIT else None
+            wide = hi - lo >= _UNFILTERED_RANGE
+            streams = list(self._known) if wide and len(self._known) <= _FILTER_LIMIT else None
             try:
                 by_ids = self._by_ids
                 if by_ids is None:
