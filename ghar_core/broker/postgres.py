@@ -138,6 +138,7 @@ class PostgresBroker:
         self._known: dict[str, tuple[str, int]] = {}
         self._ranges: list[tuple[int, int]] = []
         self._heads: dict[str, list[asyncio.Future[tuple[str, int]]]] = {}
+        self._resolving = False  # the listener is reading heads for subscribers
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
@@ -454,6 +455,10 @@ class PostgresBroker:
         conn.add_termination_listener(terminated)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if not (self._known or self._heads or self._resolving):
+            # Nobody here follows a stream, nor is about to: a later subscriber starts
+            # from the head it reads then, so these rows are never wanted here.
+            return
         lo, _, hi = payload.partition(" ")
         if lo.isdigit() and hi.isdigit():
             self._ranges.append((int(lo), int(hi)))
@@ -484,6 +489,7 @@ class PostgresBroker:
     async def _drain(self, conn: asyncpg.Connection) -> None:
         if self._heads:
             heads, self._heads = self._heads, {}
+            self._resolving = True
             try:
                 missing = [stream for stream in heads if stream not in self._known]
                 if missing:
@@ -493,6 +499,8 @@ class PostgresBroker:
                 for stream, futures in heads.items():
                     self._heads.setdefault(stream, []).extend(futures)
                 raise
+            finally:
+                self._resolving = False
             for stream, futures in heads.items():
                 for future in futures:
                     if not future.done():
