@@ -30,11 +30,6 @@ REAPED_IDLE: Final = "idle"
 SHUTDOWN: Final = "shutdown"
 
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
 class Subscription:
     """One open stream of one user: a bounded queue plus where its reader stands.
 
@@ -51,6 +46,7 @@ class Subscription:
         "_bus",
         "_opened",
         "_waiter",
+        "_wake",
         "close_reason",
         "closed",
         "cursor",
@@ -74,7 +70,11 @@ class Subscription:
         # False once a broker delivered into the queue, until it is drained.
         self.ordered = True
         self._backlog: list[Event] | None = None
+        # The future a reader in wait() is blocked on; _wake is the same future
+        # until someone resolves it (then None), so an emit wakes a reader once
+        # and every later emit skips it with one attribute test.
         self._waiter: asyncio.Future[bool] | None = None
+        self._wake: asyncio.Future[bool] | None = None
         self._opened = False
         self.closed = False
         self.close_reason: str | None = None
@@ -229,17 +229,17 @@ class Subscription:
             return True
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiter = waiter
+        self._waiter = self._wake = waiter
         # A timer that resolves the waiter, not asyncio.timeout(): every stream
         # waits once per event, and a timeout context (its object, and a task
         # cancellation when it fires) costs more than the wake it bounds.
-        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
+        timer = None if seconds is None else loop.call_later(seconds, self.nudge)
         try:
             return await waiter
         finally:
             if timer is not None:
                 timer.cancel()
-            self._waiter = None
+            self._waiter = self._wake = None
             self.touched = self._bus.clock()
 
     def nudge(self) -> None:
@@ -248,9 +248,16 @@ class Subscription:
         The stream route's one shared timer uses it for keepalives, instead of
         a timer per wait.
         """
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(False)
+        self._resolve(False)
+
+    def _resolve(self, result: bool) -> None:
+        # Wake the reader blocked in wait(), if one is and nobody woke it yet
+        # (its future may also have been cancelled with its task).
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(result)
 
     @property
     def waiting(self) -> bool:
@@ -273,9 +280,7 @@ class Subscription:
             self.queue = None
             self._backlog = None
         self._bus._unregister(self)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(True)
+        self._resolve(True)
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.closed else "open"
