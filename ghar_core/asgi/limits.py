@@ -131,7 +131,6 @@ _IDLE, _HEAD, _BODY, _DONE = range(4)
 # unspecialised attribute lookup on a type per callback (CPython 3.11).
 _on_headers_complete = HttpToolsProtocol.on_headers_complete
 _on_message_complete = HttpToolsProtocol.on_message_complete
-_on_response_complete = HttpToolsProtocol.on_response_complete
 # After a refusal the read side stays open this long, discarding, so the
 # client reads the answer instead of a reset (closing with unread data sends RST).
 _LINGER_SECONDS = 1.0
@@ -153,7 +152,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         "_chunk_len",
         "_deadline",
         "_deadline_for",
-        "_deferred",
         "_discarded",
         "_framing",
         "_head_bytes",
@@ -193,8 +191,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # behind it started somewhere in there, uncounted by _head_bytes.
         self._chunk_len = 0
         self._slack = 0
-        # A refusal of a pipelined head waits for the answers ahead of it.
-        self._deferred: BaseAPIException | None = None
 
     # --- connection ------------------------------------------------------------------
 
@@ -442,9 +438,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, error: BaseAPIException) -> None:
         """Answer ``error`` as the envelope, close after a short linger, log once.
 
-        A head refused while an earlier request on the connection is still being
-        answered (pipelining) waits for that answer, and any queued behind it:
-        answers go out in request order, and the earlier ones are not cut.
+        A request refused while earlier ones on the connection are still being
+        answered (pipelining) is answered in its turn: the refusal joins uvicorn's
+        queue of requests (:class:`_QueuedRefusal`), so answers go out in request
+        order and the earlier ones are not cut. A queued request whose body is
+        refused never reaches the app: the refusal takes its place in the queue.
         """
         cycle = self.cycle
         if self._phase == _BODY and cycle is not None and not cycle.response_complete:
@@ -457,24 +455,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._close()
                 return
             if self.pipeline:  # queued behind the answers before it
-                self._phase = _DONE
-                self._deadline = None
-                self._deferred = error
+                if self.pipeline[0][0] is cycle:  # (newest first) never run, then
+                    self.pipeline.popleft()
+                self._queue_refusal(error)
                 return
         elif self._phase != _BODY and (
             self.pipeline or (cycle is not None and not cycle.response_complete)
         ):
-            self._phase = _DONE
-            self._deadline = None
-            self._deferred = error
+            self._queue_refusal(error)
             return
         self._answer_refusal(error)
 
-    def on_response_complete(self) -> None:
-        _on_response_complete(self)
-        error = self._deferred
-        if error is not None and not self.pipeline and not self.transport.is_closing():
-            self._deferred = None
+    def _queue_refusal(self, error: BaseAPIException) -> None:
+        self._phase = _DONE
+        self._deadline = None
+        # uvicorn starts the next entry when an answer completes: it only calls
+        # run_asgi(app) on the cycle, which is all _QueuedRefusal has.
+        entry = (_QueuedRefusal(self, error), self.app)
+        self.pipeline.appendleft(entry)  # type: ignore[arg-type]
+
+    def _answer_queued(self, error: BaseAPIException) -> None:
+        if not self.transport.is_closing():
             self._unset_keepalive_if_required()
             self._answer_refusal(error)
 
@@ -516,6 +517,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _DONE
         self._deadline = None
         self.transport.close()
+
+
+class _QueuedRefusal:
+    """A refusal waiting in uvicorn's pipeline for the answers ahead of it.
+
+    uvicorn runs the next queued request when an answer completes, by calling
+    ``run_asgi(app)`` on its cycle; run in its turn like that, this one writes
+    the refusal (our protocol then needs no hook on every completed answer).
+    """
+
+    __slots__ = ("error", "protocol")
+
+    def __init__(self, protocol: LimitedHttpToolsProtocol, error: BaseAPIException) -> None:
+        self.protocol = protocol
+        self.error = error
+
+    async def run_asgi(self, app: object) -> None:
+        self.protocol._answer_queued(self.error)
 
 
 def _head_too_large(limit: int) -> _Refusal:

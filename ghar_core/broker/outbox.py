@@ -92,6 +92,10 @@ _JOB_PRUNE_SQL: Final = (
 _PRUNE_LOCK: Final = 0x6768_6172_5052  # pg_try_advisory_xact_lock key of the pruner ("gharPR")
 _REPLAY_LIMIT: Final = 10_000  # rows one resume or catch-up reads at most; more is a reset
 _FILTER_LIMIT: Final = 2_000  # known streams passed as a filter; more reads every row
+# A range of at most this many ids is read whole, its rows of other streams
+# skipped here: sending the followed streams costs more than those few rows
+# (2000 streams: 1.3 ms of this process's CPU per read-back, vs 0.1 ms unfiltered).
+_UNFILTERED_RANGE: Final = 64
 
 
 class _Pending(NamedTuple):

@@ -48,6 +48,7 @@ from ghar_core.broker.outbox import (
     _PRUNE_STREAMS_SQL,
     _RANGES_SQL,
     _REPLAY_LIMIT,
+    _UNFILTERED_RANGE,
     LISTEN_APPLICATION_NAME,
     PUBLISH_SQL,
     WRITER_APPLICATION_NAME,
@@ -137,6 +138,7 @@ class PostgresBroker:
         self._known: dict[str, tuple[str, int]] = {}
         self._ranges: list[tuple[int, int]] = []
         self._heads: dict[str, list[asyncio.Future[tuple[str, int]]]] = {}
+        self._resolving = False  # the listener is reading heads for subscribers
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
@@ -453,6 +455,10 @@ class PostgresBroker:
         conn.add_termination_listener(terminated)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if not (self._known or self._heads or self._resolving):
+            # Nobody here follows a stream, nor is about to: a later subscriber starts
+            # from the head it reads then, so these rows are never wanted here.
+            return
         lo, _, hi = payload.partition(" ")
         if lo.isdigit() and hi.isdigit():
             self._ranges.append((int(lo), int(hi)))
@@ -483,6 +489,7 @@ class PostgresBroker:
     async def _drain(self, conn: asyncpg.Connection) -> None:
         if self._heads:
             heads, self._heads = self._heads, {}
+            self._resolving = True
             try:
                 missing = [stream for stream in heads if stream not in self._known]
                 if missing:
@@ -492,6 +499,8 @@ class PostgresBroker:
                 for stream, futures in heads.items():
                     self._heads.setdefault(stream, []).extend(futures)
                 raise
+            finally:
+                self._resolving = False
             for stream, futures in heads.items():
                 for future in futures:
                     if not future.done():
@@ -502,7 +511,8 @@ class PostgresBroker:
                 return  # nobody here follows any stream
             lo = min(r[0] for r in ranges)
             hi = max(r[1] for r in ranges)
-            streams = list(self._known) if len(self._known) <= _FILTER_LIMIT else None
+            wide = hi - lo >= _UNFILTERED_RANGE
+            streams = list(self._known) if wide and len(self._known) <= _FILTER_LIMIT else None
             try:
                 by_ids = self._by_ids
                 if by_ids is None:
