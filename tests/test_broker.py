@@ -499,3 +499,35 @@ async def test_a_bounded_pass_deletes_at_most_its_batches(aged_outbox: str) -> N
         assert broker.stats()["outbox_rows"] == 50
     finally:
         await database.stop(grace=2)
+
+
+async def test_a_timed_out_write_whose_backend_still_runs_is_not_written_again(
+    outbox_dsn: str,
+) -> None:
+    # The writer gives its connection up (DB_COMMAND_TIMEOUT) while its backend
+    # waits on the stream's row lock; that backend commits once the lock is
+    # free, so the batch must not have been written again meanwhile.
+    settings = broker_settings(outbox_dsn, DB_COMMAND_TIMEOUT=0.3)
+    database = Database(settings)
+    await database.start()
+    broker = PostgresBroker(settings, database)
+    holder = await asyncpg.connect(outbox_dsn)
+    try:
+        await broker.start()
+        first = await broker.publish(TOPIC_USER, "u", "t", _payload(0))
+        assert first.position == 1
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM ghar_event_streams WHERE stream = 'u:u' FOR UPDATE")
+        pending = asyncio.ensure_future(broker.publish(TOPIC_USER, "u", "t", _payload(1)))
+        await asyncio.sleep(1.5)  # several timed-out attempts
+        await lock.commit()
+        record = await asyncio.wait_for(pending, 10)
+        await asyncio.sleep(0.5)  # any backend still waiting has committed by now
+        rows = await holder.fetch("SELECT position, payload FROM ghar_event_outbox ORDER BY id")
+    finally:
+        await holder.close()
+        await broker.stop(grace=5)
+        await database.stop(grace=2)
+    assert [(r[0], orjson.loads(r[1])["n"]) for r in rows] == [(1, 0), (2, 1)]
+    assert record.position == 2
