@@ -168,6 +168,33 @@ class Subscription:
         had not had.
         """
         self.touched = self._bus.clock()
+        queue = self.queue
+        if queue and self.ordered and not self._backlog and not self.dropped_position:
+            # The usual case, decided in a few tests: our own log's events, one
+            # run of consecutive positions after the cursor, nothing dropped and
+            # the queue not full (so none was replayed and no reset is due).
+            first = queue[0]
+            count = len(queue)
+            if (
+                count < queue.maxlen  # type: ignore[operator]  # always bounded
+                and count <= limit
+                and (first.epoch != self.epoch or first.position > self.cursor)
+            ):
+                if count == 1:
+                    queue.clear()
+                    self.epoch, self.cursor = first.epoch, first.position
+                    return [first]
+                last = queue[-1]
+                if last.epoch == first.epoch and last.position - first.position == count - 1:
+                    out = list(queue)
+                    queue.clear()
+                    self.epoch, self.cursor = last.epoch, last.position
+                    return out
+        return self._take_slow(limit)
+
+    def _take_slow(self, limit: int) -> list[Event] | None:
+        # Everything else: a backlog, a drop (reset first), a full queue (off the
+        # reaper's list), or events a broker delivered (read one by one).
         out: list[Event] = []
         backlog = self._backlog
         if backlog:
@@ -200,8 +227,8 @@ class Subscription:
                 and last.epoch == first.epoch
                 and last.position - first.position == count - 1
             ):
-                # The usual case: our own log's events, one run of consecutive
-                # positions after the cursor (so none was replayed): all at once.
+                # One run of consecutive positions after the cursor (so none was
+                # replayed): all at once.
                 out.extend(queue)
                 queue.clear()
                 self.epoch, self.cursor = last.epoch, last.position
