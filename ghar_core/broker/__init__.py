@@ -22,7 +22,9 @@ queued while a batch was in flight go together in the next one (a group
 commit). A stream always goes to the same writer, so one process's events
 of a stream are stored in the order they were emitted. A batch whose
 connection died mid-statement is looked up by its batch id (on a fresh
-connection) before it is written again, so no event is stored twice.
+connection, once the old connection's backend has been terminated and is
+gone, since a backend waiting on a lock outlives its closed socket and may
+still commit) before it is written again, so no event is stored twice.
 :func:`emit` writes from scripts, optionally inside the caller's own
 transaction.
 

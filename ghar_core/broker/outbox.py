@@ -30,6 +30,13 @@ PUBLISH_SQL: Final = (
     "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5, $6)"
 )
 _LOOKUP_SQL: Final = "SELECT id, stream, epoch, position FROM ghar_event_outbox WHERE batch = $1"
+# A writer connection's backend, named by its pid and start time (a pid alone may
+# be another session's after a restart): signalled to end, and counted while it lives.
+_BACKEND_START_SQL: Final = "SELECT backend_start FROM pg_stat_activity WHERE pid = $1"
+_END_BACKEND_SQL: Final = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    " WHERE pid = $1 AND backend_start = $2"
+)
 _ROW_COLUMNS: Final = (
     "o.stream, o.epoch, o.position, o.type, o.payload, extract(epoch FROM o.created_at)::float8"
 )
@@ -106,23 +113,27 @@ class _Pending(NamedTuple):
 
 
 class _Batch:
-    __slots__ = ("id", "items", "unknown")
+    __slots__ = ("backend", "id", "items", "unknown")
 
     def __init__(self, items: list[_Pending]) -> None:
         self.items = items
         self.id = uuid.uuid4()
         self.unknown = False  # the last attempt may have committed: look it up first
+        # The backend (pid, start) the last attempt was sent to: until it has ended,
+        # it may still commit the batch (a lock wait outlives a closed socket).
+        self.backend: tuple[int, Any] | None = None
 
 
 class _Lane:
     """One writer's queue: the streams hashed to it, written in order, one batch in flight.
 
-    ``conn`` is the writer's own direct connection and ``publish`` the
-    publish statement prepared on it (``None`` until connected, and again
-    once the connection is given up).
+    ``conn`` is the writer's own direct connection, ``publish`` the publish
+    statement prepared on it and ``backend`` its backend's pid and start
+    time (``None`` until connected, and again once the connection is given
+    up).
     """
 
-    __slots__ = ("conn", "publish", "queue", "retry", "wake")
+    __slots__ = ("backend", "conn", "publish", "queue", "retry", "wake")
 
     def __init__(self) -> None:
         self.queue: deque[_Pending] = deque()
@@ -130,6 +141,7 @@ class _Lane:
         self.wake = asyncio.Event()
         self.conn: asyncpg.Connection | None = None
         self.publish: asyncpg.prepared_stmt.PreparedStatement | None = None
+        self.backend: tuple[int, Any] | None = None  # conn's backend: pid, backend_start
 
     def pending(self) -> int:
         return len(self.queue) + (len(self.retry.items) if self.retry else 0)

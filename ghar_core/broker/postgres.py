@@ -32,8 +32,10 @@ from ghar_core.broker.base import (
     stream_of,
 )
 from ghar_core.broker.outbox import (
+    _BACKEND_START_SQL,
     _BUMP_SQL,
     _BY_IDS_SQL,
+    _END_BACKEND_SQL,
     _FILTER_LIMIT,
     _HEADS_SQL,
     _JOB_OWNER_SQL,
@@ -276,30 +278,50 @@ class PostgresBroker:
             connect_timeout=self.settings.DB_CONNECT_TIMEOUT,
             application_name=WRITER_APPLICATION_NAME,
         )
+        timeout = self.settings.DB_CONNECT_TIMEOUT
         try:
-            statement = await conn.prepare(
-                PUBLISH_SQL, name="ghar_event_publish", timeout=self.settings.DB_CONNECT_TIMEOUT
-            )
+            pid = conn.get_server_pid()  # Postgres's own: connect_direct refuses a pooler
+            started = await conn.fetchval(_BACKEND_START_SQL, pid, timeout=timeout)
+            statement = await conn.prepare(PUBLISH_SQL, name="ghar_event_publish", timeout=timeout)
         except BaseException:
             conn.terminate()
             raise
-        lane.conn, lane.publish = conn, statement
+        lane.conn, lane.publish, lane.backend = conn, statement, (pid, started)
         return statement
 
     def _drop_writer_connection(self, lane: _Lane) -> None:
-        conn, lane.conn, lane.publish = lane.conn, None, None
+        conn, lane.conn, lane.publish, lane.backend = lane.conn, None, None, None
         if conn is not None:
             conn.terminate()
+
+    async def _end_backend(self, conn: asyncpg.Connection, backend: tuple[int, Any]) -> None:
+        """Return once ``backend`` has ended (terminated by ``conn``); TimeoutError if not.
+
+        Closing our socket does not stop a backend: one waiting on a stream's
+        row lock (another instance's batch, an app transaction) or still in
+        its statement runs on and commits later. Only once it is gone does
+        the lookup of its batch tell committed from not.
+        """
+        timeout = self.settings.DB_COMMAND_TIMEOUT
+        async with asyncio.timeout(timeout):
+            # Polled: the backend's end is state in Postgres, no local event says it.
+            while await conn.fetchval(_END_BACKEND_SQL, *backend, timeout=timeout):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
 
     async def _write(self, lane: _Lane, batch: _Batch) -> list[Any]:
         publish = await self._writer_connection(lane)
         timeout = self.settings.DB_COMMAND_TIMEOUT
+        conn = lane.conn
+        assert conn is not None
         if batch.unknown:
-            # The previous attempt died after sending: it may have committed.
-            assert lane.conn is not None
-            found: list[Any] = await lane.conn.fetch(_LOOKUP_SQL, batch.id, timeout=timeout)
+            # The previous attempt died after sending: it may have committed, or
+            # still be running on its backend and commit later; end it, then look.
+            if batch.backend is not None and batch.backend != lane.backend:
+                await self._end_backend(conn, batch.backend)
+            found: list[Any] = await conn.fetch(_LOOKUP_SQL, batch.id, timeout=timeout)
             if found:
                 return found
+        batch.backend = lane.backend
         items = batch.items
         rows: list[Any] = await publish.fetch(
             [p.stream for p in items],
