@@ -6,7 +6,7 @@ on loopback, in one process and one event loop (so every variant pays the
 same scheduling; the clock is ``time.monotonic``):
 
 - **ours**: two :class:`~ghar_core.broker.PostgresBroker` instances, each with
-  its own pools and its own direct LISTEN connection; A's ``publish_nowait``
+  its own pools and its own direct LISTEN and writer connections; A's ``publish_nowait``
   (what ``sse_bus.emit`` calls), B's sink is where the SSE bus would take it.
   Every event is a committed outbox row before anyone hears of it.
 - **peer**: encode/broadcaster's Postgres backend, one ``Broadcast`` per

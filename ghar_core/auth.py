@@ -49,7 +49,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -75,7 +75,9 @@ from ghar_core.http import (
     read_limited,
     resolve_session,
 )
+from ghar_core.jwt_verification import _TAIL as _TAIL  # the tail a cache entry keeps
 from ghar_core.jwt_verification import (
+    BEARER_PREFIX,
     UNKNOWN_KEY_MESSAGES,
     AuthFailureReason,
     CannotDecide,
@@ -83,6 +85,7 @@ from ghar_core.jwt_verification import (
     TokenCache,
     TokenRejected,
     VerificationKey,
+    credential,
     decode_unverified,
 )
 
@@ -97,6 +100,7 @@ __all__ = [
     "auth_failure",
     "get_auth",
     "set_default_auth",
+    "token_from_authorization",
     "user_from_claims",
     "verify_supabase_token",
 ]
@@ -164,8 +168,9 @@ class AuthenticationException(UnauthorizedException):
         """
         copy = _new_exception(AuthenticationException, self.message)
         # One dict copy replaces the instance dict (cheaper than filling a new one).
-        copy.__dict__ = self.__dict__.copy()
-        copy.headers = self.headers.copy()
+        attributes = self.__dict__.copy()
+        attributes["headers"] = self.headers.copy()
+        copy.__dict__ = attributes
         return copy
 
 
@@ -211,6 +216,26 @@ class AmbiguousCredentialsException(BadRequestException):
         "or, where allowed, one `access_token` query parameter."
     )
     default_headers = {"WWW-Authenticate": 'Bearer error="invalid_request"'}
+
+
+def token_from_authorization(value: bytes) -> str | None:
+    """The token an ``Authorization`` header value carries, or ``None`` for none.
+
+    Another scheme (``Basic ...``) counts as no token: RFC 6750 (3.1) asks
+    for a plain ``Bearer`` challenge, without an error code, when a client
+    used an unsupported method. The scheme's case does not matter; ``Bearer``
+    followed by a tab or another separator than one space raises the
+    malformed-token 401.
+    """
+    scheme = value[:7]
+    if scheme == BEARER_PREFIX or scheme.lower() == b"bearer ":
+        return value[7:].decode("latin-1").strip() or None
+    if scheme[:6].lower() == b"bearer" and scheme[6:].isspace():
+        raise AuthenticationException(
+            AuthFailureReason.MALFORMED,
+            "the Authorization header must be `Bearer <token>`, one space after `Bearer`",
+        )
+    return None
 
 
 def auth_failure(reason: AuthFailureReason, detail: str | None = None) -> BaseAPIException:
@@ -367,15 +392,25 @@ class SupabaseAuth:
             settings, client=self._client, shape=user_from_claims, timeout=timeout
         )
         #: ``cached_user(token)``: the user of an already verified token or ``None``;
-        #: no I/O, no crypto (the token cache's own lookup, bound once: the hot path).
+        #: no I/O, no crypto (the token cache's own lookup, bound once).
         self.cached_user: Callable[[str], SupabaseUser | None] = self.verifier.token_cache.get
+        #: ``cached_credential(header)``: the same by the raw ``Authorization`` header
+        #: value (``b"Bearer <token>"``), as the ASGI server parsed it: the hot path,
+        #: a hash and a dict lookup without decoding the token.
+        self.cached_credential: Callable[[bytes], SupabaseUser | None] = (
+            self.verifier.token_cache.get_credential
+        )
+        # The token cache's dict, clock and counters, for decide_request's inlined lookup.
+        token_cache = self.verifier.token_cache
+        self._tokens = token_cache._data
+        self._tokens_clock = token_cache._clock
+        self._token_stats = token_cache._stats
         # The introspection budget: provider "no"s by fingerprint, calls in flight
         # by SHA-256 of the token (single flight), the cap and the 429 circuit.
         # Each entry is the 401 itself, built once: a hit raises a copy of it.
         self.refusals: TokenCache[AuthenticationException] = TokenCache(
             ttl=settings.TOKEN_NEGATIVE_CACHE_TTL, max_size=settings.TOKEN_CACHE_MAX_SIZE
         )
-        self._refused: Callable[[str], AuthenticationException | None] = self.refusals.get
         # Tokens refused locally for a kid the key set lacks, with the key set
         # that lacked it: a repeat is a hit while that same set is still fresh
         # (the verdict could not change), so a replayed token skips the parse.
@@ -386,6 +421,13 @@ class SupabaseAuth:
             ttl=max(settings.JWKS_MIN_REFRESH_INTERVAL, 0.0),
             max_size=settings.TOKEN_CACHE_MAX_SIZE,
         )
+        # Both caches' dicts, clocks and counters, for _refusal_of's inlined lookups.
+        self._refused_entries = self.refusals._data
+        self._refused_clock = self.refusals._clock
+        self._refused_stats = self.refusals._stats
+        self._local_entries = self.local_refusals._data
+        self._local_clock = self.local_refusals._clock
+        self._local_stats = self.local_refusals._stats
         self.max_in_flight = settings.AUTH_PROVIDER_MAX_IN_FLIGHT
         self._in_flight: dict[bytes, asyncio.Task[_Verdict]] = {}
         self._circuit_until = -math.inf
@@ -486,7 +528,12 @@ class SupabaseAuth:
         """
         verdict = self.decide(token)
         if isinstance(verdict, BaseAPIException):
-            raise verdict
+            try:
+                raise verdict
+            finally:
+                # The traceback holds this frame: had it kept the exception in a
+                # local, every refusal would leave a reference cycle for the GC.
+                del verdict
         return verdict
 
     def decide(self, token: str | None) -> SupabaseUser | BaseAPIException | None:
@@ -499,19 +546,108 @@ class SupabaseAuth:
         """
         if not token:
             return AuthenticationException(AuthFailureReason.MISSING)
-        refusal = self._refused(token)
+        raw = credential(token)
+        return self._refusal_of(raw) or self._judge(token, raw)
+
+    def decide_request(
+        self, headers: Iterable[tuple[bytes, bytes]]
+    ) -> SupabaseUser | BaseAPIException | None:
+        """The user a request's raw ASGI headers authenticate, or the refusal, at once.
+
+        ``None`` means the key set or the provider must be asked first: then
+        ``await`` :meth:`verify_token` with the token. The refusal (a token
+        refused before, a kid the fresh key set lacks, a bad token, a missing
+        header, more than one) is returned, a fresh exception for this
+        request: the caller's ``raise`` is the only one. This is every
+        request's path, so it is one call: one pass over the headers, then
+        the caches by the ``Authorization`` value's raw bytes (``Bearer
+        <token>``), which is how they are keyed. A cache hit decodes nothing:
+        a hash, one dict lookup, one clock read, the tail's comparison (the
+        token cache's own lookup, inlined). A remembered refusal is one more
+        lookup and a copy of its 401; another spelling (``bearer``, extra
+        spaces) is decoded first and looked up as the usual one.
+        """
+        header: bytes | None = None
+        for name, value in headers:
+            if name == b"authorization":
+                if header is not None:
+                    return AmbiguousCredentialsException(
+                        details={"reason": "more than one Authorization header"}
+                    )
+                header = value
+        if header is None:
+            return AuthenticationException(AuthFailureReason.MISSING)
+        key = hash(header)  # cached on the bytes: the lookups below hash nothing
+        entry = self._tokens.get(key)
+        if entry is not None:
+            if entry[0] > self._tokens_clock():
+                found = entry[1]
+                if header[-_TAIL:] == found[0]:
+                    self._token_stats.hits += 1
+                    return found[1]
+            else:
+                del self._tokens[key]
+                self._token_stats.expirations += 1
+        self._token_stats.misses += 1
+        refusal = self._refusal_of(header)
         if refusal is not None:
-            return refusal.again()
-        jwks = self.verifier.jwks
-        local = self.local_refusals.get(token)
-        if (
-            local is not None
-            and jwks is not None
-            and jwks._keys is local[1]
-            and (fetched_at := jwks._fetched_at) is not None
-            and jwks._clock() - fetched_at < jwks.min_refresh_interval  # is_fresh(), inlined
-        ):
-            return local[0].again()
+            return refusal
+        if header[:7] == BEARER_PREFIX:
+            # A kid the fresh key set lacks, told from the header segment alone.
+            verifier = self.verifier
+            rejected = verifier.refusal_by_header(header, 7)
+            if rejected is not None and verifier.jwks is not None:
+                known = _LOCAL_REFUSALS[rejected.message]
+                self.local_refusals.remember_credential(header, (known, verifier.jwks._keys))
+                return known.again()
+        try:
+            token = token_from_authorization(header)
+        except AuthenticationException as exc:
+            return exc
+        if token is None:
+            return AuthenticationException(AuthFailureReason.MISSING)
+        if len(header) == len(token) + 7 and header[:7] == BEARER_PREFIX:
+            return self._judge(token, header)  # the usual spelling: the header is the key
+        raw = credential(token)
+        return self.cached_credential(raw) or self._refusal_of(raw) or self._judge(token, raw)
+
+    def _refusal_of(self, raw: bytes) -> AuthenticationException | None:
+        """A copy of the 401 remembered for the credential ``raw``, else ``None``.
+
+        Both refusal caches' lookups inlined (TokenCache.get_credential, same
+        counters): a replayed refusal is the attacker's cheapest request.
+        """
+        key = hash(raw)
+        tail = raw[-_TAIL:]
+        entry = self._refused_entries.get(key)
+        if entry is not None and entry[1][0] == tail:
+            if entry[0] > self._refused_clock():
+                self._refused_stats.hits += 1
+                return entry[1][1].again()
+            del self._refused_entries[key]
+            self._refused_stats.expirations += 1
+        self._refused_stats.misses += 1
+        local = self._local_entries.get(key)
+        if local is not None and local[1][0] == tail:
+            if local[0] <= self._local_clock():
+                del self._local_entries[key]
+                self._local_stats.expirations += 1
+            else:
+                refusal, keys = local[1][1]
+                jwks = self.verifier.jwks
+                if (
+                    jwks is not None
+                    and jwks._keys is keys
+                    and (fetched_at := jwks._fetched_at) is not None
+                    and jwks._clock() - fetched_at < jwks.min_refresh_interval  # is_fresh()
+                ):
+                    self._local_stats.hits += 1
+                    return refusal.again()
+        self._local_stats.misses += 1
+        return None
+
+    def _judge(self, token: str, raw: bytes) -> SupabaseUser | BaseAPIException | None:
+        """The local verdict on ``token`` (credential ``raw``) no cache knew."""
         if self.base_url is None:
             return AuthProviderUnavailableException(
                 "The identity provider is not configured (set SUPABASE_URL)."
@@ -526,8 +662,9 @@ class SupabaseAuth:
             return verdict
         # A kid the fresh key set lacks (returned, not raised: the storm's path).
         known = _LOCAL_REFUSALS[verdict.message]
+        jwks = self.verifier.jwks
         if jwks is not None:
-            self.local_refusals.remember(token, (known, jwks._keys))
+            self.local_refusals.remember_credential(raw, (known, jwks._keys))
         return known.again()
 
     async def verify_token(self, token: str | None) -> SupabaseUser:
@@ -577,7 +714,7 @@ class SupabaseAuth:
             _, claims = decode_unverified(token)
         except TokenRejected as exc:
             raise AuthenticationException(exc.reason, exc.message) from None
-        refusal = self._refused(token)
+        refusal = self.refusals.get(token)
         if refusal is not None:
             raise refusal.again()
         key = hashlib.sha256(token.encode()).digest()

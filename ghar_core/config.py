@@ -460,8 +460,8 @@ class Settings:
         None,
         "url",
         "Database",
-        "Direct Postgres DSN (never PgBouncer) for the event broker's LISTEN; "
-        "default DATABASE_URL.",
+        "Direct Postgres DSN (never PgBouncer) for the event broker's LISTEN and outbox "
+        "writers; default DATABASE_URL.",
         optional=True,
         schemes=_PG,
         reader=("broker",),

@@ -38,10 +38,11 @@ and HS256 is checked only against ``SUPABASE_JWT_SECRET``, never against a
 public key (the classic key-confusion attack).
 
 Token cache (:class:`TokenCache`): verified tokens keyed by a keyed hash of
-the token (we never keep raw tokens; the class says why not SHA-256), living
-``min(TOKEN_CACHE_TTL, exp - now)``, at most ``TOKEN_CACHE_MAX_SIZE`` (LRU).
-A hit is a hash, a dict lookup and a clock read: no parsing and no
-cryptography (``signature_checks`` counts).
+the ``Authorization`` value that carries the token, ``Bearer <token>`` as
+bytes (we never keep raw tokens; the class says why not SHA-256), living
+``min(TOKEN_CACHE_TTL, exp - now)``, at most ``TOKEN_CACHE_MAX_SIZE`` (the
+oldest stored goes first). A hit is a hash, a dict lookup and a clock read:
+no decoding, no parsing and no cryptography (``signature_checks`` counts).
 
 Ownership: the verifier owns its key-set refresh task; :meth:`JWTVerifier.aclose`
 cancels it. It does not own the HTTP session (the shared-clients module does).
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
+    "BEARER_PREFIX",
     "MAX_TOKEN_BYTES",
     "UNKNOWN_KEY_MESSAGES",
     "AuthFailureReason",
@@ -83,6 +85,7 @@ __all__ = [
     "TokenCache",
     "TokenRejected",
     "VerificationKey",
+    "credential",
     "decode_unverified",
 ]
 
@@ -317,22 +320,30 @@ def _is_number(value: object) -> TypeGuard[float]:
 
 
 class TokenCache(Generic[T]):
-    """Verified tokens, each kept ``min(ttl, exp - now)``; LRU-bounded.
+    """Verified tokens, each kept ``min(ttl, exp - now)``; bounded, oldest out first.
 
-    Keyed by ``hash(token)``: CPython's string hash is SipHash-1-3 under a
-    random per-process key, so the key is a keyed hash of the token and raw
-    tokens are never stored. Why not SHA-256: for a typical 800-byte token it
-    costs 0.5-0.8 µs on our 2-core box, most of the 1 µs budget of a whole
-    cache hit; SipHash costs about 0.1 µs. A 64-bit key alone could collide,
-    so each entry also keeps the token's last 16 characters (signature bytes,
-    useless without the rest) and a hit must match them too: a forged token
-    would need both an unpredictable 64-bit collision and the 96 signature
-    bits of a token it does not know.
+    Keyed by the credential a client sends for the token, the ``Authorization``
+    header value ``Bearer <token>`` as bytes (:func:`credential`), hashed with
+    ``hash()``: CPython's bytes hash is SipHash-1-3 under a random per-process
+    key, so the key is a keyed hash of the token and raw tokens are never
+    stored. The ASGI layer looks a request up by the header bytes the server
+    parsed (:meth:`get_credential`: no decoding, no copy); :meth:`get` takes
+    the token as text and builds the same bytes first. Why not SHA-256: for a
+    typical 800-byte token it costs 0.5-0.8 µs on our 2-core box, most of the
+    1 µs budget of a whole cache hit; SipHash costs about 0.1 µs. A 64-bit key
+    alone could collide, so each entry also keeps the credential's last 16
+    bytes (signature characters, useless without the rest) and a hit must
+    match them too: a forged token would need both an unpredictable 64-bit
+    collision and the 96 signature bits of a token it does not know.
+
+    A hit does not refresh an entry's place: when full, the entry stored
+    first goes (each lives at most ``ttl`` anyway), so a hit is one dict
+    lookup, one clock read and one comparison of the tail.
 
     Owned by its :class:`JWTVerifier`; holds only values, nothing to close.
     """
 
-    __slots__ = ("_cache", "_clock", "_data", "_wall")
+    __slots__ = ("_cache", "_clock", "_data", "_stats", "_wall")
 
     def __init__(
         self,
@@ -342,32 +353,38 @@ class TokenCache(Generic[T]):
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._cache: TTLCache[int, tuple[str, T]] = TTLCache(
+        self._cache: TTLCache[int, tuple[bytes, T]] = TTLCache(
             max_size=max_size, ttl=ttl, clock=clock
         )
         self._wall = wall_clock
-        # The cache's own dict and clock, bound here: two attribute loads fewer per request.
+        # The cache's own dict, clock and counters, bound here: attribute loads
+        # fewer per request.
         self._data = self._cache._data
         self._clock = clock
+        self._stats = self._cache.stats
 
     def get(self, token: str) -> T | None:
-        """The cached value for ``token`` or ``None``: a hash and a dict lookup.
+        """The cached value for ``token`` or ``None`` (see :meth:`get_credential`)."""
+        return self.get_credential(credential(token))
 
-        ``TTLCache.get`` inlined (same counters, recency and expiry): one Python
-        call instead of two on every request, hit or miss.
+    def get_credential(self, value: bytes) -> T | None:
+        """The cached value for the header value ``Bearer <token>`` or ``None``.
+
+        A hash (cached on ``value`` for every later lookup of the same
+        request), one dict lookup, one clock read, the tail's comparison.
         """
-        key = hash(token)
-        data = self._data
-        entry = data.get(key)
+        key = hash(value)
+        entry = self._data.get(key)
         if entry is not None:
             if entry[0] > self._clock():
-                data.move_to_end(key)
-                self._cache.stats.hits += 1
-                tail, value = entry[1]
-                return value if tail == token[-_TAIL:] else None
-            del data[key]
-            self._cache.stats.expirations += 1
-        self._cache.stats.misses += 1
+                found = entry[1]
+                if value.endswith(found[0]):
+                    self._stats.hits += 1
+                    return found[1]
+            else:
+                del self._data[key]
+                self._stats.expirations += 1
+        self._stats.misses += 1
         return None
 
     def put(self, token: str, value: T, exp: object) -> None:
@@ -375,28 +392,32 @@ class TokenCache(Generic[T]):
         if not _is_number(exp) or len(token) < 2 * _TAIL:
             return
         lifetime = float(exp) - self._wall()
-        self._cache.set(hash(token), (token[-_TAIL:], value), lifetime)
+        raw = credential(token)
+        self._cache.set(hash(raw), (raw[-_TAIL:], value), lifetime)
 
     def remember(self, token: str, value: T) -> None:
         """Cache ``value`` for the cache's own TTL, whatever the token's ``exp``.
 
         For verdicts that outlive the token (a refusal stays a refusal).
         """
-        if len(token) < 2 * _TAIL:
-            return
+        if len(token) >= 2 * _TAIL:
+            self.remember_credential(credential(token), value)
+
+    def remember_credential(self, value: bytes, verdict: T) -> None:
+        """:meth:`remember` by the header value ``Bearer <token>``, as the ASGI layer has it."""
         # TTLCache.set for the cache's own TTL, inlined: a random-kid storm
         # remembers one refusal per request.
         cache = self._cache
-        data = cache._data
-        key = hash(token)
+        data = self._data
+        key = hash(value)
         if cache.ttl <= 0 or cache.max_size == 0:
             data.pop(key, None)
             return
-        data[key] = (cache._clock() + cache.ttl, (token[-_TAIL:], value))
-        data.move_to_end(key)  # a new key is last already; an old one moves there
-        while len(data) > cache.max_size:
+        # A new key goes last; an old one keeps its place (oldest stored, first out).
+        data[key] = (self._clock() + cache.ttl, (value[-_TAIL:], verdict))
+        if len(data) > cache.max_size:
             data.popitem(last=False)
-            cache.stats.evictions += 1
+            self._stats.evictions += 1
 
     def clear(self) -> None:
         self._cache.clear()
@@ -408,10 +429,27 @@ class TokenCache(Generic[T]):
 
     @property
     def stats(self) -> Any:
-        return self._cache.stats
+        return self._stats
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+#: What a client sends before the token in its ``Authorization`` header (RFC 6750 2.1).
+BEARER_PREFIX: Final = b"Bearer "
+
+
+def credential(token: str) -> bytes:
+    """The ``Authorization`` header value that carries ``token``: ``Bearer <token>``, as bytes.
+
+    What :class:`TokenCache` is keyed by. ASGI servers decode header bytes as
+    Latin-1, so those are the bytes; a token outside Latin-1 (never a JWT) is
+    encoded as UTF-8 and so never matches header bytes: it takes the slow path.
+    """
+    try:
+        return BEARER_PREFIX + token.encode("latin-1")
+    except UnicodeEncodeError:
+        return BEARER_PREFIX + token.encode("utf-8", "surrogatepass")
 
 
 def _usable_key(jwk: object) -> VerificationKey | str:
@@ -758,6 +796,55 @@ class JWTVerifier(Generic[T]):
         if isinstance(verdict, TokenRejected):
             raise verdict.again()
         return verdict
+
+    def refusal_by_header(self, value: bytes, start: int = 0) -> TokenRejected | None:
+        """The refusal of the token ``value[start:]`` if its header alone refuses it, else ``None``.
+
+        That is an asymmetric token whose ``kid`` a fresh key set lacks: the
+        random-kid storm, an attacker's cheapest traffic. The token comes as
+        the bytes a client sent (the ASGI layer passes the ``Authorization``
+        value and 7, past ``Bearer ``): nothing is decoded but the header
+        segment, base64 and orjson, and nothing else is parsed. The returned
+        refusal is a shared constant, as :meth:`judge_now`'s (raise a copy).
+        ``None`` says nothing about the token: :meth:`judge_now` decides it,
+        and gives this same verdict whenever this gives one (the checks that
+        come first there, size, ASCII, header encoding, duplicated names,
+        ``alg``, ``crit``, ``kid`` type, each make this return ``None``).
+        """
+        jwks = self.jwks
+        if (
+            jwks is None
+            or (fetched_at := jwks._fetched_at) is None
+            or jwks._clock() - fetched_at >= jwks.min_refresh_interval  # not fresh
+            or len(value) - start > MAX_TOKEN_BYTES
+            or not value.isascii()
+        ):
+            return None
+        dot = value.find(b".", start)
+        if dot <= start:
+            return None
+        try:
+            data = _a2b(
+                value[start:dot].translate(_URLSAFE_ONLY_TO_STD) + _PADDING[(dot - start) & 3],
+                strict_mode=True,
+            )
+            header = orjson.loads(data)
+        except ValueError:  # binascii.Error is one
+            return None
+        if type(header) is not dict:
+            return None
+        alg = header.get("alg")
+        kid = header.get("kid")
+        if (
+            type(alg) is not str
+            or alg not in ASYMMETRIC_ALGORITHMS
+            or "crit" in header
+            or (kid is not None and type(kid) is not str)
+            or kid in jwks._keys
+            or _has_duplicate_names(data, header)
+        ):
+            return None
+        return self._unknown_key(kid)
 
     def judge_now(self, token: str) -> T | TokenRejected | None:
         """:meth:`decide_now`, but a kid the fresh key set lacks is returned, not raised.

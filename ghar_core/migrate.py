@@ -176,7 +176,7 @@ class MigrationState:
 
 
 def _check_namespace(namespace: object) -> None:
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise MigrationError(
             f"migration namespace {namespace!r} must be 1-63 characters of a-z, 0-9 and '_', "
             "starting with a letter"
@@ -214,7 +214,7 @@ def load_migrations(
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if not entry.name.lower().endswith(".sql"):
             continue
-        match = _NAME_RE.match(entry.name)
+        match = _NAME_RE.fullmatch(entry.name)
         if match is None or not entry.is_file():
             raise MigrationError(
                 f"{_where(directory, entry.name)}: migration files are named {_FILE_PATTERN}"

@@ -70,13 +70,17 @@ async def until(condition: Callable[[], bool], seconds: float = 10.0) -> float:
     return time.monotonic() - started
 
 
-async def kill_listeners(dsn: str) -> int:
-    """``pg_terminate_backend`` every LISTEN connection of the brokers; how many."""
+async def kill_listeners(dsn: str, application_name: str = "ghar-core-listen") -> int:
+    """``pg_terminate_backend`` every LISTEN connection of the brokers; how many.
+
+    ``application_name="ghar-core-outbox"``: their outbox writers' connections instead.
+    """
     conn = await asyncpg.connect(dsn)
     try:
         killed: int = await conn.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = 'ghar-core-listen' AND datname = current_database()"
+            " WHERE application_name = $1 AND datname = current_database()",
+            application_name,
         )
     finally:
         await conn.close()

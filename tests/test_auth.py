@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from email.utils import formatdate
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -22,7 +24,9 @@ from hypothesis import strategies as st
 
 from ghar_core import auth as auth_module
 from ghar_core import http
+from ghar_core.asgi.auth import current_user
 from ghar_core.auth import (
+    AmbiguousCredentialsException,
     AuthenticationException,
     AuthFailureReason,
     AuthProviderUnavailableException,
@@ -487,6 +491,124 @@ async def test_a_storm_of_random_kids_never_reaches_the_provider(
     stats = auth.stats()
     assert stats["local"]["unknown_kid_refusals"] == 500
     assert stats["provider"]["introspections"] == 0
+
+
+def request_headers(*authorization: bytes) -> list[tuple[bytes, bytes]]:
+    """Raw ASGI headers as a server parses them, with these Authorization values."""
+    return [
+        (b"host", b"api.test"),
+        *((b"authorization", value) for value in authorization),
+        (b"accept", b"application/json"),
+    ]
+
+
+async def test_decide_request_answers_from_the_raw_header_bytes(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    token = idp.provider.mint_token()
+    user = await auth.verify_token(token)
+    checks = auth.verifier.signature_checks
+    hits = auth.verifier.token_cache.stats.hits
+    # The usual spelling is looked up by its bytes; others are decoded, then looked up.
+    for spelling in (f"Bearer {token}", f"bearer {token}", f"BEARER  {token} "):
+        assert auth.decide_request(request_headers(spelling.encode())) == user
+    assert auth.verifier.signature_checks == checks  # all three were cache hits
+    assert auth.verifier.token_cache.stats.hits == hits + 3
+    # Refusals are returned, not raised, each a fresh exception.
+    assert_401(auth.decide_request(request_headers()), AuthFailureReason.MISSING)  # type: ignore[arg-type]
+    basic = auth.decide_request(request_headers(b"Basic dXNlcjpwYXNz"))
+    assert_401(basic, AuthFailureReason.MISSING)  # type: ignore[arg-type]
+    tab = auth.decide_request(request_headers(b"Bearer\t" + token.encode()))
+    assert_401(tab, AuthFailureReason.MALFORMED)  # type: ignore[arg-type]
+    both = auth.decide_request(request_headers(f"Bearer {token}".encode(), b"Bearer junk"))
+    assert isinstance(both, AmbiguousCredentialsException)
+    assert render_error(both).status_code == 400
+    refused = legacy_token(idp.provider)  # HS256 without a secret: the provider's to judge
+    auth.remember_refusal(refused, "provider said session_not_found")
+    first = auth.decide_request(request_headers(f"Bearer {refused}".encode()))
+    second = auth.decide_request(request_headers(f"Bearer {refused}".encode()))
+    assert isinstance(first, AuthenticationException)
+    assert first is not second
+    assert first.headers is not second.headers  # type: ignore[union-attr]
+    assert_401(first, AuthFailureReason.REJECTED)
+    assert auth.refusals.stats.hits == 2
+    unknown = with_header(token, {"alg": "ES256", "kid": "not-ours"})
+    for _ in range(2):
+        assert_401(
+            auth.decide_request(request_headers(f"Bearer {unknown}".encode())),  # type: ignore[arg-type]
+            AuthFailureReason.UNKNOWN_KEY,
+        )
+    assert auth.local_refusals.stats.hits == 1  # parsed once, then a lookup
+    # No raw token is kept: keys are hashes, entries keep the credential's last 16 bytes.
+    for cache in (auth.verifier.token_cache, auth.refusals, auth.local_refusals):
+        assert len(cache) == 1
+        for key, (_, (tail, _value)) in cache._data.items():
+            assert type(key) is int
+            assert type(tail) is bytes
+            assert len(tail) == 16
+
+
+async def test_a_refused_request_leaves_no_reference_cycle_for_the_gc(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    # Raising the returned refusal from a local would tie exception -> traceback
+    # -> frame -> exception: five objects for the cyclic GC per refused request.
+    await auth.verify_token(idp.provider.mint_token())  # a fresh key set
+    unknown = with_header(idp.provider.mint_token(), {"alg": "ES256", "kid": "not-ours"})
+    headers = request_headers(f"Bearer {unknown}".encode())
+
+    def conn() -> Any:
+        return SimpleNamespace(
+            scope={"type": "http", "headers": headers},
+            state=SimpleNamespace(),
+            app=SimpleNamespace(resources=SimpleNamespace(get=lambda name: auth)),
+        )
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            with pytest.raises(AuthenticationException):
+                await current_user(conn())
+            with pytest.raises(AuthenticationException):
+                auth.verify_now(unknown)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    alg=st.sampled_from([*ASYMMETRIC_ALGS, "HS256"]),
+    kid=st.one_of(kid_headers, st.just({"kid": "held"}), st.just({"kid": 7})),
+    extra=st.dictionaries(st.sampled_from(["crit", "typ", "jku"]), json_values, max_size=1),
+    suffix=st.sampled_from(["", " ", "\u00e9", ".x"]),
+)
+async def test_a_refusal_told_from_the_header_bytes_is_the_verdict_on_the_token(
+    auth: SupabaseAuth,
+    idp: IdentityProviderServer,
+    alg: str,
+    kid: dict[str, Any],
+    extra: dict[str, Any],
+    suffix: str,
+) -> None:
+    # decide_request refuses an unknown kid from the header segment alone; it must
+    # give exactly what the full parse of the token gives (code and message).
+    await auth.verify_token(idp.provider.mint_token())  # a fresh key set
+    if kid == {"kid": "held"}:
+        kid = {"kid": idp.provider.signing_kid}
+    token = with_header(idp.provider.mint_token(), {"alg": alg} | kid | extra) + suffix
+    via_header = auth.decide_request(request_headers(f"Bearer {token}".encode("latin-1")))
+    auth.local_refusals.clear()
+    via_token = auth.decide(token.strip())
+    if via_token is None:  # only the provider can tell (HS256 and no secret here)
+        assert via_header is None
+    else:
+        assert isinstance(via_header, BaseAPIException)
+        assert isinstance(via_token, BaseAPIException)
+        assert code_of(via_header) == code_of(via_token)
+        assert via_header.details == via_token.details
+    assert idp.provider.requests["user"] == 0
 
 
 async def test_a_replayed_unknown_kid_token_is_refused_from_the_cache_until_the_key_set_changes(

@@ -101,7 +101,7 @@ async def test_an_event_published_on_one_instance_reaches_the_other_in_order(
         assert sink_b.positions("u1") == list(range(1, 52))
         assert [orjson.loads(r.payload)["n"] for r in sink_b.records["u1"][:50]] == list(range(50))
         assert sink_a.positions("u1") == sink_b.positions("u1")
-        assert "u2" not in sink_a.records  # nobody on A wanted u2: nothing read for it
+        assert "u2" not in sink_a.records  # nobody on A wanted u2: nothing delivered of it
         # Any instance answers a resume from the outbox.
         missed = await a.read_since(TOPIC_USER, "u1", epoch, 48)
         assert isinstance(missed, list)
@@ -262,6 +262,33 @@ async def test_a_killed_listener_reconnects_and_reads_back_what_it_missed(
         assert sink.positions("u") == list(range(1, 16))
         assert b.stats()["connects"] >= 6
         assert sink.resets == []
+
+
+async def test_killed_writer_connections_reconnect_and_store_each_event_once(
+    outbox_dsn: str,
+) -> None:
+    async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+        sink = Recorder("u")
+        b.attach(TOPIC_USER, sink)
+        await b.head(TOPIC_USER, "u")
+        killed = 0
+        for round_ in range(10):
+            for n in range(20):
+                a.publish_nowait(TOPIC_USER, "u", "t", _payload(round_ * 20 + n))
+                if n % 5 == 4:
+                    await asyncio.sleep(0)  # some batches in flight when the kill lands
+            killed += await kill_listeners(outbox_dsn, "ghar-core-outbox")
+        await until(lambda: len(sink.records["u"]) == 200, 20)
+        conn = await asyncpg.connect(outbox_dsn)
+        try:
+            stored = await conn.fetchval("SELECT count(*) FROM ghar_event_outbox")
+        finally:
+            await conn.close()
+    assert killed >= 3  # a writer reconnects on its next batch, so some rounds find none
+    assert stored == 200  # a batch cut off after it committed was not written again
+    assert sink.positions("u") == list(range(1, 201))
+    assert [orjson.loads(r.payload)["n"] for r in sink.records["u"]] == list(range(200))
+    assert sink.resets == []
 
 
 @contextlib.asynccontextmanager
@@ -472,3 +499,115 @@ async def test_a_bounded_pass_deletes_at_most_its_batches(aged_outbox: str) -> N
         assert broker.stats()["outbox_rows"] == 50
     finally:
         await database.stop(grace=2)
+
+
+async def test_a_timed_out_write_whose_backend_still_runs_is_not_written_again(
+    outbox_dsn: str,
+) -> None:
+    # The writer gives its connection up (DB_COMMAND_TIMEOUT) while its backend
+    # waits on the stream's row lock; that backend commits once the lock is
+    # free, so the batch must not have been written again meanwhile.
+    settings = broker_settings(outbox_dsn, DB_COMMAND_TIMEOUT=0.3)
+    database = Database(settings)
+    await database.start()
+    broker = PostgresBroker(settings, database)
+    holder = await asyncpg.connect(outbox_dsn)
+    try:
+        await broker.start()
+        first = await broker.publish(TOPIC_USER, "u", "t", _payload(0))
+        assert first.position == 1
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM ghar_event_streams WHERE stream = 'u:u' FOR UPDATE")
+        pending = asyncio.ensure_future(broker.publish(TOPIC_USER, "u", "t", _payload(1)))
+        await asyncio.sleep(1.5)  # several timed-out attempts
+        await lock.commit()
+        record = await asyncio.wait_for(pending, 10)
+        await asyncio.sleep(0.5)  # any backend still waiting has committed by now
+        rows = await holder.fetch("SELECT position, payload FROM ghar_event_outbox ORDER BY id")
+    finally:
+        await holder.close()
+        await broker.stop(grace=5)
+        await database.stop(grace=2)
+    assert [(r[0], orjson.loads(r[1])["n"]) for r in rows] == [(1, 0), (2, 1)]
+    assert record.position == 2
+
+
+async def test_a_subscriber_after_dropped_notifications_resumes_and_follows_every_row(
+    outbox_dsn: str,
+) -> None:
+    # B follows no stream while A publishes (B drops those notifications unread);
+    # then B's subscriber resumes from the outbox and follows live rows of u among
+    # other streams' rows, in ranges both under and over the unfiltered width.
+    async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+        records = [await a.publish(TOPIC_USER, "u", "t", _payload(n)) for n in range(5)]
+        sink = Recorder("u")
+        b.attach(TOPIC_USER, sink)
+        epoch, head = await b.head(TOPIC_USER, "u")
+        assert (epoch, head) == (records[0].epoch, 5)
+        replay = await b.read_since(TOPIC_USER, "u", epoch, 2)
+        assert isinstance(replay, list)
+        assert [r.position for r in replay] == [3, 4, 5]
+        sent = 5
+        for width in (1, 3, 63, 64, 65, 200):
+            for n in range(width):
+                a.publish_nowait(TOPIC_USER, f"other-{n}", "t", _payload(n))
+            sent += 1
+            a.publish_nowait(TOPIC_USER, "u", "t", _payload(sent))
+            await until(lambda s=sent: len(sink.records["u"]) == s - 5)
+        assert sink.positions("u") == list(range(6, sent + 1))
+        assert b.known_head(TOPIC_USER, "u") == (epoch, sent)
+        assert sink.resets == []
+
+
+async def test_an_instance_holds_one_listen_and_one_connection_per_writer_closed_at_stop(
+    outbox_dsn: str,
+) -> None:
+    count = (
+        "SELECT application_name, count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE 'ghar-core-%'"
+        " GROUP BY 1 ORDER BY 1"
+    )
+    watcher = await asyncpg.connect(outbox_dsn)
+    try:
+        async with instance(outbox_dsn, writers=3) as a:
+            a.publish_nowait(TOPIC_USER, "u", "t", _payload(0))
+            await until(lambda: a.queued() == 0)
+            running = [tuple(r) for r in await watcher.fetch(count)]
+        await asyncio.sleep(0.2)  # a closed backend leaves pg_stat_activity shortly after
+        after = [tuple(r) for r in await watcher.fetch(count)]
+    finally:
+        await watcher.close()
+    assert running == [("ghar-core-listen", 1), ("ghar-core-outbox", 3)]
+    assert after == []
+
+
+async def test_publishing_and_reading_survive_the_function_and_table_being_replaced(
+    outbox_dsn: str,
+) -> None:
+    # A later migration replacing ghar_event_publish (CREATE OR REPLACE, or DROP and
+    # CREATE) or adding an outbox column while instances run: their prepared
+    # statements are planned again, nothing is refused or lost.
+    from ghar_core.migrate import load_migrations
+
+    body = next(m.sql for m in load_migrations() if m.version == "0005")
+    async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+        sink = Recorder("u")
+        b.attach(TOPIC_USER, sink)
+        await b.head(TOPIC_USER, "u")
+        await a.publish(TOPIC_USER, "u", "t", _payload(0))
+        conn = await asyncpg.connect(outbox_dsn)
+        try:
+            await conn.execute(body)
+            await a.publish(TOPIC_USER, "u", "t", _payload(1))
+            async with conn.transaction():
+                await conn.execute("DROP FUNCTION ghar_event_publish")
+                await conn.execute(body)
+            await a.publish(TOPIC_USER, "u", "t", _payload(2))
+            await conn.execute("ALTER TABLE ghar_event_outbox ADD COLUMN extra int")
+            await a.publish(TOPIC_USER, "u", "t", _payload(3))
+        finally:
+            await conn.close()
+        await until(lambda: len(sink.records["u"]) == 4)
+        assert sink.positions("u") == [1, 2, 3, 4]
+        assert a.stats()["failed"] == 0

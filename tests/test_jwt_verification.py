@@ -40,6 +40,7 @@ from ghar_core.jwt_verification import (
     TokenRejected,
     _has_duplicate_names,
     _header,
+    credential,
 )
 from tests.idp import (
     b64,
@@ -440,6 +441,10 @@ def test_token_cache_lifetime_and_keys() -> None:
     cache.put(token, "user", wall.now + 10)  # exp in 10 s: lives 10 s, not 60
     assert cache.get(token) == "user"
     assert cache.get("x" + token[1:]) is None  # another token, another key
+    # Keyed by the Authorization value that carries the token, as a server parsed it.
+    assert cache.get_credential(b"Bearer " + token.encode()) == "user"
+    assert credential(token) == b"Bearer " + token.encode()
+    assert cache.get_credential(b"Bearer  " + token.encode()) is None
     mono.now += 10
     assert cache.get(token) is None
     cache.put(token, "user", wall.now + 3600)  # lives the cache's 60 s at most

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import re
 import tempfile
+import uuid
 from pathlib import Path
 
 import asyncpg
@@ -500,3 +501,64 @@ async def test_create_app_applies_the_apps_sets_on_startup(
             assert ("marketplace", "0002") in await _recorded(conn)
         finally:
             await conn.close()
+
+
+async def test_the_publish_migrations_apply_on_a_database_that_has_0004(
+    fresh_database: str,
+) -> None:
+    # A database migrated before 0003 and 0005 existed (0001, 0002, 0004): they are
+    # applied after 0004, once, and the function publishes as 0002's did, for a
+    # batch of one event (0005's own path) and of several.
+    core = load_migrations()
+    earlier = [m for m in core if m.version not in ("0003", "0005")]
+    conn = await asyncpg.connect(fresh_database)
+    notes: list[str] = []
+    await conn.add_listener("t_ch", lambda *args: notes.append(args[3]))
+
+    async def publish(streams: list[str]) -> list[tuple[str, str, int]]:
+        rows = await conn.fetch(
+            "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5)",
+            streams,
+            ["t"] * len(streams),
+            [b"{}"] * len(streams),
+            uuid.uuid4(),
+            "t_ch",
+        )
+        ids = [r["id"] for r in rows]
+        await asyncio.sleep(0.05)
+        assert notes.pop() == f"{min(ids)} {max(ids)}"
+        return [(r["stream"], r["epoch"], r["position"]) for r in rows]
+
+    try:
+        assert [m.version for m in await apply_migrations(conn, [earlier])] == [
+            "0001",
+            "0002",
+            "0004",
+        ]
+        before = [await publish(["a"]), await publish(["b", "a", "b"]), await publish(["c"])]
+        assert [m.version for m in await apply_migrations(conn)] == ["0003", "0005"]
+        assert await apply_migrations(conn) == []
+        assert (
+            await conn.fetchval(
+                "SELECT l.lanname FROM pg_proc p JOIN pg_language l"
+                " ON l.oid = p.prolang WHERE p.proname = 'ghar_event_publish'"
+            )
+            == "plpgsql"
+        )
+        after = [await publish(["a"]), await publish(["b", "a", "b"]), await publish(["d"])]
+    finally:
+        await conn.close()
+    epochs = {s: e for batch in before for s, e, _ in batch}
+    assert [[(s, p) for s, _, p in b] for b in before] == [
+        [("a", 1)],
+        [("a", 2), ("b", 1), ("b", 2)],
+        [("c", 1)],
+    ]
+    assert [[(s, p) for s, _, p in b] for b in after] == [
+        [("a", 3)],
+        [("a", 4), ("b", 3), ("b", 4)],
+        [("d", 1)],
+    ]
+    # The epochs are the streams' own, kept across the upgrade; a new stream gets one.
+    assert all(e == epochs[s] for b in after[:2] for s, e, _ in b)
+    assert len(after[2][0][1]) == 16

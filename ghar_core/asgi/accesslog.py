@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import orjson
 
-from ghar_core.asgi.middleware import safe_for_log
+from ghar_core.asgi.middleware import forwards_bodies, safe_for_log
 from ghar_core.logging import REDACTED, redact_query, request_id_var
 
 if TYPE_CHECKING:
@@ -248,3 +248,6 @@ class AccessLogMiddleware:
                 # Servers validate the method; a host that does not could pass CR/LF.
                 method = safe_for_log(method, 32)
             self.sink(method, path, status, duration_ms)
+
+
+forwards_bodies(AccessLogMiddleware.__call__, "send_noting_status")

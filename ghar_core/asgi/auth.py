@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ghar_core.auth import (
     AmbiguousCredentialsException,
-    AuthenticationException,
-    AuthFailureReason,
     SupabaseAuth,
     SupabaseUser,
     get_auth,
+    token_from_authorization,
 )
 from ghar_core.database import held_connection
 from ghar_core.exceptions import BaseAPIException
@@ -110,12 +109,7 @@ def bearer_token(conn: HTTPConnection, *, allow_query_token: bool = False) -> st
                     details={"reason": "more than one Authorization header"}
                 )
             header = value
-    if header is None:
-        token = None
-    elif header[:7] == b"Bearer ":  # the usual spelling, without a call
-        token = header[7:].decode("latin-1").strip() or None
-    else:
-        token = _from_header(header)
+    token = None if header is None else token_from_authorization(header)
     if not allow_query_token:
         return token
     sent = {v for v in conn.query_params.getlist(ACCESS_TOKEN_PARAM) if v}
@@ -126,18 +120,6 @@ def bearer_token(conn: HTTPConnection, *, allow_query_token: bool = False) -> st
             details={"reason": "different tokens in the Authorization header and the query"}
         )
     return sent.pop() if sent else None
-
-
-def _from_header(value: bytes) -> str | None:
-    scheme = value[:7]
-    if scheme == b"Bearer " or scheme.lower() == b"bearer ":
-        return value[7:].decode("latin-1").strip() or None
-    if scheme[:6].lower() == b"bearer" and scheme[6:].isspace():
-        raise AuthenticationException(
-            AuthFailureReason.MALFORMED,
-            "the Authorization header must be `Bearer <token>`, one space after `Bearer`",
-        )
-    return None
 
 
 def _auth_of(app: App) -> SupabaseAuth:
@@ -159,17 +141,36 @@ async def current_user(conn: HTTPConnection, *, allow_query_token: bool = False)
     known: CurrentUser | None = state.get(_STATE_KEY)
     if known is not None:
         return known
-    token = bearer_token(conn, allow_query_token=allow_query_token)
     auth = _auth_of(conn.app)
     # Synchronous first: a cache hit, and every refusal we make on our own,
     # costs no coroutine (the negative cache, a kid the key set lacks), and a
-    # refusal is raised once, here (decide returns it).
-    identity = auth.cached_user(token) if token else None
-    if identity is None:
-        verdict = auth.decide(token)
+    # refusal is raised once, here.
+    if allow_query_token:
+        token = bearer_token(conn, allow_query_token=True)
+        identity = auth.cached_user(token) if token else None
+        if identity is None:
+            verdict = auth.decide(token)
+            if isinstance(verdict, BaseAPIException):
+                try:
+                    raise verdict
+                finally:
+                    del verdict  # no cycle (exception -> traceback -> frame -> local)
+            identity = verdict
+    else:
+        # The header scan and the caches in one call (see decide_request).
+        verdict = auth.decide_request(conn.scope.get("headers", ()))
         if isinstance(verdict, BaseAPIException):
-            raise verdict
-        identity = verdict or await auth.verify_token(token)
+            try:
+                raise verdict
+            finally:
+                # The traceback holds this frame: had it kept the exception in a
+                # local, every refused request would leave a reference cycle
+                # (exception -> traceback -> frame -> exception) for the GC.
+                del verdict
+        identity = verdict
+    if identity is None:
+        # The key set must be fetched first, or only the provider can tell.
+        identity = await auth.verify_token(bearer_token(conn, allow_query_token=allow_query_token))
     row: dict[str, Any] | None = None
     try:
         db = conn.app.resources.get("database")

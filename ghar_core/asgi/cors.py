@@ -40,7 +40,7 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ghar_core.asgi.middleware import CORS_SCOPE_KEY, send_error
+from ghar_core.asgi.middleware import CORS_SCOPE_KEY, forwards_bodies, send_error
 from ghar_core.asgi.routing import HTTP_METHODS
 from ghar_core.exceptions import ForbiddenException
 
@@ -230,6 +230,10 @@ def _with_vary(send: Send) -> Send:
         await send(message)
 
     return send_with_vary
+
+
+forwards_bodies(CORSMiddleware.__call__, "send_with_cors")
+forwards_bodies(_with_vary, "send_with_vary")
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes | None:

@@ -47,6 +47,7 @@ import asyncio
 import functools
 import http
 import logging
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,11 @@ def _refusal(status: int, code: str, message: str, **details: Any) -> _Refusal:
 # Parser phases: between requests, inside a head, inside a body, refused or
 # handed to the WebSocket protocol (nothing of ours applies any more).
 _IDLE, _HEAD, _BODY, _DONE = range(4)
+# uvicorn's callbacks that ours extend, called as plain functions: looking them
+# up on the class each time (``HttpToolsProtocol.on_headers_complete``) is an
+# unspecialised attribute lookup on a type per callback (CPython 3.11).
+_on_headers_complete = HttpToolsProtocol.on_headers_complete
+_on_message_complete = HttpToolsProtocol.on_message_complete
 # After a refusal the read side stays open this long, discarding, so the
 # client reads the answer instead of a reset (closing with unread data sends RST).
 _LINGER_SECONDS = 1.0
@@ -138,6 +144,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     tests and embedders pass their own with ``functools.partial``.
     """
 
+    # uvicorn's protocol keeps 28 attributes in its instance dict; ours there
+    # too would pass CPython's 30-key limit for dicts that share their keys
+    # with the class (3.11), and every attribute access, uvicorn's own too,
+    # would be a plain dict lookup instead of a specialised one. Ours live in slots.
+    __slots__ = (
+        "_chunk_len",
+        "_deadline",
+        "_deadline_for",
+        "_discarded",
+        "_framing",
+        "_head_bytes",
+        "_max_fields",
+        "_max_head_fast",
+        "_max_tasks",
+        "_phase",
+        "_slack",
+        "_timer",
+        "limits",
+    )
+
     def __init__(
         self,
         config: Config,
@@ -149,6 +175,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits if limits is not None else _settings_limits()
+        # The limits the hot path compares with, each one attribute away; a
+        # MAX_CONCURRENCY of 0 (no limit) as a count never reached.
+        self._max_fields = self.limits.max_headers
+        self._max_head_fast = min(self.limits.max_header_bytes, self.limits.max_url_bytes)
+        self._max_tasks = self.limits.max_concurrency or sys.maxsize
         self._phase = _IDLE
         self._head_bytes = 0
         self._deadline: float | None = None
@@ -160,8 +191,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # behind it started somewhere in there, uncounted by _head_bytes.
         self._chunk_len = 0
         self._slack = 0
-        # A refusal of a pipelined head waits for the answers ahead of it.
-        self._deferred: BaseAPIException | None = None
 
     # --- connection ------------------------------------------------------------------
 
@@ -189,22 +218,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        phase = self._phase
-        if phase == _DONE:
-            self._discard(data)
-            return
-        self._unset_keepalive_if_required()
+        before = self._phase
         self._chunk_len = size = len(data)
-        if phase != _BODY:
+        if before < _BODY:
             # Bytes outside a body are (part of) a head: counted, checked below.
             # (No on_message_begin hook: one call less per request.)
             self._phase = _HEAD
             self._head_bytes += size
-            body_before = -1
-        else:
+        elif before == _BODY:
             # Inside a body, what the parser takes without handing the app a byte
             # is framing: chunk sizes, extensions, trailer fields (checked below).
             body_before = len(self.cycle.body)
+        else:
+            self._discard(data)
+            return
+        self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except _Refusal as refusal:  # pragma: no cover - httptools wraps them
@@ -233,6 +261,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 )
             return
         phase = self._phase
+        if not phase:  # _IDLE: every request in the read was complete
+            return
         if phase == _HEAD:
             limit = self.limits.max_header_bytes
             if self._head_bytes > limit:
@@ -240,7 +270,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             elif self._deadline_for != _HEAD or self._deadline is None:
                 self._set_deadline(_HEAD, self.limits.head_timeout)
         elif phase == _BODY:
-            if body_before >= 0:
+            if before == _BODY:  # not the read in which the body began
                 self._count_framing(size, body_before)
             if self._phase == _BODY and (self._deadline_for != _BODY or self._deadline is None):
                 self._set_deadline(_BODY, self.limits.body_timeout)
@@ -268,24 +298,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- parser callbacks --------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        limits = self.limits
         headers = self.headers
         hosts = 0
         for name, _ in headers:
             if name == b"host":
                 hosts += 1
-        cap = limits.max_concurrency
         # One combined test on the hot path; which limit it was is worked out after.
+        # The target is part of the head, so a head within _max_head_fast (the
+        # smaller of MAX_HEADER_BYTES and MAX_URL_BYTES) has a target within both.
         if (
             hosts != 1
-            or self._head_bytes + self._slack > limits.max_header_bytes
-            or len(headers) > limits.max_headers
-            or len(self.url) > limits.max_url_bytes
-            or (cap and len(self.tasks) >= cap)
+            or self._head_bytes + self._slack > self._max_head_fast
+            or len(headers) > self._max_fields
+            or len(self.tasks) >= self._max_tasks
         ):
             self._check_head(hosts)
         self._head_bytes = self._slack = self._framing = 0
-        HttpToolsProtocol.on_headers_complete(self)
+        _on_headers_complete(self)
         # uvicorn appends trailer fields to this list, which the scope shares: a
         # fresh one keeps a trailer from becoming a header after the head was
         # checked (a second Host, an Authorization) and counts the trailers.
@@ -348,7 +377,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # Trailer fields that arrived with the read that ended the message.
         if self.headers and 0 < self.limits.max_headers < len(self.headers):
             raise _too_many_trailers(self.limits.max_headers)
-        HttpToolsProtocol.on_message_complete(self)
+        _on_message_complete(self)
         # Read whole: from here the app has all the time it needs (streams, SSE).
         self._slack = self._chunk_len
         self._phase = _IDLE
@@ -409,9 +438,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, error: BaseAPIException) -> None:
         """Answer ``error`` as the envelope, close after a short linger, log once.
 
-        A head refused while an earlier request on the connection is still being
-        answered (pipelining) waits for that answer, and any queued behind it:
-        answers go out in request order, and the earlier ones are not cut.
+        A request refused while earlier ones on the connection are still being
+        answered (pipelining) is answered in its turn: the refusal joins uvicorn's
+        queue of requests (:class:`_QueuedRefusal`), so answers go out in request
+        order and the earlier ones are not cut. A queued request whose body is
+        refused never reaches the app: the refusal takes its place in the queue.
         """
         cycle = self.cycle
         if self._phase == _BODY and cycle is not None and not cycle.response_complete:
@@ -424,24 +455,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._close()
                 return
             if self.pipeline:  # queued behind the answers before it
-                self._phase = _DONE
-                self._deadline = None
-                self._deferred = error
+                if self.pipeline[0][0] is cycle:  # (newest first) never run, then
+                    self.pipeline.popleft()
+                self._queue_refusal(error)
                 return
         elif self._phase != _BODY and (
             self.pipeline or (cycle is not None and not cycle.response_complete)
         ):
-            self._phase = _DONE
-            self._deadline = None
-            self._deferred = error
+            self._queue_refusal(error)
             return
         self._answer_refusal(error)
 
-    def on_response_complete(self) -> None:
-        HttpToolsProtocol.on_response_complete(self)
-        error = self._deferred
-        if error is not None and not self.pipeline and not self.transport.is_closing():
-            self._deferred = None
+    def _queue_refusal(self, error: BaseAPIException) -> None:
+        self._phase = _DONE
+        self._deadline = None
+        # uvicorn starts the next entry when an answer completes: it only calls
+        # run_asgi(app) on the cycle, which is all _QueuedRefusal has.
+        entry = (_QueuedRefusal(self, error), self.app)
+        self.pipeline.appendleft(entry)  # type: ignore[arg-type]
+
+    def _answer_queued(self, error: BaseAPIException) -> None:
+        if not self.transport.is_closing():
             self._unset_keepalive_if_required()
             self._answer_refusal(error)
 
@@ -483,6 +517,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _DONE
         self._deadline = None
         self.transport.close()
+
+
+class _QueuedRefusal:
+    """A refusal waiting in uvicorn's pipeline for the answers ahead of it.
+
+    uvicorn runs the next queued request when an answer completes, by calling
+    ``run_asgi(app)`` on its cycle; run in its turn like that, this one writes
+    the refusal (our protocol then needs no hook on every completed answer).
+    """
+
+    __slots__ = ("error", "protocol")
+
+    def __init__(self, protocol: LimitedHttpToolsProtocol, error: BaseAPIException) -> None:
+        self.protocol = protocol
+        self.error = error
+
+    async def run_asgi(self, app: object) -> None:
+        self.protocol._answer_queued(self.error)
 
 
 def _head_too_large(limit: int) -> _Refusal:

@@ -18,7 +18,8 @@ import re
 import secrets
 from collections.abc import Callable
 from itertools import count
-from typing import TYPE_CHECKING
+from types import CodeType
+from typing import TYPE_CHECKING, Any
 
 from ghar_core.asgi.requests import ClientDisconnect
 from ghar_core.exceptions import BaseAPIException, render_error
@@ -31,6 +32,8 @@ __all__ = [
     "CORS_SCOPE_KEY",
     "ErrorEnvelopeMiddleware",
     "RequestIDMiddleware",
+    "body_send",
+    "forwards_bodies",
     "is_valid_request_id",
     "new_request_id",
     "safe_for_log",
@@ -42,6 +45,45 @@ _REQUEST_ID_HEADER = b"x-request-id"
 #: last-resort 500 (sent from outside CORS) is readable by the browser too.
 CORS_SCOPE_KEY = "ghar.cors_headers"
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+
+
+# Code of the send wrappers that only look at the response start and hand every
+# http.response.body message to their closure's ``send`` unchanged -> the index
+# of that ``send`` in the closure.
+_BODY_FORWARDERS: dict[CodeType, int] = {}
+
+
+def forwards_bodies(outer: Callable[..., Any], name: str) -> None:
+    """Declare ``outer``'s nested send wrapper ``name`` transparent to response bodies.
+
+    For :func:`body_send`: the wrapper must pass every ``http.response.body``
+    message to the ``send`` it closes over, unchanged and at once. Registered
+    by code object at import, so a request pays nothing for it.
+    """
+    for const in outer.__code__.co_consts:
+        if isinstance(const, CodeType) and const.co_name == name:
+            _BODY_FORWARDERS[const] = const.co_freevars.index("send")
+            return
+    raise LookupError(f"{outer.__qualname__} defines no {name}")
+
+
+def body_send(send: Send) -> Send:
+    """The send that ``http.response.body`` messages reach unchanged through ``send``.
+
+    A long response (an event stream) writes one body message per event per
+    connection; each layer that only watches the response start costs a
+    coroutine per write. This skips the layers declared with
+    :func:`forwards_bodies` (request id, error envelope, CORS, access log)
+    and stops at the first one that is not (an app's own middleware, or the
+    server's send), so nothing that wants to see bodies is bypassed.
+    """
+    while True:
+        code: Any = getattr(send, "__code__", None)
+        index = _BODY_FORWARDERS.get(code)
+        closure = getattr(send, "__closure__", None)
+        if index is None or closure is None:
+            return send
+        send = closure[index].cell_contents
 
 
 def is_valid_request_id(value: bytes) -> bool:
@@ -128,6 +170,9 @@ class RequestIDMiddleware:
             request_id_var.reset(token)
 
 
+forwards_bodies(RequestIDMiddleware.__call__, "send_with_id")
+
+
 def safe_for_log(text: str, limit: int = 2048) -> str:
     """``text`` with control characters escaped and length capped (no log injection)."""
     if len(text) > limit:
@@ -204,6 +249,9 @@ class ErrorEnvelopeMiddleware:
             elif exc.status_code >= 500:
                 self.logger.warning("%s answered %d: %s", where, exc.status_code, exc.message)
             await send_error(scope, send, exc, extra_headers=scope.get(CORS_SCOPE_KEY, ()))
+
+
+forwards_bodies(ErrorEnvelopeMiddleware.__call__, "send_noting_start")
 
 
 def _is_shutdown(exc: BaseException) -> bool:

@@ -24,6 +24,7 @@ import random
 from typing import TYPE_CHECKING, Any, Final
 
 from ghar_core.asgi.auth import current_user
+from ghar_core.asgi.middleware import body_send
 from ghar_core.lifecycle import ResourceNotFound
 from ghar_core.sse import DISCONNECTED, SHUTDOWN, SSEEventBus, Subscription, get_sse_bus
 
@@ -168,13 +169,18 @@ class EventStreamResponse:
         try:
             await send(message)
         except asyncio.CancelledError:
-            task = self.task
-            if self.expired and task is not None and task.uncancel() == 0:
-                raise TimeoutError from None
+            self._timed_out()
             raise
         finally:
             self.sending = False
         self.writes += 1
+
+    def _timed_out(self) -> None:
+        # A send was cancelled: by the ticker for send_timeout (a TimeoutError,
+        # raised from here), or by someone else (the caller re-raises).
+        task = self.task
+        if self.expired and task is not None and task.uncancel() == 0:
+            raise TimeoutError from None
 
     def expire(self) -> None:
         """The ticker's verdict: this stream's send blocked past ``send_timeout``."""
@@ -205,6 +211,8 @@ class EventStreamResponse:
                 await self._send(send, {"type": "http.response.body", "body": b""})
                 return
             watcher = asyncio.ensure_future(_watch_disconnect(receive, sub))
+            # Past the start, the layers that only watch it are skipped.
+            send = body_send(send)
             await self._send(send, _chunk(self._opening()))
             while True:
                 # Wait for the first event (the ticker ends the wait with False
@@ -216,8 +224,17 @@ class EventStreamResponse:
                 if batch is None:
                     break
                 if batch:
+                    # _send(), inlined: this write happens once per event per stream.
                     body = batch[0].frame if len(batch) == 1 else b"".join(e.frame for e in batch)
-                    await self._send(send, _chunk(body))
+                    self.sending = True
+                    try:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                    except asyncio.CancelledError:
+                        self._timed_out()
+                        raise
+                    finally:
+                        self.sending = False
+                    self.writes += 1
             if sub.close_reason == DISCONNECTED:
                 return  # nobody to tell
             retry = round(self.retry * 1000 * random.uniform(1.0, 4.0))

@@ -14,12 +14,19 @@ epoch and head. One NOTIFY per writing transaction wakes every listener; its
 payload is only the range of new row ids (``"<first> <last>"``), never the
 event, so it stays far under Postgres's 8000-byte limit and the commit-time
 NOTIFY lock is held briefly. Events are written by writer tasks in batches
-(one transaction, one NOTIFY each) through the main pool, which may be
-PgBouncer; a stream always goes to the same writer, so one process's events
+(one transaction, one NOTIFY each), each writer on a connection of its own
+opened directly to Postgres like the listener's, with the publish statement
+prepared once, so a batch is one round trip. A writer never waits on a
+timer: an event that finds it idle is written at once, and the events that
+queued while a batch was in flight go together in the next one (a group
+commit). A stream always goes to the same writer, so one process's events
 of a stream are stored in the order they were emitted. A batch whose
-connection died mid-statement is looked up by its batch id before it is
-written again, so no event is stored twice. :func:`emit` writes from
-scripts, optionally inside the caller's own transaction.
+connection died mid-statement is looked up by its batch id (on a fresh
+connection, once the old connection's backend has been terminated and is
+gone, since a backend waiting on a lock outlives its closed socket and may
+still commit) before it is written again, so no event is stored twice.
+:func:`emit` writes from scripts, optionally inside the caller's own
+transaction.
 
 Positions come from the outbox, so any instance can serve a
 ``Last-Event-ID`` resume for any user (``read_since``), and the epoch is the
@@ -44,9 +51,11 @@ The listener. Each process holds one LISTEN connection opened directly to
 Postgres (``DATABASE_DIRECT_URL``, default ``DATABASE_URL``), never from a
 pool: PgBouncer's transaction mode cannot carry LISTEN, and
 :func:`connect_direct` refuses a pooler at start-up with a message saying
-so. A drop is noticed at once when the socket closes (asyncpg's termination
-listener) and within ``2 * keepalive`` (2 s) for a half-open connection (a
-``SELECT 1`` probe with a timeout on every idle second); it reconnects with
+so. Each notification's rows are read back at once on that connection, with
+one prepared statement for the whole id range it names. A drop is noticed at
+once when the socket closes (asyncpg's termination listener) and within
+``2 * keepalive`` (2 s) for a half-open connection (a ``SELECT 1`` probe
+with a timeout on every idle second); it reconnects with
 jittered backoff (50 ms to 2 s) and reads back from the outbox everything
 committed meanwhile for the streams it follows (only streams with a local
 subscriber: a ``Sink`` says which it wants).

@@ -32,8 +32,10 @@ from ghar_core.broker.base import (
     stream_of,
 )
 from ghar_core.broker.outbox import (
+    _BACKEND_START_SQL,
     _BUMP_SQL,
     _BY_IDS_SQL,
+    _END_BACKEND_SQL,
     _FILTER_LIMIT,
     _HEADS_SQL,
     _JOB_OWNER_SQL,
@@ -48,7 +50,10 @@ from ghar_core.broker.outbox import (
     _PRUNE_STREAMS_SQL,
     _RANGES_SQL,
     _REPLAY_LIMIT,
+    _UNFILTERED_RANGE,
     LISTEN_APPLICATION_NAME,
+    PUBLISH_SQL,
+    WRITER_APPLICATION_NAME,
     _Backoff,
     _Batch,
     _Lane,
@@ -72,20 +77,22 @@ logger = logging.getLogger("ghar_core.broker")
 class PostgresBroker:
     """The ``EVENT_BROKER=postgres`` broker (resource ``"broker"``); see the package doc.
 
-    ``PostgresBroker(settings, database)``: events are written through
-    ``database``'s main pool (PgBouncer is fine there) by one writer task, in
-    batches; the LISTEN connection is opened directly to ``direct_dsn``
-    (default ``DATABASE_DIRECT_URL``, else ``DATABASE_URL``) and checked not
-    to be a pooler. ``keepalive``: seconds between liveness probes of an idle
-    listener (a loss is noticed within twice that). ``prune``: run the
-    retention task. ``queue_limit``: events that may wait for the outbox, per
-    writer, before ``publish_nowait`` refuses (503). ``writers``: writer tasks
-    committing in parallel; a stream always goes to the same one, so one
-    process's events of a stream are stored in the order emitted.
+    ``PostgresBroker(settings, database)``: events are written in batches by
+    writer tasks, each on a connection of its own, and heard on one LISTEN
+    connection; all are opened directly to ``direct_dsn`` (default
+    ``DATABASE_DIRECT_URL``, else ``DATABASE_URL``) and checked not to be a
+    pooler. ``database``'s pools (PgBouncer is fine there) serve resumes, job
+    registrations and retention. ``keepalive``: seconds between liveness
+    probes of an idle listener (a loss is noticed within twice that).
+    ``prune``: run the retention task. ``queue_limit``: events that may wait
+    for the outbox, per writer, before ``publish_nowait`` refuses (503).
+    ``writers``: writer tasks (one direct connection each) committing in
+    parallel; a stream always goes to the same one, so one process's events
+    of a stream are stored in the order emitted.
     ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT=false`` lets the writers commit without
-    waiting for the WAL flush. Owned by the app's lifespan:
-    ``start`` runs the tasks, ``stop`` flushes what is queued (bounded) and
-    closes the connection.
+    waiting for the WAL flush. Owned by the app's lifespan: ``start`` runs the
+    tasks, ``stop`` flushes what is queued (bounded) and closes the
+    connections.
     """
 
     name = "broker"
@@ -133,9 +140,12 @@ class PostgresBroker:
         self._known: dict[str, tuple[str, int]] = {}
         self._ranges: list[tuple[int, int]] = []
         self._heads: dict[str, list[asyncio.Future[tuple[str, int]]]] = {}
+        self._resolving = False  # the listener is reading heads for subscribers
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
+        # The read-back of a notification's rows, prepared on each LISTEN connection.
+        self._by_ids: asyncpg.prepared_stmt.PreparedStatement | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: list[asyncio.Task[None]] = []
         self._closing = False
@@ -206,6 +216,10 @@ class PostgresBroker:
     async def _write_forever(self, lane: _Lane) -> None:
         backoff = _Backoff(0.05, 1.0)
         warned = 0.0
+        # Connected before the first event, so it does not wait for the connect;
+        # a failure here is met again (and logged) by the first write.
+        with contextlib.suppress(Exception):
+            await self._writer_connection(lane)
         while True:
             batch = lane.retry
             if batch is None:
@@ -215,11 +229,14 @@ class PostgresBroker:
                     lane.wake.clear()
                     await lane.wake.wait()
                     continue
+                # Whatever queued while the previous batch was in flight goes in one
+                # transaction (a group commit); an event that finds the writer idle
+                # is written at once, alone. No timer ever holds an event back.
                 count = min(len(lane.queue), self.batch_size)
                 batch = _Batch([lane.queue.popleft() for _ in range(count)])
             lane.retry = batch
             try:
-                rows = await self._write(batch)
+                rows = await self._write(lane, batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -227,7 +244,10 @@ class PostgresBroker:
                     lane.retry = None
                     self._fail(batch, exc)
                     continue
-                batch.unknown = batch.unknown or _maybe_committed(exc)
+                if _maybe_committed(exc):
+                    # Lost, timed out or never there: a fresh connection next time.
+                    batch.unknown = True
+                    self._drop_writer_connection(lane)
                 if time.monotonic() - warned > 5.0:
                     warned = time.monotonic()
                     logger.warning(
@@ -242,22 +262,77 @@ class PostgresBroker:
             backoff.reset()
             self._settle(batch, rows)
 
-    async def _write(self, batch: _Batch) -> list[Any]:
-        async with self.database.connection() as conn:
-            if batch.unknown:
-                # The previous attempt died after sending: it may have committed.
-                found: list[Any] = await conn.fetch(_LOOKUP_SQL, batch.id)
-                if found:
-                    return found
-            items = batch.items
-            return await publish_rows(
-                conn,
-                [p.stream for p in items],
-                [p.type for p in items],
-                [p.payload for p in items],
-                batch.id,
-                durable=self.synchronous_commit,
-            )
+    async def _writer_connection(self, lane: _Lane) -> asyncpg.prepared_stmt.PreparedStatement:
+        """The lane's own direct connection and its prepared publish statement.
+
+        A connection of the writer's own rather than a pool lease, and a
+        statement prepared once rather than parsed for each batch: a batch is
+        then one round trip to Postgres (no lease, no Parse/Describe), which at
+        one event per batch is a large part of what publishing costs.
+        """
+        if lane.publish is not None and lane.conn is not None and not lane.conn.is_closed():
+            return lane.publish
+        self._drop_writer_connection(lane)
+        conn = await connect_direct(
+            self.direct_dsn,
+            connect_timeout=self.settings.DB_CONNECT_TIMEOUT,
+            application_name=WRITER_APPLICATION_NAME,
+        )
+        timeout = self.settings.DB_CONNECT_TIMEOUT
+        try:
+            pid = conn.get_server_pid()  # Postgres's own: connect_direct refuses a pooler
+            started = await conn.fetchval(_BACKEND_START_SQL, pid, timeout=timeout)
+            statement = await conn.prepare(PUBLISH_SQL, name="ghar_event_publish", timeout=timeout)
+        except BaseException:
+            conn.terminate()
+            raise
+        lane.conn, lane.publish, lane.backend = conn, statement, (pid, started)
+        return statement
+
+    def _drop_writer_connection(self, lane: _Lane) -> None:
+        conn, lane.conn, lane.publish, lane.backend = lane.conn, None, None, None
+        if conn is not None:
+            conn.terminate()
+
+    async def _end_backend(self, conn: asyncpg.Connection, backend: tuple[int, Any]) -> None:
+        """Return once ``backend`` has ended (terminated by ``conn``); TimeoutError if not.
+
+        Closing our socket does not stop a backend: one waiting on a stream's
+        row lock (another instance's batch, an app transaction) or still in
+        its statement runs on and commits later. Only once it is gone does
+        the lookup of its batch tell committed from not.
+        """
+        timeout = self.settings.DB_COMMAND_TIMEOUT
+        async with asyncio.timeout(timeout):
+            # Polled: the backend's end is state in Postgres, no local event says it.
+            while await conn.fetchval(_END_BACKEND_SQL, *backend, timeout=timeout):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    async def _write(self, lane: _Lane, batch: _Batch) -> list[Any]:
+        publish = await self._writer_connection(lane)
+        timeout = self.settings.DB_COMMAND_TIMEOUT
+        conn = lane.conn
+        assert conn is not None
+        if batch.unknown:
+            # The previous attempt died after sending: it may have committed, or
+            # still be running on its backend and commit later; end it, then look.
+            if batch.backend is not None and batch.backend != lane.backend:
+                await self._end_backend(conn, batch.backend)
+            found: list[Any] = await conn.fetch(_LOOKUP_SQL, batch.id, timeout=timeout)
+            if found:
+                return found
+        batch.backend = lane.backend
+        items = batch.items
+        rows: list[Any] = await publish.fetch(
+            [p.stream for p in items],
+            [p.type for p in items],
+            [p.payload for p in items],
+            batch.id,
+            NOTIFY_CHANNEL,
+            self.synchronous_commit,
+            timeout=timeout,
+        )
+        return rows
 
     def _settle(self, batch: _Batch, rows: list[Any]) -> None:
         self.published += len(batch.items)
@@ -362,8 +437,11 @@ class PostgresBroker:
                 )
                 self._watch(conn, lost)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                # Whatever was committed while we were away is read back now.
                 async with asyncio.timeout(max(5.0, 2 * self.keepalive)):
+                    # Prepared once: each notification's read-back is then one round
+                    # trip with a kept plan (no Parse/Describe, no planning).
+                    self._by_ids = await conn.prepare(_BY_IDS_SQL, name="ghar_event_by_ids")
+                    # Whatever was committed while we were away is read back now.
                     await self._resync(conn, list(self._known))
                 self._conn = conn
                 self._connected.set()
@@ -384,7 +462,7 @@ class PostgresBroker:
                     )
             finally:
                 self._connected.clear()
-                self._conn = None
+                self._conn = self._by_ids = None
                 if conn is not None:
                     self.disconnects += 1
                     conn.terminate()
@@ -399,6 +477,10 @@ class PostgresBroker:
         conn.add_termination_listener(terminated)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if not (self._known or self._heads or self._resolving):
+            # Nobody here follows a stream, nor is about to: a later subscriber starts
+            # from the head it reads then, so these rows are never wanted here.
+            return
         lo, _, hi = payload.partition(" ")
         if lo.isdigit() and hi.isdigit():
             self._ranges.append((int(lo), int(hi)))
@@ -429,6 +511,7 @@ class PostgresBroker:
     async def _drain(self, conn: asyncpg.Connection) -> None:
         if self._heads:
             heads, self._heads = self._heads, {}
+            self._resolving = True
             try:
                 missing = [stream for stream in heads if stream not in self._known]
                 if missing:
@@ -438,6 +521,8 @@ class PostgresBroker:
                 for stream, futures in heads.items():
                     self._heads.setdefault(stream, []).extend(futures)
                 raise
+            finally:
+                self._resolving = False
             for stream, futures in heads.items():
                 for future in futures:
                     if not future.done():
@@ -448,9 +533,13 @@ class PostgresBroker:
                 return  # nobody here follows any stream
             lo = min(r[0] for r in ranges)
             hi = max(r[1] for r in ranges)
-            streams = list(self._known) if len(self._known) <= _FILTER_LIMIT else None
+            wide = hi - lo >= _UNFILTERED_RANGE
+            streams = list(self._known) if wide and len(self._known) <= _FILTER_LIMIT else None
             try:
-                rows = await conn.fetch(_BY_IDS_SQL, lo, hi, streams)
+                by_ids = self._by_ids
+                if by_ids is None:
+                    raise ConnectionError("the LISTEN connection is being replaced")
+                rows = await by_ids.fetch(lo, hi, streams)
             except BaseException:
                 self._ranges[:0] = ranges
                 raise
@@ -658,6 +747,12 @@ class PostgresBroker:
                     item.future.set_exception(BrokerUnavailableError("The server stopped first."))
             lane.queue.clear()
             lane.retry = None
+            conn, lane.conn, lane.publish = lane.conn, None, None
+            if conn is not None and not conn.is_closed():
+                try:
+                    await conn.close(timeout=min(bound, 2.0))
+                except Exception:
+                    conn.terminate()
         self._writers = []
         self._tasks = []
         self.started = False

@@ -116,7 +116,6 @@ class SSEEventBus:
         self._subs: dict[str, list[Subscription]] = {}
         self._subscribers = 0
         self._full: set[Subscription] = set()
-        self._count = 0
         self._types: set[str] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
@@ -148,12 +147,18 @@ class SSEEventBus:
             user, kind, payload = self._encode(user_id, event)
             self.broker.publish_nowait(TOPIC_USER, user, kind, payload)
             return 0
-        count = self._deliver(self._store(user_id, event))
-        self._count += 1  # _tick(), inlined on the hottest path
-        if self._count >= _REAP_EVERY:
-            self._count = 0
-            if self._full:
-                self._reap_full()
+        # _store() and _tick() inlined: this is the hottest path.
+        user = user_id if type(user_id) is str else str(user_id)
+        kind = event.get("type", "message")
+        if kind not in self._types:
+            self._check_type(kind)
+        payload = orjson.dumps(event, json_default, _JSON_OPTIONS)
+        self.emitted = emitted = self.emitted + 1
+        stored = self.log.append(user, kind, event, payload)
+        subs = self._subs.get(user)
+        count = self._deliver(stored, subs) if subs else 0
+        if self._full and not emitted % _REAP_EVERY:
+            self._reap_full()
         return count
 
     def publish(self, user_id: Any, event: Mapping[str, Any]) -> Published:
@@ -164,7 +169,8 @@ class SSEEventBus:
         if self.broker is not None:
             raise RuntimeError("the bus publishes through a remote broker: await bus.send(...)")
         stored = self._store(user_id, event)
-        count = self._deliver(stored)
+        subs = self._subs.get(stored.user)
+        count = self._deliver(stored, subs) if subs else 0
         self._tick()
         return Published(stored, count)
 
@@ -185,25 +191,22 @@ class SSEEventBus:
         kind = event.get("type", "message")
         if kind not in self._types:
             self._check_type(kind)
-        payload = orjson.dumps(event, default=json_default, option=_JSON_OPTIONS)
+        payload = orjson.dumps(event, json_default, _JSON_OPTIONS)
         check_event(TOPIC_USER, user, kind, payload, self.settings.EVENT_MAX_PAYLOAD_BYTES)
         self.emitted += 1
         return user, kind, payload
 
     def _tick(self) -> None:
         # Every 10th emit reaps the full queues (cheap: only those are looked at).
-        self._count += 1
-        if self._count >= _REAP_EVERY:
-            self._count = 0
-            if self._full:
-                self._reap_full()
+        if self._full and not self.emitted % _REAP_EVERY:
+            self._reap_full()
 
     def _store(self, user_id: Any, event: Mapping[str, Any]) -> Event:
         user = user_id if type(user_id) is str else str(user_id)
         kind = event.get("type", "message")
         if kind not in self._types:
             self._check_type(kind)
-        payload = orjson.dumps(event, default=json_default, option=_JSON_OPTIONS)
+        payload = orjson.dumps(event, json_default, _JSON_OPTIONS)
         self.emitted += 1
         return self.log.append(user, kind, event, payload)
 
@@ -221,39 +224,48 @@ class SSEEventBus:
         A broker may deliver late, twice or out of order: its events are read
         one by one against each reader's cursor, never handed over in bulk.
         """
-        for sub in self._subs.get(event.user, ()):
-            sub.ordered = False
-        return self._deliver(event)
-
-    def _deliver(self, event: Event) -> int:
-        # Events of our own log: positions in order, one apart per user.
         subs = self._subs.get(event.user)
         if not subs:
             return 0
-        size = self.queue_size
-        full = self._full
+        for sub in subs:
+            sub.ordered = False
+        return self._deliver(event, subs)
+
+    def _deliver(self, event: Event, subs: list[Subscription]) -> int:
+        # The loop runs once per subscriber of every event: a queue with room
+        # takes the event in one append, and a blocked reader is woken once
+        # (the first emit clears its _wake; later ones test one attribute).
+        room = self.queue_size - 1  # shorter than this: not full after the append
         for sub in subs:
             queue = sub.queue
-            if queue is None:
-                queue = sub.queue = deque((event,), maxlen=size)
-                pending = 1
-            else:
-                pending = len(queue)
-                if pending == size:
-                    oldest = queue[0]
-                    sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
-                    self.dropped += 1
-                else:
-                    pending += 1
+            if queue is not None and len(queue) < room:
                 queue.append(event)
-            if pending == size:
-                full.add(sub)
-            waiter = sub._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(True)
+            else:
+                self._put_first_or_full(sub, event)
+            wake = sub._wake
+            if wake is not None:
+                sub._wake = None
+                if not wake.done():  # cancelled with its reader's task
+                    wake.set_result(True)
         count = len(subs)
         self.delivered += count
         return count
+
+    def _put_first_or_full(self, sub: Subscription, event: Event) -> None:
+        # A subscription's first event (its queue is made now), or a queue
+        # that becomes full with this one or drops its oldest for it.
+        size = self.queue_size
+        queue = sub.queue
+        if queue is None:
+            queue = sub.queue = deque((event,), maxlen=size)
+        else:
+            if len(queue) == size:
+                oldest = queue[0]
+                sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
+                self.dropped += 1
+            queue.append(event)
+        if len(queue) == size:
+            self._full.add(sub)
 
     # --- subscribing -----------------------------------------------------------
 

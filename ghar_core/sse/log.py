@@ -97,6 +97,9 @@ class Event:
         return f"<Event {self.type} {self.id} for {self.user!r}>"
 
 
+_new_event: Final = object.__new__
+
+
 def encode_frame(epoch: str, position: int, type: str, payload: bytes) -> bytes:
     """The SSE block of one event: ``id: <epoch>:<position>``, ``event:``, ``data:``."""
     return b"id: %b:%d\nevent: %b\ndata: %b\n\n" % (
@@ -207,8 +210,16 @@ class MemoryEventLog:
             part = b"\nevent: %b\ndata: " % type.encode("ascii")
             if len(self._type_parts) < 1024:
                 self._type_parts[type] = part
-        frame = b"%b%d%b%b\n\n" % (entry.id_prefix, position, part, payload)
-        event = Event(user, entry.epoch, position, type, data, frame, now)
+        # Event's fields set here rather than by calling the class: a Python
+        # __init__ behind a class call costs more than the seven stores.
+        event = _new_event(Event)
+        event.user = user
+        event.epoch = entry.epoch
+        event.position = position
+        event.type = type
+        event.data = data
+        event.frame = b"%b%d%b%b\n\n" % (entry.id_prefix, position, part, payload)
+        event.ts = now
         if self.size:
             events = entry.events
             if events is None:

@@ -30,11 +30,6 @@ REAPED_IDLE: Final = "idle"
 SHUTDOWN: Final = "shutdown"
 
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
 class Subscription:
     """One open stream of one user: a bounded queue plus where its reader stands.
 
@@ -51,6 +46,7 @@ class Subscription:
         "_bus",
         "_opened",
         "_waiter",
+        "_wake",
         "close_reason",
         "closed",
         "cursor",
@@ -74,7 +70,11 @@ class Subscription:
         # False once a broker delivered into the queue, until it is drained.
         self.ordered = True
         self._backlog: list[Event] | None = None
+        # The future a reader in wait() is blocked on; _wake is the same future
+        # until someone resolves it (then None), so an emit wakes a reader once
+        # and every later emit skips it with one attribute test.
         self._waiter: asyncio.Future[bool] | None = None
+        self._wake: asyncio.Future[bool] | None = None
         self._opened = False
         self.closed = False
         self.close_reason: str | None = None
@@ -168,6 +168,33 @@ class Subscription:
         had not had.
         """
         self.touched = self._bus.clock()
+        queue = self.queue
+        if queue and self.ordered and not self._backlog and not self.dropped_position:
+            # The usual case, decided in a few tests: our own log's events, one
+            # run of consecutive positions after the cursor, nothing dropped and
+            # the queue not full (so none was replayed and no reset is due).
+            first = queue[0]
+            count = len(queue)
+            if (
+                count < queue.maxlen  # type: ignore[operator]  # always bounded
+                and count <= limit
+                and (first.epoch != self.epoch or first.position > self.cursor)
+            ):
+                if count == 1:
+                    queue.clear()
+                    self.epoch, self.cursor = first.epoch, first.position
+                    return [first]
+                last = queue[-1]
+                if last.epoch == first.epoch and last.position - first.position == count - 1:
+                    out = list(queue)
+                    queue.clear()
+                    self.epoch, self.cursor = last.epoch, last.position
+                    return out
+        return self._take_slow(limit)
+
+    def _take_slow(self, limit: int) -> list[Event] | None:
+        # Everything else: a backlog, a drop (reset first), a full queue (off the
+        # reaper's list), or events a broker delivered (read one by one).
         out: list[Event] = []
         backlog = self._backlog
         if backlog:
@@ -200,8 +227,8 @@ class Subscription:
                 and last.epoch == first.epoch
                 and last.position - first.position == count - 1
             ):
-                # The usual case: our own log's events, one run of consecutive
-                # positions after the cursor (so none was replayed): all at once.
+                # One run of consecutive positions after the cursor (so none was
+                # replayed): all at once.
                 out.extend(queue)
                 queue.clear()
                 self.epoch, self.cursor = last.epoch, last.position
@@ -229,17 +256,17 @@ class Subscription:
             return True
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiter = waiter
+        self._waiter = self._wake = waiter
         # A timer that resolves the waiter, not asyncio.timeout(): every stream
         # waits once per event, and a timeout context (its object, and a task
         # cancellation when it fires) costs more than the wake it bounds.
-        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
+        timer = None if seconds is None else loop.call_later(seconds, self.nudge)
         try:
             return await waiter
         finally:
             if timer is not None:
                 timer.cancel()
-            self._waiter = None
+            self._waiter = self._wake = None
             self.touched = self._bus.clock()
 
     def nudge(self) -> None:
@@ -248,9 +275,16 @@ class Subscription:
         The stream route's one shared timer uses it for keepalives, instead of
         a timer per wait.
         """
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(False)
+        self._resolve(False)
+
+    def _resolve(self, result: bool) -> None:
+        # Wake the reader blocked in wait(), if one is and nobody woke it yet
+        # (its future may also have been cancelled with its task).
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(result)
 
     @property
     def waiting(self) -> bool:
@@ -273,9 +307,7 @@ class Subscription:
             self.queue = None
             self._backlog = None
         self._bus._unregister(self)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(True)
+        self._resolve(True)
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.closed else "open"

@@ -282,3 +282,41 @@ async def test_cors_vary_origin_also_for_disallowed_origins() -> None:
     assert r.status_code == 200
     assert "access-control-allow-origin" not in r.headers
     assert "Origin" in r.headers.getlist("vary")
+
+
+async def test_body_send_skips_only_the_layers_that_watch_the_start() -> None:
+    """Through every layer of ours a body reaches the server's send; a foreign one stops it."""
+    from ghar_core.asgi.middleware import body_send
+
+    seen: list[str] = []
+
+    async def server_send(message: dict) -> None:
+        seen.append(message["type"])
+
+    async def foreign(message: dict) -> None:
+        seen.append("foreign")
+        await server_send(message)
+
+    found: list[object] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        found.append(body_send(send))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    access = logging.getLogger("tests.body_send.access")
+    access.setLevel(logging.INFO)  # else the access log adds no wrapper
+    cors = CORSMiddleware(app, allow_origins=["https://a.example", "https://b.example"])
+    stack = RequestIDMiddleware(
+        AccessLogMiddleware(ErrorEnvelopeMiddleware(cors), logger=access, sink=lambda *a: None)
+    )
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
+    # send_with_cors; send_with_vary (no Origin, and CORS varies on it always)
+    for origin in ([(b"origin", b"https://a.example")], []):
+        found.clear()
+        await stack({**scope, "headers": origin}, None, server_send)
+        assert found == [server_send]
+    found.clear()
+    await stack(scope, None, foreign)
+    assert found == [foreign]  # not ours: bodies keep going through it
+    assert body_send(server_send) is server_send
+    assert cors._vary_always  # the no-Origin round went through send_with_vary

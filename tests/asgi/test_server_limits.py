@@ -362,6 +362,46 @@ async def test_a_bad_head_pipelined_behind_a_good_request_is_refused_after_its_a
     await _healthy(server.port)
 
 
+async def test_a_bad_head_pipelined_behind_two_good_requests_is_refused_after_both(
+    server: Served,
+) -> None:
+    """The refusal used to go out as soon as the last queued request was started, so
+    with two good requests ahead of it the second one's answer was cut (200, 400)."""
+    goods = b"".join(
+        b"GET /health HTTP/1.1\r\nHost: t\r\nX-Request-ID: two-ahead-%d\r\n\r\n" % i
+        for i in range(2)
+    )
+    bad = b"GET /health HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n"
+    raw = await _exchange(server.port, goods + bad)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert statuses == [b"200", b"200", b"400"], raw[:900]
+    _envelope(raw[raw.rindex(b"HTTP/1.1 400") :], 400, "BAD_HOST_HEADER")
+    text = await _wait_for_log(server, "[two-ahead-1] GET /health 200")
+    assert not [line for line in text.splitlines() if "ERROR" in line and "two-ahead" in line]
+    await _healthy(server.port)
+
+
+async def test_a_queued_request_whose_body_is_refused_never_reaches_the_app(
+    server: Served,
+) -> None:
+    """A pipelined request refused in its body (too many trailer fields) is answered
+    in its turn after the one ahead of it, and its handler is never run."""
+    good = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Request-ID: queued-ahead\r\n\r\n"
+    bad = (
+        b"POST /upload HTTP/1.1\r\nHost: t\r\nX-Request-ID: queued-refused\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n"
+        + b"".join(b"X-T%d: a\r\n" % i for i in range(150))
+        + b"\r\n"
+    )
+    raw = await _exchange(server.port, good + bad)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert statuses == [b"200", b"431"], raw[:900]
+    _envelope(raw[raw.rindex(b"HTTP/1.1 431") :], 431, "TOO_MANY_TRAILERS")
+    text = await _wait_for_log(server, "[queued-ahead] GET /health 200")
+    await _healthy(server.port)
+    assert "queued-refused" not in server.log_text(), text
+
+
 # --- slow clients: head and body deadlines, idle keep-alive ----------------------------
 
 

@@ -263,3 +263,35 @@ async def test_the_access_token_never_reaches_the_access_log(
     assert "/api/v1/events/stream?access_token=[REDACTED]" in text
     assert token not in text
     assert "bad-secret-value" not in text
+
+
+async def test_an_apps_own_middleware_sees_every_event_the_stream_writes() -> None:
+    """The stream skips only the core's start-watching layers, never an app's middleware."""
+    bodies: list[bytes] = []
+
+    def watching(app: Any) -> Any:
+        async def middleware(scope: Any, receive: Any, send: Any) -> None:
+            async def send_watching(message: Any) -> None:
+                if message["type"] == "http.response.body":
+                    bodies.append(message.get("body", b""))
+                await send(message)
+
+            await app(scope, receive, send_watching)
+
+        return middleware
+
+    app, bus = _app()
+    app.add_middleware(watching)
+    user, token = token_for()
+    async with (
+        TestClient(app) as client,
+        client.stream("GET", STREAM, params={"access_token": token}) as r,
+    ):
+        await _read_blocks(r, 1)
+        for i in range(3):
+            bus.emit(user, {"type": "n", "i": i})
+        blocks = await _read_blocks(r, 3)
+    assert [b["data"] for b in blocks] == [f'{{"type":"n","i":{i}}}' for i in range(3)]
+    seen = b"".join(bodies)
+    for i in range(3):
+        assert f'data: {{"type":"n","i":{i}}}\n\n'.encode() in seen
