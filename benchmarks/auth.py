@@ -238,7 +238,10 @@ async def run(rounds: int, quick: bool) -> tuple[list[Row], dict[str, Any]]:
             try:
                 verdict = auth.decide_request(conn.scope["headers"])
                 if isinstance(verdict, BaseAPIException):
-                    raise verdict  # as current_user does
+                    try:
+                        raise verdict  # as current_user does
+                    finally:
+                        del verdict  # as current_user does: no reference cycle
                 return verdict
             except AuthenticationException as exc:
                 return exc

@@ -528,7 +528,12 @@ class SupabaseAuth:
         """
         verdict = self.decide(token)
         if isinstance(verdict, BaseAPIException):
-            raise verdict
+            try:
+                raise verdict
+            finally:
+                # The traceback holds this frame: had it kept the exception in a
+                # local, every refusal would leave a reference cycle for the GC.
+                del verdict
         return verdict
 
     def decide(self, token: str | None) -> SupabaseUser | BaseAPIException | None:

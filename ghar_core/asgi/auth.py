@@ -151,13 +151,22 @@ async def current_user(conn: HTTPConnection, *, allow_query_token: bool = False)
         if identity is None:
             verdict = auth.decide(token)
             if isinstance(verdict, BaseAPIException):
-                raise verdict
+                try:
+                    raise verdict
+                finally:
+                    del verdict  # no cycle (exception -> traceback -> frame -> local)
             identity = verdict
     else:
         # The header scan and the caches in one call (see decide_request).
         verdict = auth.decide_request(conn.scope.get("headers", ()))
         if isinstance(verdict, BaseAPIException):
-            raise verdict
+            try:
+                raise verdict
+            finally:
+                # The traceback holds this frame: had it kept the exception in a
+                # local, every refused request would leave a reference cycle
+                # (exception -> traceback -> frame -> exception) for the GC.
+                del verdict
         identity = verdict
     if identity is None:
         # The key set must be fetched first, or only the provider can tell.
