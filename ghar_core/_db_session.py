@@ -29,8 +29,9 @@ per query with the statement cache off: Parse/Describe, then
 Bind/Execute), which cost about as much as the rest of a lease together.
 So ``execute``/``fetch``/``fetchval``/``fetchrow``/``fetchmany``/
 ``executemany`` of a pooled connection run with asyncpg's timeout off and
-stamp their start instead; the pool's watchdog (one task per pool, see
-:mod:`ghar_core.database`) cancels the task running a call still unfinished
+stamp their start instead; the pool's watchdog (one thread per pool that
+has the loop act, see :mod:`ghar_core.database`) cancels the task running a
+call still unfinished
 ``DB_COMMAND_TIMEOUT`` after its start, which makes asyncpg send the server
 a cancel request as for any cancelled query, and the call raises
 ``TimeoutError`` as asyncpg's own timeout would. A call given an explicit
