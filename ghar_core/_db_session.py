@@ -212,6 +212,12 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         task = self._ghar_task
         if self._ghar_cancelling is not None or task is None or task.done():
             return
+        # The answer may be in already, the task not yet resumed (its waiter
+        # done, its wakeup queued behind this sweep): cancelling now would
+        # throw away a statement that ran. Not overdue: it is returning.
+        waiter = task._fut_waiter  # type: ignore[attr-defined]
+        if waiter is None or waiter.done():
+            return
         self._ghar_cancelling = task.cancelling()
         task.cancel()
 

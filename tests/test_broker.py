@@ -648,3 +648,30 @@ async def test_stopping_mid_write_says_the_outcome_is_unknown_not_that_nothing_w
         await in_flight
     with pytest.raises(BrokerUnavailableError, match="stopped first"):
         await queued
+
+
+async def test_a_publish_statement_whose_result_type_changed_is_prepared_again(
+    outbox_dsn: str,
+) -> None:
+    # A migration that changes what ghar_event_publish returns (DROP and CREATE,
+    # here "position" as numeric) makes the writers' prepared statement invalid
+    # ("cached plan must not change result type"): the writer prepares it again
+    # on a new connection instead of retrying the dead plan for ever.
+    from ghar_core.migrate import load_migrations
+
+    body = next(m.sql for m in load_migrations() if m.version == "0005")
+    changed = body.replace('"position" bigint)', '"position" numeric)').replace(
+        "v_head bigint;", "v_head numeric;"
+    )
+    assert changed != body
+    async with instance(outbox_dsn, writers=1) as a:
+        await a.publish(TOPIC_USER, "u", "t", _payload(0))
+        conn = await asyncpg.connect(outbox_dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("DROP FUNCTION ghar_event_publish")
+                await conn.execute(changed)
+        finally:
+            await conn.close()
+        record = await asyncio.wait_for(a.publish(TOPIC_USER, "u", "t", _payload(1)), 5)
+        assert record.position == 2

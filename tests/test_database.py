@@ -504,6 +504,41 @@ async def test_a_statement_past_the_command_timeout_times_out_on_its_own_task(
         await database.stop()
 
 
+async def test_a_statement_whose_answer_arrived_is_not_timed_out_after_it(
+    db_settings: Settings, pg_admin_dsn: str
+) -> None:
+    """The watchdog acts on the loop, maybe after the answer came in but before
+    the waiting task resumed: cancelling then would throw away a statement that
+    ran (an autocommit INSERT applied, its client told it timed out)."""
+    settings = dataclasses.replace(db_settings, DB_POOL_MIN_SIZE=0)
+    database = Database(settings)
+    await database.start()
+    try:
+        async with database.connection() as conn:
+            await conn.execute("CREATE TABLE race_probe (n int)")
+        async with database.connection() as conn:
+            raw = conn
+
+            async def insert() -> str:
+                return await raw.execute("INSERT INTO race_probe VALUES (1)")
+
+            task = asyncio.create_task(insert())
+            # Spin until the answer is in (the task's waiter done) but the task
+            # has not run since: this coroutine was scheduled before its wakeup.
+            while True:
+                await asyncio.sleep(0)
+                waiter = task._fut_waiter  # type: ignore[attr-defined]
+                if waiter is not None and waiter.done():
+                    break
+                assert not task.done()
+            assert raw.statement_started() > 0  # still "in flight" for the watchdog
+            raw.expire_overdue()  # the watchdog's sweep, landing in that window
+            assert await task == "INSERT 0 1"
+            assert await raw.fetchval("SELECT count(*) FROM race_probe") == 1
+    finally:
+        await database.stop()
+
+
 async def test_a_cancellation_on_top_of_the_timeout_stays_a_cancellation(
     db_settings: Settings,
 ) -> None:

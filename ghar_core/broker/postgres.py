@@ -254,6 +254,10 @@ class PostgresBroker:
                     # Lost, timed out or never there: a fresh connection next time.
                     batch.unknown = True
                     self._drop_writer_connection(lane)
+                elif isinstance(exc, asyncpg.InvalidCachedStatementError):
+                    # A migration changed what the statement returns: its kept plan
+                    # can never run again, so prepare it anew on a new connection.
+                    self._drop_writer_connection(lane)
                 if time.monotonic() - warned > 5.0:
                     warned = time.monotonic()
                     logger.warning(
