@@ -22,11 +22,29 @@ query text, so the hot path is one dict lookup), and remembers three things:
 Server-side code that changes session state (a function calling
 ``set_config(..., false)``) is invisible to the classifier: call
 ``conn.mark_session_state()`` after it.
+
+It also times its own statements. asyncpg bounds each call by
+``command_timeout`` with one ``loop.call_later`` timer per round trip (two
+per query with the statement cache off: Parse/Describe, then
+Bind/Execute), which cost about as much as the rest of a lease together.
+So ``execute``/``fetch``/``fetchval``/``fetchrow``/``fetchmany``/
+``executemany`` of a pooled connection run with asyncpg's timeout off and
+stamp their start instead; the pool's watchdog (one thread per pool that
+has the loop act, see :mod:`ghar_core.database`) cancels the task running a
+call still unfinished
+``DB_COMMAND_TIMEOUT`` after its start, which makes asyncpg send the server
+a cancel request as for any cancelled query, and the call raises
+``TimeoutError`` as asyncpg's own timeout would. A call given an explicit
+``timeout=``, and everything else (cursors, prepared statements, COPY), keep
+asyncpg's own timer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sys
+import time
 from typing import Any, Final
 
 import asyncpg
@@ -86,6 +104,24 @@ _WRITES: Final = 2
 _NOTIFIES: Final = 4
 _VERDICTS: dict[str, int] = {}
 _VERDICTS_MAX: Final = 4096
+_monotonic: Final = time.monotonic
+# The statement methods call asyncpg's directly: a zero-argument super() is an
+# object and a lookup per call on 3.11, and these run once per statement.
+_Connection: Final = asyncpg.Connection
+
+
+def _task_lookup() -> Any:
+    # asyncio.current_task(loop) on 3.12+ (C). On 3.11 it is Python, and without
+    # a loop asks get_running_loop(), a getpid() syscall each: there, look the
+    # loop up in asyncio's own table of running tasks, which it reads too.
+    table = getattr(asyncio.tasks, "_current_tasks", None)
+    if sys.version_info < (3, 12) and isinstance(table, dict):
+        return table.get
+    return asyncio.current_task
+
+
+#: ``current_task_of(loop)``: the task running on ``loop`` now.
+_current_task_of: Final = _task_lookup()
 
 
 def _verdict(query: str) -> int:
@@ -119,7 +155,20 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
     blocks.
     """
 
-    __slots__ = ("_ghar_dirty", "_ghar_failure", "_ghar_notifies", "_ghar_writes")
+    __slots__ = (
+        "_ghar_cancelling",
+        "_ghar_dirty",
+        "_ghar_failure",
+        "_ghar_fd",
+        "_ghar_in_use",
+        "_ghar_notifies",
+        "_ghar_released",
+        "_ghar_since",
+        "_ghar_task",
+        "_ghar_timed",
+        "_ghar_untimed",
+        "_ghar_writes",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -127,6 +176,49 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         self._ghar_writes = False
         self._ghar_notifies = False
         self._ghar_failure: BaseException | None = None
+        # Watchdog timing (see the module doc): off until the pool's watchdog
+        # takes this connection on (watch_statements).
+        self._ghar_timed: Any = self._config  # type: ignore[has-type]
+        self._ghar_untimed: Any = None
+        self._ghar_since = 0.0  # start of the timed call in flight (0: none)
+        self._ghar_task: asyncio.Task[Any] | None = None
+        self._ghar_cancelling: int | None = None  # set once the watchdog cancelled it
+        self._ghar_released = 0.0  # when it last went idle in the pool (time.monotonic())
+        self._ghar_fd = -1  # its socket's descriptor, noted by the pool (idle goodbye check)
+        self._ghar_in_use: asyncio.Future[None] | None = None  # see _Pool.take()
+
+    def watch_statements(self) -> None:
+        """Let the pool's watchdog time this connection's calls instead of asyncpg's timers.
+
+        Called by the pool that owns the connection, which from then on must
+        run :meth:`expire_overdue` for it; without that, calls would be unbounded.
+        """
+        timed = self._config
+        if timed.command_timeout is not None:
+            self._ghar_timed = timed
+            self._ghar_untimed = timed._replace(command_timeout=None)
+
+    def statement_started(self) -> float:
+        """When the timed call now in flight started (``time.monotonic()``); 0 if none."""
+        return self._ghar_since
+
+    def expire_overdue(self) -> None:
+        """Cancel the timed call in flight: the watchdog found it past the command timeout.
+
+        asyncpg sends the server a cancel request when the call's waiter is
+        cancelled; the call then raises ``TimeoutError`` (see :meth:`_ended`).
+        """
+        task = self._ghar_task
+        if self._ghar_cancelling is not None or task is None or task.done():
+            return
+        # The answer may be in already, the task not yet resumed (its waiter
+        # done, its wakeup queued behind this sweep): cancelling now would
+        # throw away a statement that ran. Not overdue: it is returning.
+        waiter = task._fut_waiter  # type: ignore[attr-defined]
+        if waiter is None or waiter.done():
+            return
+        self._ghar_cancelling = task.cancelling()
+        task.cancel()
 
     @property
     def session_dirty(self) -> bool:
@@ -159,57 +251,142 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         if isinstance(exc, asyncpg.PostgresError | TimeoutError) and self.is_in_transaction():
             self._ghar_failure = exc
 
+    def _started(self, query: str, kwargs: dict[str, Any]) -> bool:
+        """Note ``query``; True when the watchdog times this call (asyncpg's timer off)."""
+        verdict = _VERDICTS.get(query)  # _note() inline: once per statement
+        if verdict is None:
+            verdict = _verdict(query)
+        if verdict:
+            if verdict & _DIRTY:
+                self._ghar_dirty = True
+            if verdict & _WRITES:
+                self._ghar_writes = True
+            if verdict & _NOTIFIES:
+                self._ghar_notifies = True
+        untimed = self._ghar_untimed
+        if untimed is None or self._ghar_since or (kwargs and kwargs.get("timeout") is not None):
+            return False  # not watched, a call inside a timed one, or the caller's own timeout
+        self._ghar_task = _current_task_of(self._loop)
+        self._ghar_since = _monotonic()
+        self._config = untimed  # type: ignore[misc]
+        return True
+
+    def _ended(self, exc: BaseException | None) -> BaseException | None:
+        """End a timed call; ``exc`` is what it raised, returned as the caller should see it.
+
+        The watchdog's cancellation becomes ``TimeoutError`` unless another
+        cancellation of the task came on top of it (as ``asyncio.timeout``
+        decides).
+        """
+        self._config = self._ghar_timed
+        self._ghar_since = 0.0
+        task, self._ghar_task = self._ghar_task, None
+        cancelling, self._ghar_cancelling = self._ghar_cancelling, None
+        if cancelling is not None and task is not None:
+            # Take our cancellation back whatever the call raised, so the
+            # task's count stays right for later timeouts.
+            others = task.uncancel() > cancelling
+            if not others and isinstance(exc, asyncio.CancelledError):
+                timeout = TimeoutError("the statement ran past DB_COMMAND_TIMEOUT")
+                timeout.__cause__ = exc
+                exc = timeout
+        return exc
+
+    def _raised(self, exc: BaseException, timed: bool) -> BaseException:
+        if timed:
+            exc = self._ended(exc) or exc
+        self._failed(exc)
+        return exc
+
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
-        self._note(query)
+        timed = self._started(query, kwargs)
         try:
-            result: str = await super().execute(query, *args, **kwargs)
+            result: str = await _Connection.execute(self, query, *args, **kwargs)
         except BaseException as exc:
-            self._failed(exc)
-            raise
+            raise self._raised(exc, timed)  # noqa: B904 - the same error, or its TimeoutError
+        if timed:
+            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
+                self._config = self._ghar_timed
+                self._ghar_since = 0.0
+                self._ghar_task = None
+            else:
+                self._ended(None)
         if self._ghar_failure is not None and _ROLLBACK_TO_RE.match(query):
             self._ghar_failure = None  # back to a savepoint: the transaction is healthy
         return result
 
     async def executemany(self, command: str, args: Any, **kwargs: Any) -> None:
-        self._note(command)
+        timed = self._started(command, kwargs)
         try:
-            await super().executemany(command, args, **kwargs)
+            await _Connection.executemany(self, command, args, **kwargs)
         except BaseException as exc:
-            self._failed(exc)
-            raise
+            raise self._raised(exc, timed)  # noqa: B904
+        if timed:
+            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
+                self._config = self._ghar_timed
+                self._ghar_since = 0.0
+                self._ghar_task = None
+            else:
+                self._ended(None)
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
-        self._note(query)
+        timed = self._started(query, kwargs)
         try:
-            result: list[Any] = await super().fetch(query, *args, **kwargs)
+            result: list[Any] = await _Connection.fetch(self, query, *args, **kwargs)
         except BaseException as exc:
-            self._failed(exc)
-            raise
+            raise self._raised(exc, timed)  # noqa: B904
+        if timed:
+            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
+                self._config = self._ghar_timed
+                self._ghar_since = 0.0
+                self._ghar_task = None
+            else:
+                self._ended(None)
         return result
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        self._note(query)
+        timed = self._started(query, kwargs)
         try:
-            return await super().fetchval(query, *args, **kwargs)
+            result = await _Connection.fetchval(self, query, *args, **kwargs)
         except BaseException as exc:
-            self._failed(exc)
-            raise
+            raise self._raised(exc, timed)  # noqa: B904
+        if timed:
+            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
+                self._config = self._ghar_timed
+                self._ghar_since = 0.0
+                self._ghar_task = None
+            else:
+                self._ended(None)
+        return result
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        self._note(query)
+        timed = self._started(query, kwargs)
         try:
-            return await super().fetchrow(query, *args, **kwargs)
+            result = await _Connection.fetchrow(self, query, *args, **kwargs)
         except BaseException as exc:
-            self._failed(exc)
-            raise
+            raise self._raised(exc, timed)  # noqa: B904
+        if timed:
+            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
+                self._config = self._ghar_timed
+                self._ghar_since = 0.0
+                self._ghar_task = None
+            else:
+                self._ended(None)
+        return result
 
     async def fetchmany(self, query: str, args: Any, **kwargs: Any) -> list[Any]:
-        self._note(query)
+        timed = self._started(query, kwargs)
         try:
-            result: list[Any] = await super().fetchmany(query, args, **kwargs)
+            result: list[Any] = await _Connection.fetchmany(self, query, args, **kwargs)
         except BaseException as exc:
-            self._failed(exc)
-            raise
+            raise self._raised(exc, timed)  # noqa: B904
+        if timed:
+            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
+                self._config = self._ghar_timed
+                self._ghar_since = 0.0
+                self._ghar_task = None
+            else:
+                self._ended(None)
         return result
 
     async def prepare(self, query: str, **kwargs: Any) -> Any:

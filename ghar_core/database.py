@@ -22,7 +22,6 @@ Design choices, and why:
   (``statement_cache_size=0``: PgBouncer in transaction mode hands each
   transaction to any server connection, so a named prepared statement made
   on one is missing on the next), ``application_name`` per pool,
-  ``max_inactive_connection_lifetime`` from ``DB_MAX_INACTIVE_LIFETIME``,
   ``init=`` for the JSON codecs (``json``/``jsonb`` decode with orjson;
   parameters may be Python objects or already-encoded JSON text), and
   ``connection_class=`` :class:`GharConnection`, which classifies each
@@ -33,7 +32,22 @@ Design choices, and why:
   statement leaving session state, or that was left inside a transaction
   (rolled back first). ``SET LOCAL`` and ``pg_advisory_xact_lock`` need
   nothing. Session state is wrong behind PgBouncer's transaction mode anyway;
-  prefer ``SET LOCAL`` inside :meth:`Database.transaction`.
+  prefer ``SET LOCAL`` inside :meth:`Database.transaction`. A clean
+  connection's holder goes straight back to asyncpg's queue, and a free
+  connected one is taken straight from it (asyncpg's own acquire and release
+  coroutines, with the ``asyncio.timeout`` around its reset, cost more than
+  the query).
+* **No timer on the event loop.** asyncpg arms a ``call_later``
+  timer per round trip for ``command_timeout`` and one per release for
+  ``max_inactive_connection_lifetime``: three per query, each a heap push
+  and a cancelled handle left behind, together about as much CPU as the
+  query itself (and any scheduled timer makes each loop iteration read
+  the clock twice). Instead each pool has a watchdog thread that sleeps
+  until the earliest deadline and has the loop cancel a statement past
+  ``DB_COMMAND_TIMEOUT`` (the
+  statement methods of :class:`GharConnection` stamp their start, see
+  :mod:`ghar_core._db_session`) and drops a connection idle for longer
+  than ``DB_MAX_INACTIVE_LIFETIME`` while the pool is above its min size.
 * **Exhaustion fails fast.** When every connection is busy the wait is
   bounded by a timer (``asyncio.timeout``; asyncpg's own acquire timeout
   wraps a task on Python 3.11, about 40 µs per acquire), and the pool is not
@@ -54,7 +68,8 @@ Design choices, and why:
   :class:`FailedTransactionError` naming that failure, instead of returning
   as if the server had committed.
 * **Timeouts cancel on the server.** A statement past ``DB_COMMAND_TIMEOUT``
-  (or a cancelled task) makes asyncpg send a cancel request; the lease waits
+  (its task cancelled by the watchdog, the call raising ``TimeoutError``)
+  or a cancelled task makes asyncpg send a cancel request; the lease waits
   for it to be acknowledged before the connection is rolled back or
   released, so nothing of ours keeps running (or later applies) after the
   client got its 503, directly or through PgBouncer.
@@ -76,6 +91,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import threading
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar, Token
@@ -85,8 +101,9 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy as _PoolConnectionProxy
 
-from ghar_core._db_session import GharConnection, touches_session_state
+from ghar_core._db_session import GharConnection, _current_task_of, touches_session_state
 from ghar_core.config import Settings
 from ghar_core.db_resilience import CommitOutcomeUnknownException, is_transient_error
 from ghar_core.exceptions import (
@@ -118,6 +135,8 @@ _XACT_ID_QUERY: Final = "SELECT pg_current_xact_id_if_assigned()::text"
 # After a NOTIFY: assign the id now (Postgres would only at pre-commit).
 _XACT_ID_ASSIGN_QUERY: Final = "SELECT pg_current_xact_id()::text"
 _XACT_STATUS_QUERY: Final = "SELECT pg_xact_status($1::text::xid8)"
+_monotonic: Final = time.monotonic
+_Future: Final = asyncio.Future
 
 
 class FailedTransactionError(Exception):
@@ -170,6 +189,7 @@ class _Pool:
         self.pool: asyncpg.Pool | None = None
         self.closing = False
         self._closers: set[asyncio.Task[None]] = set()
+        self._watchdog: threading.Event | None = None  # set: the watchdog thread ends
         self.opened = 0
         self.discarded = 0
         self.exhausted = 0
@@ -180,7 +200,9 @@ class _Pool:
         options: dict[str, Any] = {
             "min_size": self.min_size,
             "max_size": self.max_size,
-            "max_inactive_connection_lifetime": s.DB_MAX_INACTIVE_LIFETIME,
+            # The watchdog retires idle connections: asyncpg's own way is a
+            # timer armed on every release.
+            "max_inactive_connection_lifetime": 0,
             "connect": self._connect,
             "init": _init_connection,
             "reset": _reset_connection,
@@ -208,6 +230,13 @@ class _Pool:
             )
             options["min_size"] = 0
             self.pool = await asyncpg.create_pool(self.db.dsn, **options)
+        self._watchdog = stop = threading.Event()
+        threading.Thread(
+            target=self._watch,
+            args=(asyncio.get_running_loop(), stop),
+            name=f"ghar {self.label} pool watchdog",
+            daemon=True,
+        ).start()
 
     async def _connect(self, *args: Any, **kwargs: Any) -> GharConnection:
         try:
@@ -217,9 +246,144 @@ class _Pool:
             raise DatabaseUnavailableException(message) from exc
         self.db._reached = True
         self.opened += 1
+        conn.watch_statements()
+        conn._ghar_released = _monotonic()
+        sock = conn._transport.get_extra_info("socket") if conn._transport is not None else None
+        conn._ghar_fd = sock.fileno() if sock is not None else -1
         return conn
 
+    def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        """The pool's watchdog thread: statements past the command timeout, idle connections.
+
+        Statements: each watched call stamps its start (see
+        :mod:`ghar_core._db_session`); a call still running
+        ``DB_COMMAND_TIMEOUT`` after it is cancelled (asyncpg then cancels it
+        on the server). Idle connections: one idle for more than
+        ``DB_MAX_INACTIVE_LIFETIME`` is dropped while the pool is above its
+        min size, as asyncpg's own per-release timer would.
+
+        Why a thread: any timer scheduled on the event loop makes every loop
+        iteration look at the clock twice (about 5% of a query here), and
+        statements are in flight nearly all the time under load. The thread
+        only reads the stamps; it sleeps until the earliest deadline it knows
+        of, never longer than the shorter of the two settings (anything that
+        starts, or goes idle, while it sleeps has a deadline at least that
+        far away), and hands the acting to the loop (:meth:`_sweep`), which
+        checks everything again.
+        """
+        timeout = self.db.settings.DB_COMMAND_TIMEOUT
+        while not stop.is_set() and not loop.is_closed():
+            now = _monotonic()
+            wake = now + timeout
+            try:
+                wake, due = self._deadlines(now)
+                if due:
+                    loop.call_soon_threadsafe(self._sweep)
+                    wake = max(wake, now + 0.01)  # let the loop act before looking again
+            except RuntimeError:  # the loop is closed: nothing left to watch
+                return
+            except Exception:  # pragma: no cover - a bug here must not end all timeouts
+                logger.exception("the %s pool watchdog failed; going on", self.label)
+            stop.wait(max(wake - now, 0.001))
+
+    def _deadlines(self, now: float) -> tuple[float, bool]:
+        """(When to look again, whether something is due now); plain reads only (thread)."""
+        s = self.db.settings
+        timeout = s.DB_COMMAND_TIMEOUT
+        lifetime = s.DB_MAX_INACTIVE_LIFETIME
+        wake = now + (min(timeout, lifetime) if lifetime else timeout)
+        due = False
+        pool = self.pool
+        if pool is None:
+            return wake, due
+        for holder in pool._holders:
+            conn = holder._con
+            if conn is None or conn._aborted:
+                continue
+            since = conn._ghar_since
+            if since:
+                if conn._ghar_cancelling is None:
+                    deadline = since + timeout
+                    due = due or deadline <= now
+                    wake = min(wake, deadline)
+            elif lifetime and holder._in_use is None:
+                deadline = conn._ghar_released + lifetime
+                due = due or deadline <= now
+                wake = min(wake, deadline)
+        return wake, due
+
+    def _sweep(self) -> None:
+        """On the loop: cancel overdue statements, drop connections idle too long."""
+        s = self.db.settings
+        timeout = s.DB_COMMAND_TIMEOUT
+        lifetime = s.DB_MAX_INACTIVE_LIFETIME
+        pool = self.pool
+        if pool is None:
+            return
+        now = _monotonic()
+        for holder in tuple(pool._holders):
+            conn: GharConnection | None = holder._con
+            if conn is None or conn.is_closed():
+                continue
+            since = conn._ghar_since
+            if since:
+                if since + timeout <= now:
+                    conn.expire_overdue()
+            elif lifetime and holder._in_use is None and conn._ghar_released + lifetime <= now:
+                if pool.get_size() > pool.get_min_size() and not self.closing:
+                    conn.terminate()  # asyncpg gives the holder back its slot
+                else:
+                    conn._ghar_released = now  # a floor connection: look again later
+
     # --- acquire / release ----------------------------------------------------
+
+    def take(self) -> GharConnection | None:
+        """A free connected holder's lease, taken at once; None: :meth:`acquire` must.
+
+        The steps of asyncpg's acquire for a connected holder (``Queue.get``
+        preferring connected holders, newest first; then the holder's proxy
+        and in-use future), without its three coroutines. Anything else (no
+        free holder, one to connect or replace, a closing pool) takes
+        asyncpg's own path.
+        """
+        pool: Any = self.pool
+        if pool is None or self.closing or pool._closing:
+            return None
+        queue = pool._queue
+        free = queue._queue
+        if not free:
+            return None
+        holder = free[-1]  # most often the one: released last, connected
+        raw = holder._con
+        # raw.is_closed() inline (it is asyncpg's whole test): once per lease.
+        if raw is None or raw._aborted or not raw._protocol.is_connected():
+            for i in range(len(free) - 2, -1, -1):
+                holder = free[i]
+                raw = holder._con
+                if raw is not None and not raw.is_closed():
+                    break
+            else:
+                return None
+        else:
+            i = len(free) - 1
+        if holder._setup is not None or holder._generation != pool._generation:
+            return None
+        del free[i]
+        if queue._putters:  # pragma: no cover - asyncpg never blocks on put
+            queue._wakeup_next(queue._putters)
+        if holder._inactive_callback is not None:  # pragma: no cover - lifetime 0: never armed
+            holder._maybe_cancel_inactive_callback()
+        proxy: GharConnection = _PoolConnectionProxy(holder, raw)
+        holder._proxy = proxy
+        # The holder's in-use future (what Pool.close() awaits): a pending one
+        # nobody awaited is kept on the connection for its next lease, as
+        # creating one costs about a tenth of a lease.
+        in_use = raw._ghar_in_use
+        if in_use is None or in_use.done():
+            in_use = raw._ghar_in_use = _Future(loop=raw._loop)
+        holder._in_use = in_use
+        holder._timeout = None
+        return proxy
 
     async def acquire(self) -> GharConnection:
         pool = self.pool
@@ -257,6 +421,57 @@ class _Pool:
         self.discarded += 1
         raw.terminate()
 
+    def release_clean(self, conn: GharConnection, raw: GharConnection) -> bool:
+        """Give back a lease that needs no reset, at once; False: :meth:`release` must.
+
+        What asyncpg's release does for such a connection (no transaction,
+        no listeners, not cancelling, not dirty, not expired) is only to put
+        its holder back in the queue; its reset coroutine, the
+        ``asyncio.timeout`` around it and the proxy layers cost more than the
+        query. Anything else takes the full path.
+        """
+        holder: Any = conn._holder
+        pool: Any = holder._pool
+        if (
+            self.serverless
+            or conn._con is not raw
+            or raw._ghar_dirty
+            or raw._top_xact is not None
+            or raw._aborted  # raw.is_closed() inline, with is_connected() below
+            or raw._listeners
+            or raw._log_listeners
+            or holder._generation != pool._generation
+            or pool is not self.pool
+        ):
+            return False
+        protocol = raw._protocol
+        if (
+            not protocol.is_connected()
+            or protocol.is_in_transaction()
+            or protocol._is_cancelling()
+            or protocol.queries_count >= holder._max_queries
+        ):
+            return False
+        raw._pool_release_ctr += 1  # Connection._on_release: stale cursors/statements fail
+        holder._timeout = None
+        # PoolConnectionHolder._release(), and Queue.put_nowait() when nobody waits
+        # (asyncpg's queue is never full and never joined). No inactivity timer
+        # to arm: the watchdog retires idle connections.
+        in_use = holder._in_use
+        if in_use._callbacks is not None and not in_use.done():
+            in_use.set_result(None)  # someone waits for this release (Pool.close)
+        holder._in_use = None
+        holder._proxy = None
+        conn._con = None  # the proxy is detached: using it now raises
+        raw._proxy = None
+        queue: Any = holder._pool._queue
+        if queue._getters:
+            queue.put_nowait(holder)  # wakes the first waiter
+        else:
+            queue._queue.append(holder)
+        raw._ghar_released = _monotonic()
+        return True
+
     async def release(self, conn: GharConnection, raw: GharConnection) -> None:
         """Give the lease ``conn`` (asyncpg's proxy of ``raw``) back; closed in serverless mode.
 
@@ -291,6 +506,7 @@ class _Pool:
                 # The reset is bounded by the command timeout of its statements.
                 raw._on_release()
                 await holder.release(None)
+                raw._ghar_released = _monotonic()
             else:  # pragma: no cover - not a proxy of this pool
                 await pool.release(conn, timeout=_RESET_TIMEOUT)
         except Exception as exc:  # asyncpg terminated it; its slot is free again
@@ -323,6 +539,12 @@ class _Pool:
                 grace,
             )
             self.terminate()
+        self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.set()  # its thread wakes and ends
 
     def terminate(self) -> None:
         """Drop every connection now (no goodbye to the server)."""
@@ -331,6 +553,7 @@ class _Pool:
             closer.cancel()
         if self.pool is not None:
             self.pool.terminate()
+        self._stop_watchdog()
 
     def stats(self) -> dict[str, int]:
         pool = self.pool
@@ -386,13 +609,16 @@ class _Pool:
 
 
 def _news_on(conn: GharConnection) -> bool:
-    """Whether the idle connection's socket has something to read (most likely a goodbye)."""
-    transport = conn._transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
+    """Whether the idle connection's socket has something to read (most likely a goodbye).
+
+    One ``select`` on the descriptor noted at connect time (the connection is
+    open, so it is still its socket's).
+    """
+    fd = conn._ghar_fd
+    if fd < 0:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        readable, _, _ = select.select((fd,), (), (), 0)
     except (OSError, ValueError):
         return True
     return bool(readable)
@@ -443,21 +669,28 @@ class _Lease:
 
     async def _fresh(self) -> tuple[GharConnection, GharConnection]:
         pool = self._pool
-        conn = await pool.acquire()
+        conn = pool.take() or await pool.acquire()
         raw: GharConnection = conn._con
         if _news_on(raw):
-            # The server spoke while the connection sat idle: let asyncpg read it.
-            # A goodbye (restart, idle kill) closes it; nothing was sent yet, so
-            # one fresh connection is safe to take.
-            for _ in range(3):
-                await asyncio.sleep(0)
-                if raw.is_closed():
-                    await pool.release(conn, raw)
-                    conn = await pool.acquire()
-                    raw = conn._con
-                    break
+            conn, raw = await self._replace_if_gone(conn, raw)
         raw._ghar_writes = raw._ghar_notifies = False
         raw._ghar_failure = None
+        return conn, raw
+
+    async def _replace_if_gone(
+        self, conn: GharConnection, raw: GharConnection
+    ) -> tuple[GharConnection, GharConnection]:
+        # The server spoke while the connection sat idle: let asyncpg read it.
+        # A goodbye (restart, idle kill) closes it; nothing was sent yet, so
+        # one fresh connection is safe to take.
+        pool = self._pool
+        for _ in range(3):
+            await asyncio.sleep(0)
+            if raw.is_closed():
+                await pool.release(conn, raw)
+                conn = await pool.acquire()
+                raw = conn._con
+                break
         return conn, raw
 
     async def _begin(self) -> None:
@@ -484,12 +717,27 @@ class _Lease:
     async def __aenter__(self) -> GharConnection:
         if self._transactional:
             await self._begin()
+            conn, raw = self._conn, self._raw
+            assert conn is not None
+            assert raw is not None
         else:
-            self._conn, self._raw = await self._fresh()
-        assert self._conn is not None
-        assert self._raw is not None
-        self._held_token = _held.set((self._conn, self._raw, asyncio.current_task()))
-        return self._conn
+            # _fresh() inline: this is the path of every plain query.
+            pool = self._pool
+            conn = pool.take() or await pool.acquire()
+            raw = conn._con
+            fd = raw._ghar_fd  # _news_on() inline
+            if fd >= 0:
+                try:
+                    news = bool(select.select((fd,), (), (), 0)[0])
+                except (OSError, ValueError):
+                    news = True
+                if news:
+                    conn, raw = await self._replace_if_gone(conn, raw)
+            raw._ghar_writes = raw._ghar_notifies = False
+            raw._ghar_failure = None
+            self._conn, self._raw = conn, raw
+        self._held_token = _held.set((conn, raw, _current_task_of(raw._loop)))
+        return conn
 
     async def __aexit__(
         self,
@@ -513,7 +761,8 @@ class _Lease:
                 if tx is not None:
                     await self._commit(raw, tx)
             finally:
-                await pool.release(conn, raw)
+                if not pool.release_clean(conn, raw):
+                    await pool.release(conn, raw)
             return
         # An error from a connection that is closed now is a lost connection
         # whatever asyncpg called it: a backend killed just before a query
@@ -701,11 +950,11 @@ class Database:
 
     def connection(self) -> _Lease:
         """``async with db.connection() as conn``: a main-pool connection, autocommit."""
-        return _Lease(self._pool(False), False)
+        return _Lease(self._main or self._pool(False), False)
 
     def transaction(self) -> _Lease:
         """``async with db.transaction() as conn``: committed on success, rolled back on error."""
-        return _Lease(self._pool(False), True)
+        return _Lease(self._main or self._pool(False), True)
 
     def background_connection(self) -> _Lease:
         """A background-pool connection (schedulers, streams)."""

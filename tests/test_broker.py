@@ -24,6 +24,7 @@ from ghar_core.broker import (
     TOPIC_JOB,
     TOPIC_SOCKET,
     TOPIC_USER,
+    BrokerUnavailableError,
     EventTooLargeError,
     MemoryBroker,
     PoolerAddressError,
@@ -611,3 +612,66 @@ async def test_publishing_and_reading_survive_the_function_and_table_being_repla
         await until(lambda: len(sink.records["u"]) == 4)
         assert sink.positions("u") == [1, 2, 3, 4]
         assert a.stats()["failed"] == 0
+
+
+async def test_stopping_mid_write_says_the_outcome_is_unknown_not_that_nothing_was_stored(
+    outbox_dsn: str,
+) -> None:
+    # Stopped while a batch's statement runs (here: waiting on the stream's row
+    # lock), the server cannot say whether that batch commits: its publisher is
+    # told so (retrying blindly could store it twice); an event still queued
+    # behind it was never sent and is "not stored".
+    from ghar_core.db_resilience import CommitOutcomeUnknownException
+
+    settings = broker_settings(outbox_dsn)
+    database = Database(settings)
+    await database.start()
+    broker = PostgresBroker(settings, database, writers=1)
+    holder = await asyncpg.connect(outbox_dsn)
+    try:
+        await broker.start()
+        await broker.publish(TOPIC_USER, "u", "t", _payload(0))
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM ghar_event_streams WHERE stream = 'u:u' FOR UPDATE")
+        in_flight = asyncio.ensure_future(broker.publish(TOPIC_USER, "u", "t", _payload(1)))
+        await asyncio.sleep(0.3)
+        queued = asyncio.ensure_future(broker.publish(TOPIC_USER, "u", "t", _payload(2)))
+        await asyncio.sleep(0.05)
+        await broker.stop(grace=0.3)
+        await lock.rollback()
+    finally:
+        await holder.close()
+        await broker.stop(grace=1)
+        await database.stop(grace=2)
+    with pytest.raises(CommitOutcomeUnknownException):
+        await in_flight
+    with pytest.raises(BrokerUnavailableError, match="stopped first"):
+        await queued
+
+
+async def test_a_publish_statement_whose_result_type_changed_is_prepared_again(
+    outbox_dsn: str,
+) -> None:
+    # A migration that changes what ghar_event_publish returns (DROP and CREATE,
+    # here "position" as numeric) makes the writers' prepared statement invalid
+    # ("cached plan must not change result type"): the writer prepares it again
+    # on a new connection instead of retrying the dead plan for ever.
+    from ghar_core.migrate import load_migrations
+
+    body = next(m.sql for m in load_migrations() if m.version == "0005")
+    changed = body.replace('"position" bigint)', '"position" numeric)').replace(
+        "v_head bigint;", "v_head numeric;"
+    )
+    assert changed != body
+    async with instance(outbox_dsn, writers=1) as a:
+        await a.publish(TOPIC_USER, "u", "t", _payload(0))
+        conn = await asyncpg.connect(outbox_dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("DROP FUNCTION ghar_event_publish")
+                await conn.execute(changed)
+        finally:
+            await conn.close()
+        record = await asyncio.wait_for(a.publish(TOPIC_USER, "u", "t", _payload(1)), 5)
+        assert record.position == 2

@@ -148,6 +148,51 @@ async def test_stop_is_bounded_and_idempotent(db_settings: Settings) -> None:
     database.terminate()
 
 
+async def test_leases_keep_asyncpgs_books_and_stop_waits_for_the_last_one(
+    db_settings: Settings,
+) -> None:
+    # Leases take and give back holders without asyncpg's acquire/release
+    # coroutines: its queue, sizes and in-use futures must stay as its own.
+    settings = dataclasses.replace(db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=3)
+    database = Database(settings)
+    await database.start()
+    pool = database._pool(False).pool
+    assert pool is not None
+
+    async def one(i: int) -> None:
+        lease = database.transaction() if i % 3 == 0 else database.connection()
+        async with lease as conn:
+            if i % 4 == 0:
+                await conn.execute("SET work_mem = '8MB'")  # dirty: the full release
+            assert await conn.fetchval("SELECT $1::int", i) == i
+            await asyncio.sleep(0)
+
+    for _ in range(3):
+        await asyncio.gather(*(one(i) for i in range(12)))
+    free = list(pool._queue._queue)
+    assert len(free) == len({id(h) for h in free}) == 3
+    stats = database.stats()["main"]
+    assert stats["idle"] == stats["size"] >= 1
+    assert stats["in_use"] == 0
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with database.connection() as conn:
+            await conn.fetchval("SELECT 1")
+            held.set()
+            await release.wait()
+
+    task = asyncio.create_task(holder())
+    await held.wait()
+    stopping = asyncio.create_task(database.stop(grace=10))
+    await asyncio.sleep(0.2)
+    assert not stopping.done()  # Pool.close() waits for the lease ...
+    release.set()
+    await task
+    await asyncio.wait_for(stopping, 2)  # ... and its release wakes it
+
+
 async def test_down_at_start_then_503(db_settings: Settings) -> None:
     dead = with_database(db_settings.DATABASE_URL, "postgres", port=free_port())
     database = Database(dataclasses.replace(db_settings, DATABASE_URL=dead))
@@ -411,6 +456,129 @@ async def test_idle_connections_age_out(
                 break
             await asyncio.sleep(0.05)
         assert await _backends(pg_admin_dsn, fresh_database) == 0
+    finally:
+        await database.stop()
+
+
+# --- the command timeout (the pool's watchdog) --------------------------------------------
+
+
+async def test_a_statement_past_the_command_timeout_times_out_on_its_own_task(
+    db_settings: Settings,
+) -> None:
+    settings = dataclasses.replace(db_settings, DB_COMMAND_TIMEOUT=0.2, DB_POOL_MIN_SIZE=0)
+    database = Database(settings)
+    await database.start()
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(DatabaseUnavailableException) as info:
+            async with database.connection() as conn:
+                await conn.fetchval("SELECT pg_sleep(5)")
+        assert isinstance(info.value.__cause__, TimeoutError)
+        assert 0.19 <= loop.time() - started < 1.5
+        # The watchdog's cancellation was taken back: later timeouts still work.
+        assert task.cancelling() == 0
+        async with database.connection() as conn:
+            for query in ("SELECT pg_sleep(5)", "SELECT pg_sleep($1::float8)"):
+                started = loop.time()
+                with pytest.raises(TimeoutError):
+                    await conn.fetchval(query, *([5] if "$1" in query else []))
+                assert loop.time() - started < 1.5
+            # The cancel was acknowledged before the next statement ran.
+            assert await conn.fetchval("SELECT 1") == 1
+            # A statement that finishes in time is not disturbed by a past expiry.
+            assert await conn.fetchval("SELECT pg_sleep(0.1)::text") == ""
+        assert task.cancelling() == 0
+    finally:
+        await database.stop()
+
+
+async def test_a_statement_whose_answer_arrived_is_not_timed_out_after_it(
+    db_settings: Settings, pg_admin_dsn: str
+) -> None:
+    """The watchdog acts on the loop, maybe after the answer came in but before
+    the waiting task resumed: cancelling then would throw away a statement that
+    ran (an autocommit INSERT applied, its client told it timed out)."""
+    settings = dataclasses.replace(db_settings, DB_POOL_MIN_SIZE=0)
+    database = Database(settings)
+    await database.start()
+    try:
+        async with database.connection() as conn:
+            await conn.execute("CREATE TABLE race_probe (n int)")
+        async with database.connection() as conn:
+            raw = conn
+
+            async def insert() -> str:
+                return await raw.execute("INSERT INTO race_probe VALUES (1)")
+
+            task = asyncio.create_task(insert())
+            # Spin until the answer is in (the task's waiter done) but the task
+            # has not run since: this coroutine was scheduled before its wakeup.
+            while True:
+                await asyncio.sleep(0)
+                waiter = task._fut_waiter  # type: ignore[attr-defined]
+                if waiter is not None and waiter.done():
+                    break
+                assert not task.done()
+            assert raw.statement_started() > 0  # still "in flight" for the watchdog
+            raw.expire_overdue()  # the watchdog's sweep, landing in that window
+            assert await task == "INSERT 0 1"
+            assert await raw.fetchval("SELECT count(*) FROM race_probe") == 1
+    finally:
+        await database.stop()
+
+
+async def test_a_cancellation_on_top_of_the_timeout_stays_a_cancellation(
+    db_settings: Settings,
+) -> None:
+    settings = dataclasses.replace(db_settings, DB_POOL_MIN_SIZE=0)
+    database = Database(settings)
+    await database.start()
+    running = asyncio.Event()
+    try:
+
+        async def sleeper() -> None:
+            async with database.connection() as conn:
+                running.set()
+                await conn.fetchval("SELECT pg_sleep(5)")
+
+        task = asyncio.create_task(sleeper())
+        await running.wait()
+        await asyncio.sleep(0.05)
+        (raw,) = [h._con for h in database._pool(False).pool._holders if h._in_use]
+        assert raw.statement_started() > 0
+        raw.expire_overdue()  # what the watchdog does, and a shutdown's cancel with it
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with database.connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await database.stop()
+
+
+async def test_an_explicit_timeout_and_unwatched_calls_keep_asyncpgs_timer(
+    db_settings: Settings,
+) -> None:
+    settings = dataclasses.replace(db_settings, DB_COMMAND_TIMEOUT=0.3, DB_POOL_MIN_SIZE=0)
+    database = Database(settings)
+    await database.start()
+    loop = asyncio.get_running_loop()
+    try:
+        async with database.connection() as conn:
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await conn.fetchval("SELECT pg_sleep(5)", timeout=0.05)
+            assert loop.time() - started < 0.25
+            statement = await conn.prepare("SELECT pg_sleep(5)")
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await statement.fetchval()
+            assert 0.29 <= loop.time() - started < 1.5
+            assert await conn.fetchval("SELECT 1") == 1
     finally:
         await database.stop()
 

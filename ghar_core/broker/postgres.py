@@ -64,6 +64,7 @@ from ghar_core.broker.outbox import (
     connect_direct,
     publish_rows,
 )
+from ghar_core.db_resilience import CommitOutcomeUnknownException
 
 if TYPE_CHECKING:
     from ghar_core.config import Settings
@@ -185,7 +186,12 @@ class PostgresBroker:
         self._enqueue(topic, key, type, payload, None)
 
     async def publish(self, topic: str, key: str, type: str, payload: bytes) -> Record:
-        """Queue one event and wait until its row is committed; its ``Record`` (position)."""
+        """Queue one event and wait until its row is committed; its ``Record`` (position).
+
+        Stopped first: :class:`BrokerUnavailableError` if the event was never
+        sent, ``CommitOutcomeUnknownException`` if its write was cut off
+        unanswered (it may be stored: check before publishing it again).
+        """
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
         self._enqueue(topic, key, type, payload, future)
         return await future
@@ -247,6 +253,10 @@ class PostgresBroker:
                 if _maybe_committed(exc):
                     # Lost, timed out or never there: a fresh connection next time.
                     batch.unknown = True
+                    self._drop_writer_connection(lane)
+                elif isinstance(exc, asyncpg.InvalidCachedStatementError):
+                    # A migration changed what the statement returns: its kept plan
+                    # can never run again, so prepare it anew on a new connection.
                     self._drop_writer_connection(lane)
                 if time.monotonic() - warned > 5.0:
                     warned = time.monotonic()
@@ -322,16 +332,22 @@ class PostgresBroker:
             if found:
                 return found
         batch.backend = lane.backend
+        batch.unknown = True  # from here until Postgres answers, it may commit
         items = batch.items
-        rows: list[Any] = await publish.fetch(
-            [p.stream for p in items],
-            [p.type for p in items],
-            [p.payload for p in items],
-            batch.id,
-            NOTIFY_CHANNEL,
-            self.synchronous_commit,
-            timeout=timeout,
-        )
+        try:
+            rows: list[Any] = await publish.fetch(
+                [p.stream for p in items],
+                [p.type for p in items],
+                [p.payload for p in items],
+                batch.id,
+                NOTIFY_CHANNEL,
+                self.synchronous_commit,
+                timeout=timeout,
+            )
+        except Exception as exc:
+            if not _maybe_committed(exc):
+                batch.unknown = False  # Postgres refused the statement: nothing written
+            raise
         return rows
 
     def _settle(self, batch: _Batch, rows: list[Any]) -> None:
@@ -720,7 +736,10 @@ class PostgresBroker:
         return True
 
     async def stop(self, grace: float | None = None) -> None:
-        """Write what is queued (bounded by ``grace``), then stop every task (idempotent)."""
+        """Write what is queued (bounded by ``grace``), then stop every task (idempotent).
+
+        What is left fails its publishers (see :meth:`publish`) and is logged.
+        """
         if not self.started:
             return
         self._closing = True
@@ -731,23 +750,44 @@ class PostgresBroker:
             task.cancel()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(bound):
-                await asyncio.shield(asyncio.gather(*self._writers))
+                await asyncio.shield(asyncio.gather(*self._writers, return_exceptions=True))
         for task in self._writers:
             task.cancel()
         for task in self._writers + self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         left = self.queued()
+        # A batch sent and not answered (cut off, or its connection lost with
+        # Postgres unreachable since) may yet be committed: its publishers are
+        # told the outcome is unknown, since a blind retry could store it twice.
+        unsure = [
+            lane.retry
+            for lane in self._lanes
+            if lane.retry is not None and lane.retry.unknown and lane.retry.backend is not None
+        ]
         if left:
-            logger.error("event broker stopped with %d event(s) not stored", left)
+            unknown = sum(len(batch.items) for batch in unsure)
+            logger.error(
+                "event broker stopped with %d event(s) not stored and %d whose write may or "
+                "may not have committed",
+                left - unknown,
+                unknown,
+            )
             self.failed += left
         for lane in self._lanes:
-            for item in [*lane.queue, *(lane.retry.items if lane.retry else ())]:
-                if item.future is not None and not item.future.done():
-                    item.future.set_exception(BrokerUnavailableError("The server stopped first."))
+            batch = lane.retry
+            sent = (batch.items, batch in unsure) if batch is not None else ((), False)
+            for items, maybe in (sent, (lane.queue, False)):
+                for item in items:
+                    if item.future is not None and not item.future.done():
+                        item.future.set_exception(
+                            CommitOutcomeUnknownException()
+                            if maybe
+                            else BrokerUnavailableError("The server stopped first.")
+                        )
             lane.queue.clear()
             lane.retry = None
-            conn, lane.conn, lane.publish = lane.conn, None, None
+            conn, lane.conn, lane.publish, lane.backend = lane.conn, None, None, None
             if conn is not None and not conn.is_closed():
                 try:
                     await conn.close(timeout=min(bound, 2.0))
