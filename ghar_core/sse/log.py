@@ -66,6 +66,8 @@ class Event:
 
     ``frame`` is the complete SSE block (``id:``, ``event:``, ``data:``);
     ``data`` is the mapping that was emitted (do not mutate it afterwards).
+    An event replayed from a log's history is rebuilt from its frame, so its
+    ``data`` is the decoded JSON of that mapping (what a broker's log gives too).
     """
 
     __slots__ = ("data", "epoch", "frame", "position", "ts", "type", "user")
@@ -145,6 +147,14 @@ class EventLog(Protocol):
     def stats(self) -> dict[str, int]: ...
 
 
+# One event of the history: (position, ts, frame, type, where the data starts in
+# the frame). Only atomic values, so CPython stops tracking the tuple at its
+# first collection: a history of 100 events per user for thousands of users is
+# then never rescanned by the cyclic GC, and does not make full collections
+# (each one a pause of every open stream) come sooner.
+_Record = tuple[int, float, bytes, str, int]
+
+
 class _UserLog:
     __slots__ = ("epoch", "events", "head", "id_prefix", "touched")
 
@@ -152,7 +162,7 @@ class _UserLog:
         self.epoch = epoch
         self.id_prefix = b"id: %b:" % epoch.encode("ascii")  # encoded once per user
         self.head = 0
-        self.events: deque[Event] | None = None  # made on the first event
+        self.events: deque[_Record] | None = None  # made on the first event
         self.touched = now
 
 
@@ -164,7 +174,8 @@ class MemoryEventLog:
     open stream and no event for ``max_age`` is forgotten (``trim``); if they
     come back they get a new epoch, so an id from before can never be mistaken
     for a position of the new log. Epochs are a random per-process prefix plus
-    a counter.
+    a counter. The history holds records the garbage collector does not
+    track; a replay builds its :class:`Event` objects from them.
     """
 
     def __init__(
@@ -224,9 +235,10 @@ class MemoryEventLog:
             events = entry.events
             if events is None:
                 events = entry.events = deque(maxlen=self.size)
-            events.append(event)
+            frame = event.frame
+            events.append((position, now, frame, type, len(frame) - len(payload) - 2))
             limit = now - self.max_age
-            while events[0].ts < limit:
+            while events[0][1] < limit:
                 events.popleft()
         return event
 
@@ -241,11 +253,18 @@ class MemoryEventLog:
         events = entry.events
         if events:
             limit = self._clock() - self.max_age
-            while events and events[0].ts < limit:
+            while events and events[0][1] < limit:
                 events.popleft()
-        if not events or events[0].position > position + 1:
+        if not events or events[0][0] > position + 1:
             return "history_expired"
-        return list(itertools.islice(events, position + 1 - events[0].position, None))
+        out = []
+        epoch = entry.epoch
+        for pos, ts, frame, kind, start in itertools.islice(
+            events, position + 1 - events[0][0], None
+        ):
+            data = orjson.loads(memoryview(frame)[start:-2])
+            out.append(Event(user, epoch, pos, kind, data, frame, ts))
+        return out
 
     def trim(self, active: Container[str] = ()) -> int:
         now = self._clock()
@@ -253,7 +272,7 @@ class MemoryEventLog:
         dropped = 0
         for user, entry in list(self._users.items()):
             events = entry.events
-            while events and events[0].ts < limit:
+            while events and events[0][1] < limit:
                 events.popleft()
                 dropped += 1
             if user in active:
