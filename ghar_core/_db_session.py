@@ -456,7 +456,25 @@ def _direct(name: str) -> Any:
             raise asyncpg.InterfaceError(
                 f"cannot call Connection.{name}(): connection has been released back to the pool"
             )
-        timed = con._started(query, kwargs)
+        # con._started(query, kwargs) inline: this is every statement's path.
+        verdict = _VERDICTS.get(query)
+        if verdict is None:
+            verdict = _verdict(query)
+        if verdict:
+            if verdict & _DIRTY:
+                con._ghar_dirty = True
+            if verdict & _WRITES:
+                con._ghar_writes = True
+            if verdict & _NOTIFIES:
+                con._ghar_notifies = True
+        untimed = con._ghar_untimed
+        if untimed is None or con._ghar_since or (kwargs and kwargs.get("timeout") is not None):
+            timed = False
+        else:
+            con._ghar_task = _current_task_of(con._loop)
+            con._ghar_since = _monotonic()
+            con._config = untimed
+            timed = True
         try:
             result = await base(con, query, *args, **kwargs)
         except BaseException as exc:
