@@ -48,8 +48,9 @@ import time
 from typing import Any, Final
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["GharConnection", "may_write", "touches_session_state"]
+__all__ = ["GharConnection", "GharPoolProxy", "may_write", "touches_session_state"]
 
 _RESET_QUERY: Final = "DISCARD ALL"
 
@@ -159,9 +160,9 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         "_ghar_cancelling",
         "_ghar_dirty",
         "_ghar_failure",
-        "_ghar_fd",
         "_ghar_in_use",
         "_ghar_notifies",
+        "_ghar_poll",
         "_ghar_released",
         "_ghar_since",
         "_ghar_task",
@@ -184,7 +185,7 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         self._ghar_task: asyncio.Task[Any] | None = None
         self._ghar_cancelling: int | None = None  # set once the watchdog cancelled it
         self._ghar_released = 0.0  # when it last went idle in the pool (time.monotonic())
-        self._ghar_fd = -1  # its socket's descriptor, noted by the pool (idle goodbye check)
+        self._ghar_poll: Any = None  # a poll() on its socket, made by the pool (idle goodbye)
         self._ghar_in_use: asyncio.Future[None] | None = None  # see _Pool.take()
 
     def watch_statements(self) -> None:
@@ -437,3 +438,83 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         # Client-side state; the reset clears it.
         self._ghar_dirty = True
         super().add_log_listener(callback)
+
+
+def _direct(name: str) -> Any:
+    """A proxy method that runs GharConnection's ``name`` steps on the connection itself.
+
+    asyncpg's proxy methods look the method up on the connection's class and
+    call it, whose override then awaits asyncpg's: two frames more per
+    statement than this one.
+    """
+    base = getattr(_Connection, name)
+    resets_failure = name == "execute"
+
+    async def method(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        con: GharConnection | None = self._con
+        if con is None:
+            raise asyncpg.InterfaceError(
+                f"cannot call Connection.{name}(): connection has been released back to the pool"
+            )
+        # con._started(query, kwargs) inline: this is every statement's path.
+        verdict = _VERDICTS.get(query)
+        if verdict is None:
+            verdict = _verdict(query)
+        if verdict:
+            if verdict & _DIRTY:
+                con._ghar_dirty = True
+            if verdict & _WRITES:
+                con._ghar_writes = True
+            if verdict & _NOTIFIES:
+                con._ghar_notifies = True
+        untimed = con._ghar_untimed
+        if untimed is None or con._ghar_since or (kwargs and kwargs.get("timeout") is not None):
+            timed = False
+        else:
+            con._ghar_task = _current_task_of(con._loop)
+            con._ghar_since = _monotonic()
+            con._config = untimed
+            timed = True
+        try:
+            result = await base(con, query, *args, **kwargs)
+        except BaseException as exc:
+            raise con._raised(exc, timed)  # noqa: B904 - the same error, or its TimeoutError
+        if timed:
+            if con._ghar_cancelling is None:
+                con._config = con._ghar_timed
+                con._ghar_since = 0.0
+                con._ghar_task = None
+            else:
+                con._ended(None)
+        if resets_failure and con._ghar_failure is not None and _ROLLBACK_TO_RE.match(query):
+            con._ghar_failure = None
+        return result
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+class GharPoolProxy(PoolConnectionProxy):  # type: ignore[misc]
+    """asyncpg's pool proxy, with the statement methods one frame from asyncpg's own.
+
+    What a lease of our pools hands out when it takes a free connection
+    itself (``ghar_core.database``); it behaves as asyncpg's proxy (a
+    released one raises), and its statements are noted and timed exactly as
+    :class:`GharConnection`'s.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, holder: Any, con: GharConnection) -> None:
+        # asyncpg's, with its con._set_proxy(self) inline (a fresh lease: no proxy yet).
+        self._con = con  # type: ignore[misc]
+        self._holder = holder  # type: ignore[misc]
+        con._proxy = self
+
+    execute = _direct("execute")
+    executemany = _direct("executemany")
+    fetch = _direct("fetch")
+    fetchval = _direct("fetchval")
+    fetchrow = _direct("fetchrow")
+    fetchmany = _direct("fetchmany")

@@ -101,9 +101,13 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy as _PoolConnectionProxy
 
-from ghar_core._db_session import GharConnection, _current_task_of, touches_session_state
+from ghar_core._db_session import (
+    GharConnection,
+    GharPoolProxy,
+    _current_task_of,
+    touches_session_state,
+)
 from ghar_core.config import Settings
 from ghar_core.db_resilience import CommitOutcomeUnknownException, is_transient_error
 from ghar_core.exceptions import (
@@ -249,7 +253,9 @@ class _Pool:
         conn.watch_statements()
         conn._ghar_released = _monotonic()
         sock = conn._transport.get_extra_info("socket") if conn._transport is not None else None
-        conn._ghar_fd = sock.fileno() if sock is not None else -1
+        if sock is not None:
+            conn._ghar_poll = select.poll()
+            conn._ghar_poll.register(sock.fileno(), select.POLLIN)
         return conn
 
     def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
@@ -373,7 +379,7 @@ class _Pool:
             queue._wakeup_next(queue._putters)
         if holder._inactive_callback is not None:  # pragma: no cover - lifetime 0: never armed
             holder._maybe_cancel_inactive_callback()
-        proxy: GharConnection = _PoolConnectionProxy(holder, raw)
+        proxy: GharConnection = GharPoolProxy(holder, raw)
         holder._proxy = proxy
         # The holder's in-use future (what Pool.close() awaits): a pending one
         # nobody awaited is kept on the connection for its next lease, as
@@ -611,17 +617,16 @@ class _Pool:
 def _news_on(conn: GharConnection) -> bool:
     """Whether the idle connection's socket has something to read (most likely a goodbye).
 
-    One ``select`` on the descriptor noted at connect time (the connection is
-    open, so it is still its socket's).
+    One ``poll`` on the descriptor registered at connect time (the
+    connection is open, so it is still its socket's).
     """
-    fd = conn._ghar_fd
-    if fd < 0:
+    poller = conn._ghar_poll
+    if poller is None:
         return False
     try:
-        readable, _, _ = select.select((fd,), (), (), 0)
-    except (OSError, ValueError):
+        return bool(poller.poll(0))
+    except OSError:
         return True
-    return bool(readable)
 
 
 # The connection the current task holds through a lease (with that task), so
@@ -725,11 +730,11 @@ class _Lease:
             pool = self._pool
             conn = pool.take() or await pool.acquire()
             raw = conn._con
-            fd = raw._ghar_fd  # _news_on() inline
-            if fd >= 0:
+            poller = raw._ghar_poll  # _news_on() inline
+            if poller is not None:
                 try:
-                    news = bool(select.select((fd,), (), (), 0)[0])
-                except (OSError, ValueError):
+                    news = bool(poller.poll(0))
+                except OSError:
                     news = True
                 if news:
                     conn, raw = await self._replace_if_gone(conn, raw)

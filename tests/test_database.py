@@ -193,6 +193,14 @@ async def test_leases_keep_asyncpgs_books_and_stop_waits_for_the_last_one(
     await asyncio.wait_for(stopping, 2)  # ... and its release wakes it
 
 
+async def test_a_released_lease_cannot_be_used(db: Database) -> None:
+    async with db.connection() as conn:
+        assert await conn.fetchval("SELECT 1") == 1
+    for call in (conn.fetchval, conn.execute, conn.fetch, conn.fetchrow):
+        with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+            await call("SELECT 1")
+
+
 async def test_down_at_start_then_503(db_settings: Settings) -> None:
     dead = with_database(db_settings.DATABASE_URL, "postgres", port=free_port())
     database = Database(dataclasses.replace(db_settings, DATABASE_URL=dead))
