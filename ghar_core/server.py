@@ -8,10 +8,13 @@ buffered access log -- after the import, through :meth:`App.use_access_sink`,
 so a module that builds its app at import time gets it too. The access lines
 are flushed before any other log line is written, so the stream stays in
 order (``"GET / 200"`` never appears after ``"Shutting down"``).
+Once the app's lifespan has started, the worker moves its startup heap out of
+the garbage collector's reach (:func:`freeze_startup_heap`).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import logging
@@ -28,6 +31,7 @@ __all__ = [
     "SERVE_FACTORY_ENV",
     "AppLoadError",
     "create_app_for_server",
+    "freeze_startup_heap",
     "load_app_target",
 ]
 
@@ -117,6 +121,29 @@ def _flush_before_other_lines(sink: BufferedAccessLog) -> None:
         handler.addFilter(_FlushFirst())
 
 
+_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then ``gc.freeze()`` what startup left (once per process).
+
+    Why: every full collection walks every tracked object, and pauses the
+    whole worker -- every open stream -- while it does. The modules, classes
+    and resources made at startup live as long as the process, so rescanning
+    them finds nothing; frozen, they are skipped. Measured with 2 000 open SSE
+    streams on one worker (the server of benchmarks/realtime.py, about 52 000
+    objects frozen, on a noisy machine): a full collection during a broadcast
+    went from 157-180 ms to 74-90 ms. The GC thresholds are not changed. The
+    collection first keeps startup's cyclic garbage from being frozen for good.
+    """
+    global _frozen
+    if _frozen:
+        return
+    _frozen = True
+    gc.collect()
+    gc.freeze()
+
+
 def create_app_for_server() -> ASGIApp:
     """The uvicorn factory of ``ghar-core serve``: load settings, configure logging, build.
 
@@ -125,7 +152,8 @@ def create_app_for_server() -> ASGIApp:
     With ``--app`` (passed as ``GHAR_SERVE_APP``) it serves the named app or
     factory instead of the bare core app; an :class:`~ghar_core.asgi.App`
     whose access log goes through the logging module is switched to the
-    buffered writer (same fields, same stream, under 1 us a line).
+    buffered writer (same fields, same stream, under 1 us a line), and
+    :func:`freeze_startup_heap` runs when its lifespan has started.
     """
     from ghar_core.asgi.accesslog import BufferedAccessLog
     from ghar_core.asgi.app import App, create_app
@@ -145,4 +173,6 @@ def create_app_for_server() -> ASGIApp:
         sink = BufferedAccessLog(json=uses_json_logs(settings))
         app.use_access_sink(sink)
         _flush_before_other_lines(sink)
+    if isinstance(app, App):
+        app.lifespan_manager.after_startup = freeze_startup_heap
     return app

@@ -46,6 +46,9 @@ class LifespanManager:
     ) -> None:
         self.resources = resources
         self.after_shutdown = after_shutdown
+        # Called after every successful start (``ghar-core serve`` freezes the
+        # startup heap there, see ghar_core.server).
+        self.after_startup: Callable[[], None] | None = None
         self.started = False  # read on the hot path: a plain attribute
         self.stopped = False
         self._lock: asyncio.Lock | None = None
@@ -72,6 +75,8 @@ class LifespanManager:
         self.started = True
         self.stopped = False
         self._failed_at = None
+        if self.after_startup is not None:
+            self.after_startup()
         logger.debug("started resources: %s", ", ".join(self.resources.names) or "none")
 
     def _refuse_lazy_start(self) -> None:
