@@ -194,6 +194,8 @@ class _Pool:
         self.closing = False
         self._closers: set[asyncio.Task[None]] = set()
         self._watchdog: threading.Event | None = None  # set: the watchdog thread ends
+        # asyncpg's queue's waiting getters (the deque itself; see waited_on()).
+        self.getters: Any = ()
         self.opened = 0
         self.discarded = 0
         self.exhausted = 0
@@ -234,6 +236,7 @@ class _Pool:
             )
             options["min_size"] = 0
             self.pool = await asyncpg.create_pool(self.db.dsn, **options)
+        self.getters = cast(Any, self.pool)._queue._getters
         self._watchdog = stop = threading.Event()
         threading.Thread(
             target=self._watch,
@@ -485,8 +488,7 @@ class _Pool:
         (asyncpg's queue forgets a getter once woken), and the releasing task
         must let it run before it leases again (see :func:`_let_waiter_in`).
         """
-        pool: Any = self.pool
-        return pool is not None and pool._queue is not None and bool(pool._queue._getters)
+        return bool(self.getters)
 
     async def release(self, conn: GharConnection, raw: GharConnection) -> None:
         """Give the lease ``conn`` (asyncpg's proxy of ``raw``) back; closed in serverless mode.
@@ -789,7 +791,7 @@ class _Lease:
                 if tx is not None:
                     await self._commit(raw, tx)
             finally:
-                waited_on = pool.waited_on()
+                waited_on = bool(pool.getters)  # pool.waited_on() inline: every lease's path
                 if not pool.release_clean(conn, raw):
                     await pool.release(conn, raw)
                 if waited_on:
