@@ -478,6 +478,16 @@ class _Pool:
         raw._ghar_released = _monotonic()
         return True
 
+    def waited_on(self) -> bool:
+        """Whether a task is queued for a connection (asyncpg's queue has a getter).
+
+        Read just before a release: that release wakes the first of them
+        (asyncpg's queue forgets a getter once woken), and the releasing task
+        must let it run before it leases again (see :func:`_let_waiter_in`).
+        """
+        pool: Any = self.pool
+        return pool is not None and pool._queue is not None and bool(pool._queue._getters)
+
     async def release(self, conn: GharConnection, raw: GharConnection) -> None:
         """Give the lease ``conn`` (asyncpg's proxy of ``raw``) back; closed in serverless mode.
 
@@ -612,6 +622,19 @@ class _Pool:
                 return status
             await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0)))
         return None
+
+
+async def _let_waiter_in() -> None:
+    """Yield once, so a waiter woken by the release just made takes the connection.
+
+    Neither release path suspends once the holder is back in asyncpg's queue
+    (asyncpg's own ``Pool.release`` does, through ``asyncio.shield``), and
+    taking a free holder never waits: without this, a task leasing again
+    right away (two leases in one request, a loop of queries) takes the
+    connection back before the woken waiter runs, the waiter queues again at
+    the end, and it can starve into a 503 while connections keep coming free.
+    """
+    await asyncio.sleep(0)
 
 
 def _news_on(conn: GharConnection) -> bool:
@@ -766,8 +789,11 @@ class _Lease:
                 if tx is not None:
                     await self._commit(raw, tx)
             finally:
+                waited_on = pool.waited_on()
                 if not pool.release_clean(conn, raw):
                     await pool.release(conn, raw)
+                if waited_on:
+                    await _let_waiter_in()
             return
         # An error from a connection that is closed now is a lost connection
         # whatever asyncpg called it: a backend killed just before a query
@@ -789,7 +815,10 @@ class _Lease:
                     if not isinstance(failed, Exception):
                         raise
         finally:
+            waited_on = pool.waited_on()
             await pool.release(conn, raw)
+            if waited_on:
+                await _let_waiter_in()
         if lost or _should_translate(exc):
             raise _unavailable(exc) from exc
 

@@ -267,6 +267,40 @@ async def test_cancelled_waiter_does_not_leak_capacity(db_settings: Settings) ->
         await database.stop()
 
 
+async def test_a_waiter_gets_the_connection_a_busy_task_releases(db_settings: Settings) -> None:
+    # A task that releases and takes again at once (two leases in a row, a
+    # loop of queries) must not jump ahead of a task already waiting: the
+    # waiter gets the released connection, not a 503 after the acquire timeout.
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=0.5
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        waiting = asyncio.Event()
+
+        async def busy() -> None:
+            for i in range(40):
+                async with database.connection() as conn:
+                    if i == 0:
+                        waiting.set()
+                        await asyncio.sleep(0.05)  # the waiter is queued by now
+                    await conn.fetchval("SELECT pg_sleep(0.02)")
+
+        async def waiter() -> float:
+            await waiting.wait()
+            started = asyncio.get_running_loop().time()
+            async with database.connection() as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+            return asyncio.get_running_loop().time() - started
+
+        _, waited = await asyncio.gather(busy(), waiter())
+        assert waited < 0.3  # about the busy task's first lease, not its forty
+        assert database.stats()["main"]["exhausted"] == 0
+    finally:
+        await database.stop()
+
+
 # --- session state does not leak -----------------------------------------------------------
 
 # (statement leaving state, query that is true while the state is present)
