@@ -18,7 +18,8 @@ measures, side by side:
    reader and with one reader task blocked on each.
 3. **RSS per idle SSE connection over real sockets**: a server process
    (uvicorn, uvloop, httptools) holding 2 000 open streams from a client
-   process; ours (the real route: token auth, the bus), sse-starlette +
+   process; ours (the real route: token auth, the bus; the startup heap
+   frozen after the lifespan started, as ``ghar-core serve`` does), sse-starlette +
    broadcaster's memory backend on Starlette, and a bare asyncio server that
    only holds the sockets (the floor).
 4. **Emit-to-socket latency** with those 2 000 streams open on one worker:
@@ -429,6 +430,7 @@ def ours_app() -> Any:
     from ghar_core.asgi import Request, create_app
     from ghar_core.auth import SupabaseAuth
     from ghar_core.http import HTTPClients
+    from ghar_core.server import freeze_startup_heap
     from ghar_core.sse import SSEEventBus
 
     settings = _settings()
@@ -436,6 +438,9 @@ def ours_app() -> Any:
     app = create_app(
         settings, core_resources=False, resources=[HTTPClients(), SupabaseAuth(settings), bus]
     )
+    # As `ghar-core serve` sets up every worker (ghar_core.server.create_app_for_server):
+    # the startup heap frozen once the lifespan has started.
+    app.lifespan_manager.after_startup = freeze_startup_heap
 
     @app.post("/bench/fire")
     async def fire(request: Request) -> dict[str, Any]:
