@@ -306,12 +306,7 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         except BaseException as exc:
             raise self._raised(exc, timed)  # noqa: B904 - the same error, or its TimeoutError
         if timed:
-            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
-                self._config = self._ghar_timed
-                self._ghar_since = 0.0
-                self._ghar_task = None
-            else:
-                self._ended(None)
+            self._ended(None)
         if self._ghar_failure is not None and _ROLLBACK_TO_RE.match(query):
             self._ghar_failure = None  # back to a savepoint: the transaction is healthy
         return result
@@ -323,12 +318,7 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         except BaseException as exc:
             raise self._raised(exc, timed)  # noqa: B904
         if timed:
-            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
-                self._config = self._ghar_timed
-                self._ghar_since = 0.0
-                self._ghar_task = None
-            else:
-                self._ended(None)
+            self._ended(None)
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
         timed = self._started(query, kwargs)
@@ -337,12 +327,7 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         except BaseException as exc:
             raise self._raised(exc, timed)  # noqa: B904
         if timed:
-            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
-                self._config = self._ghar_timed
-                self._ghar_since = 0.0
-                self._ghar_task = None
-            else:
-                self._ended(None)
+            self._ended(None)
         return result
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
@@ -352,12 +337,7 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         except BaseException as exc:
             raise self._raised(exc, timed)  # noqa: B904
         if timed:
-            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
-                self._config = self._ghar_timed
-                self._ghar_since = 0.0
-                self._ghar_task = None
-            else:
-                self._ended(None)
+            self._ended(None)
         return result
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
@@ -367,12 +347,7 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         except BaseException as exc:
             raise self._raised(exc, timed)  # noqa: B904
         if timed:
-            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
-                self._config = self._ghar_timed
-                self._ghar_since = 0.0
-                self._ghar_task = None
-            else:
-                self._ended(None)
+            self._ended(None)
         return result
 
     async def fetchmany(self, query: str, args: Any, **kwargs: Any) -> list[Any]:
@@ -382,12 +357,7 @@ class GharConnection(asyncpg.Connection):  # type: ignore[misc]
         except BaseException as exc:
             raise self._raised(exc, timed)  # noqa: B904
         if timed:
-            if self._ghar_cancelling is None:  # _ended(None) minus what it has to undo
-                self._config = self._ghar_timed
-                self._ghar_since = 0.0
-                self._ghar_task = None
-            else:
-                self._ended(None)
+            self._ended(None)
         return result
 
     async def prepare(self, query: str, **kwargs: Any) -> Any:
@@ -456,36 +426,13 @@ def _direct(name: str) -> Any:
             raise asyncpg.InterfaceError(
                 f"cannot call Connection.{name}(): connection has been released back to the pool"
             )
-        # con._started(query, kwargs) inline: this is every statement's path.
-        verdict = _VERDICTS.get(query)
-        if verdict is None:
-            verdict = _verdict(query)
-        if verdict:
-            if verdict & _DIRTY:
-                con._ghar_dirty = True
-            if verdict & _WRITES:
-                con._ghar_writes = True
-            if verdict & _NOTIFIES:
-                con._ghar_notifies = True
-        untimed = con._ghar_untimed
-        if untimed is None or con._ghar_since or (kwargs and kwargs.get("timeout") is not None):
-            timed = False
-        else:
-            con._ghar_task = _current_task_of(con._loop)
-            con._ghar_since = _monotonic()
-            con._config = untimed
-            timed = True
+        timed = con._started(query, kwargs)
         try:
             result = await base(con, query, *args, **kwargs)
         except BaseException as exc:
             raise con._raised(exc, timed)  # noqa: B904 - the same error, or its TimeoutError
         if timed:
-            if con._ghar_cancelling is None:
-                con._config = con._ghar_timed
-                con._ghar_since = 0.0
-                con._ghar_task = None
-            else:
-                con._ended(None)
+            con._ended(None)
         if resets_failure and con._ghar_failure is not None and _ROLLBACK_TO_RE.match(query):
             con._ghar_failure = None
         return result
