@@ -31,6 +31,7 @@ logger = logging.getLogger("ghar_core.sse")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _REAP_EVERY: Final = 10  # emits between two reaps of the full queues
 _JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+_dumps: Final = orjson.dumps
 
 
 class Published(NamedTuple):
@@ -147,16 +148,30 @@ class SSEEventBus:
             user, kind, payload = self._encode(user_id, event)
             self.broker.publish_nowait(TOPIC_USER, user, kind, payload)
             return 0
-        # _store() and _tick() inlined: this is the hottest path.
+        # _store(), _deliver() and _tick() inlined: this is the hottest path.
         user = user_id if type(user_id) is str else str(user_id)
         kind = event.get("type", "message")
         if kind not in self._types:
             self._check_type(kind)
-        payload = orjson.dumps(event, json_default, _JSON_OPTIONS)
+        stored = self.log.append(user, kind, event, _dumps(event, json_default, _JSON_OPTIONS))
         self.emitted = emitted = self.emitted + 1
-        stored = self.log.append(user, kind, event, payload)
         subs = self._subs.get(user)
-        count = self._deliver(stored, subs) if subs else 0
+        count = 0
+        if subs:
+            room = self.queue_size - 1  # shorter than this: not full after the append
+            for sub in subs:
+                queue = sub.queue
+                if queue is not None and len(queue) < room:
+                    queue.append(stored)
+                else:
+                    self._put_first_or_full(sub, stored)
+                wake = sub._wake
+                if wake is not None:
+                    sub._wake = None
+                    if not wake.done():  # cancelled with its reader's task
+                        wake.set_result(True)
+            count = len(subs)
+            self.delivered += count
         if self._full and not emitted % _REAP_EVERY:
             self._reap_full()
         return count
@@ -232,9 +247,10 @@ class SSEEventBus:
         return self._deliver(event, subs)
 
     def _deliver(self, event: Event, subs: list[Subscription]) -> int:
-        # The loop runs once per subscriber of every event: a queue with room
-        # takes the event in one append, and a blocked reader is woken once
-        # (the first emit clears its _wake; later ones test one attribute).
+        # The loop runs once per subscriber of every event (emit() has its own
+        # copy): a queue with room takes the event in one append, and a blocked
+        # reader is woken once (the first emit clears its _wake; later ones
+        # test one attribute).
         room = self.queue_size - 1  # shorter than this: not full after the append
         for sub in subs:
             queue = sub.queue
