@@ -327,6 +327,29 @@ async def test_history_age_holds_on_resume_and_after_a_reaper_cycle() -> None:
     assert bus.stats()["history_events"] == 0
 
 
+async def test_emit_goes_through_a_log_that_positions_events_its_own_way() -> None:
+    class CountingLog(MemoryEventLog):
+        appended = 0
+
+        def append(self, user: str, type: str, data: Any, payload: bytes) -> Event:
+            self.appended += 1
+            return super().append(user, type, data, payload)
+
+    log = CountingLog()
+    bus = SSEEventBus(_settings(), log=log, handle_signals=False)
+    async with bus.subscribe("u") as sub, bus.subscribe("u") as other:
+        assert bus.emit("u", {"type": "t", "n": 1}) == 2
+        assert bus.emit("v", {"type": "t"}) == 0
+        (event,) = sub.take() or []
+        assert other.take() == [event]
+    assert log.appended == 2
+    assert (event.position, event.data) == (1, {"type": "t", "n": 1})
+    assert bus.stats()["delivered"] == 2
+    with pytest.raises(ValueError, match="reserved"):
+        bus.emit("u", {"type": RESET_EVENT})
+    assert log.appended == 2
+
+
 async def test_deliver_takes_events_positioned_elsewhere() -> None:
     bus = make_bus()
     other = MemoryEventLog()

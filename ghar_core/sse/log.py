@@ -247,8 +247,7 @@ class MemoryEventLog:
             frames.append(frame)
             entry.stamps.append(now)  # type: ignore[union-attr]  # made with frames
         elif self.size:
-            entry.frames = deque((frame,), maxlen=self.size)
-            entry.stamps = deque((now,), maxlen=self.size)
+            self._start_history(entry, frame, now)
         # Event's fields set here rather than by calling the class: a Python
         # __init__ behind a class call costs more than the seven stores.
         event = _new_event(Event)
@@ -260,6 +259,10 @@ class MemoryEventLog:
         event.frame = frame
         event.ts = now
         return event
+
+    def _start_history(self, entry: _UserLog, frame: bytes, now: float) -> None:
+        entry.frames = deque((frame,), maxlen=self.size)
+        entry.stamps = deque((now,), maxlen=self.size)
 
     def _type_part(self, type: str) -> bytes:
         part = b"\nevent: %b\ndata: " % type.encode("ascii")
