@@ -34,10 +34,8 @@ DECLARE
     v_id bigint;
     v_created timestamptz;
     v_note text;
-    v_limit int := current_setting('block_size')::int
-        - current_setting('max_identifier_length')::int - 129;
-    v_carry boolean := cardinality(p_streams) <= 16
-        AND (SELECT sum(octet_length(x)) FROM unnest(p_payloads) AS x) < 5000;
+    v_limit int;
+    v_carry boolean;
 BEGIN
     IF NOT p_durable THEN
         PERFORM set_config('synchronous_commit', 'off', true);
@@ -52,14 +50,18 @@ BEGIN
         INSERT INTO ghar_event_outbox AS o (stream, epoch, position, type, payload, batch)
         VALUES (p_streams[1], v_epoch, v_head, p_types[1], p_payloads[1], p_batch)
         RETURNING o.id, o.created_at INTO v_id, v_created;
-        IF v_carry THEN
+        -- Only simple expressions here (no subquery): this path is the hot one.
+        IF octet_length(p_payloads[1]) < 5000 THEN
             v_note := json_build_array(json_build_array(
                 v_id, p_streams[1], v_epoch, v_head, p_types[1],
                 encode(p_payloads[1], 'base64'), extract(epoch FROM v_created)::float8
             ))::text;
+            IF octet_length(v_note) >= current_setting('block_size')::int
+                    - current_setting('max_identifier_length')::int - 129 THEN
+                v_note := NULL;
+            END IF;
         END IF;
-        PERFORM pg_notify(p_channel, CASE WHEN octet_length(v_note) < v_limit THEN v_note
-                                          ELSE v_id::text || ' ' || v_id::text END);
+        PERFORM pg_notify(p_channel, coalesce(v_note, v_id::text || ' ' || v_id::text));
         id := v_id;
         stream := p_streams[1];
         epoch := v_epoch;
@@ -67,6 +69,10 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
+    v_carry := cardinality(p_streams) <= 16
+        AND (SELECT sum(octet_length(x)) FROM unnest(p_payloads) AS x) < 5000;
+    v_limit := current_setting('block_size')::int
+        - current_setting('max_identifier_length')::int - 129;
     RETURN QUERY
     WITH input AS (
         SELECT u.st, u.ty, u.pl, u.ord
