@@ -165,7 +165,7 @@ class PostgresBroker:
         self.refused = 0
         self.received = 0
         self.delivered = 0
-        self.carried = 0  # delivered from the row a NOTIFY carried, nothing read back
+        self.carried = 0  # rows taken from a NOTIFY's copy instead of read back
         self.resets = 0
         self.connects = 0
         self.disconnects = 0
@@ -518,23 +518,24 @@ class PostgresBroker:
 
     def _take(self, row: tuple[str, str, int, str, bytes, float]) -> None:
         """One row a notification carried: delivered now if it is safe, else queued."""
-        if self._idle and not (self._rows or self._ranges or self._heads):
-            state = self._known.get(row[0])
-            if state is None:
-                return  # not followed here (and no subscriber is resolving a head)
-            if row[1] == state[0] and row[2] <= state[1]:
+        # Only while the listener task waits with nothing in hand can nothing interleave.
+        now = self._idle and not (self._rows or self._ranges or self._heads)
+        state = self._known.get(row[0])
+        if now and state is None:
+            return  # not followed here (and no subscriber is resolving a head)
+        self.carried += 1
+        if now and state is not None and row[1] == state[0]:
+            if row[2] <= state[1]:
                 self.received += 1
                 return  # already delivered
-            if row[1] == state[0] and row[2] == state[1] + 1:
-                sinks = self._wanting(*split_stream(row[0]))
-                if sinks:
-                    # The next position of a followed stream, the listener idle:
-                    # delivered now, the read-back and a task wake-up saved.
-                    self.received += 1
-                    self.carried += 1
-                    self._known[row[0]] = (state[0], row[2])
-                    self._deliver(sinks, _record(row))
-                    return
+            sinks = self._wanting(*split_stream(row[0])) if row[2] == state[1] + 1 else None
+            if sinks:
+                # The next position of a followed stream: delivered now, the
+                # read-back and a task wake-up saved.
+                self.received += 1
+                self._known[row[0]] = (state[0], row[2])
+                self._deliver(sinks, _record(row))
+                return
         # Anything else (a gap, another epoch, the listener busy) goes the listener
         # task's way, in order after what it already holds.
         self._rows.append(row)
