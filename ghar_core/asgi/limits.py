@@ -17,7 +17,8 @@ closed, every refusal the error envelope with an ``X-Request-ID``:
   (``TRAILERS_TOO_LARGE``/``TOO_MANY_TRAILERS``), refused while they arrive;
   if the app's answer has started, the connection is closed instead;
 - a request target over ``MAX_URL_BYTES``: 414;
-- HTTP/1.1 without ``Host``, or any request with two: 400 (RFC 9112 §3.2);
+- HTTP/1.1 (or a later version in the request line) without ``Host``, or
+  any request with two: 400 (RFC 9112 §3.2);
 - a head not complete ``HEAD_TIMEOUT`` seconds after the connection opened
   (or after its first byte, between keep-alive requests): 408; a connection
   that never sent a byte is closed without an answer;
@@ -126,6 +127,8 @@ def _refusal(status: int, code: str, message: str, **details: Any) -> _Refusal:
 # Parser phases: between requests, inside a head, inside a body, refused or
 # handed to the WebSocket protocol (nothing of ours applies any more).
 _IDLE, _HEAD, _BODY, _DONE = range(4)
+# The versions llhttp parses that predate Host (RFC 9112, section 3.2; RFC 9110, 7.2).
+_NO_HOST_NEEDED = frozenset({"0.9", "1.0"})
 # uvicorn's callback that ours extends, called as a plain function: looking it
 # up on the class each time (``HttpToolsProtocol.on_headers_complete``) is an
 # unspecialised attribute lookup on a type per request (CPython 3.11).
@@ -369,11 +372,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 f"The request target is longer than {limits.max_url_bytes} bytes.",
                 max_url_bytes=limits.max_url_bytes,
             )
-        if hosts != 1 and (hosts > 1 or self.parser.get_http_version() == "1.1"):
+        # Only requests older than HTTP/1.1 may go without Host; llhttp also takes
+        # "HTTP/2.0" in a request line, which has no :authority to stand in for it.
+        if hosts != 1 and (hosts > 1 or self.parser.get_http_version() not in _NO_HOST_NEEDED):
             raise _refusal(
                 400,
                 "BAD_HOST_HEADER",
-                "An HTTP/1.1 request needs exactly one Host header (RFC 9112, section 3.2).",
+                "An HTTP/1.1 (or later) request needs exactly one Host header "
+                "(RFC 9112, section 3.2).",
                 host_headers=hosts,
             )
         cap = limits.max_concurrency

@@ -318,7 +318,10 @@ async def test_a_long_request_target_is_a_414(server: Served) -> None:
         (b"GET /health HTTP/1.1\r\n\r\n", 0),
         (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 2),
         (b"GET /health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 2),
+        # llhttp takes "HTTP/2.0" in a request line: a version past 1.1 needs Host too.
+        (b"GET /health HTTP/2.0\r\n\r\n", 0),
     ],
+    ids=["1.1-none", "1.1-two", "1.0-two", "2.0-none"],
 )
 async def test_missing_or_duplicated_host_is_a_400(server: Served, head: bytes, hosts: int) -> None:
     raw = await _exchange(server.port, head)
