@@ -350,6 +350,29 @@ async def test_emit_goes_through_a_log_that_positions_events_its_own_way() -> No
     assert log.appended == 2
 
 
+async def test_a_lone_readers_records_and_shared_events_keep_one_order() -> None:
+    bus = make_bus(queue_size=4)
+    async with bus.subscribe("u") as a:
+        bus.emit("u", {"type": "t", "n": 1})  # a alone: queued as a record
+        async with bus.subscribe("u") as b:
+            bus.emit("u", {"type": "t", "n": 2})  # two readers: one shared Event
+            (shared,) = b.take() or []
+        bus.emit("u", {"type": "t", "n": 3})
+        events = a.take() or []
+        assert positions(events) == [1, 2, 3]
+        assert events[1] is shared
+        assert [e.data for e in events] == [{"type": "t", "n": n} for n in (1, 2, 3)]
+        for e in events:
+            assert e.user == "u"
+            assert e.frame.startswith(f"id: {e.id}\nevent: t\ndata: ".encode())
+        for n in range(4, 10):  # six records into a queue of four: the oldest two dropped
+            bus.emit("u", {"type": "t", "n": n})
+        events = a.take() or []
+        assert events[0].type == RESET_EVENT
+        assert positions(events) == [6, 7, 8, 9]
+        assert bus.stats()["dropped"] == 2
+
+
 async def test_deliver_takes_events_positioned_elsewhere() -> None:
     bus = make_bus()
     other = MemoryEventLog()

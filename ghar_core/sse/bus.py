@@ -25,7 +25,13 @@ from ghar_core.sse.log import (
 )
 from ghar_core.sse.outbox import BrokerEventLog, BrokerSink, event_of
 from ghar_core.sse.signals import redact_server_logs, signal_hook
-from ghar_core.sse.subscription import REAPED_IDLE, REAPED_STALLED, SHUTDOWN, Subscription
+from ghar_core.sse.subscription import (
+    REAPED_IDLE,
+    REAPED_STALLED,
+    SHUTDOWN,
+    Record,
+    Subscription,
+)
 
 if TYPE_CHECKING:
     from ghar_core.config import Settings
@@ -176,18 +182,28 @@ class SSEEventBus:
             entry.stamps.append(now)  # type: ignore[union-attr]  # made with frames
         elif memory.size:
             memory._start_history(entry, frame, now)
-        stored = _new_event(Event)  # its seven fields set here, as in append()
-        stored.user = user
-        stored.epoch = entry.epoch
-        stored.position = position
-        stored.type = kind
-        stored.data = event
-        stored.frame = frame
-        stored.ts = now
         self.emitted = emitted = self.emitted + 1
         subs = self._subs.get(user)
         count = 0
         if subs:
+            stored: Event | Record
+            if len(subs) == 1:
+                # One reader (the usual case): it gets a record, a tuple the GC
+                # stops tracking at its first collection, and take() makes the
+                # Event it hands over. An Event made here would stay queued,
+                # tracked, until the reader takes it: on a busy bus the queued
+                # Events were what pushed collections into the old generations.
+                stored = (entry.epoch, position, kind, event, frame, now)
+                subs[0].records = True
+            else:  # one Event shared by every reader
+                stored = _new_event(Event)  # its seven fields set here, as in append()
+                stored.user = user
+                stored.epoch = entry.epoch
+                stored.position = position
+                stored.type = kind
+                stored.data = event
+                stored.frame = frame
+                stored.ts = now
             room = self.queue_size - 1  # shorter than this: not full after the append
             for sub in subs:
                 queue = sub.queue
@@ -314,7 +330,7 @@ class SSEEventBus:
         self.delivered += count
         return count
 
-    def _put_first_or_full(self, sub: Subscription, event: Event) -> None:
+    def _put_first_or_full(self, sub: Subscription, event: Event | Record) -> None:
         # A subscription's first event (its queue is made now), or a queue
         # that becomes full with this one or drops its oldest for it.
         size = self.queue_size
@@ -324,7 +340,10 @@ class SSEEventBus:
         else:
             if len(queue) == size:
                 oldest = queue[0]
-                sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
+                if isinstance(oldest, Event):
+                    sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
+                else:  # a Record
+                    sub.dropped_epoch, sub.dropped_position = oldest[0], oldest[1]
                 self.dropped += 1
             queue.append(event)
         if len(queue) == size:
