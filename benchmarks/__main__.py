@@ -17,7 +17,7 @@ for the length of the run.
 
     .venv/bin/python -m benchmarks                  # everything (tens of minutes)
     .venv/bin/python -m benchmarks auth database    # two suites
-    .venv/bin/python -m benchmarks --quick          # a smoke run (about a minute)
+    .venv/bin/python -m benchmarks --quick          # a smoke run (about two minutes)
 """
 
 from __future__ import annotations

@@ -774,6 +774,16 @@ class Settings:
         "fraction of a second of events.",
         reader=("broker",),
     )
+    EVENT_OUTBOX_WRITERS: int = _var(
+        2,
+        "int",
+        "Feature flags",
+        "Outbox writers per process, committing in parallel, each on a direct connection of "
+        "its own (DATABASE_DIRECT_URL: this many plus the LISTEN one).",
+        minimum=1,
+        maximum=64,
+        reader=("broker",),
+    )
     EVENT_OUTBOX_PRUNE_INTERVAL: float = _var(
         30.0,
         "float",

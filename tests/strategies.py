@@ -330,3 +330,19 @@ def nested_json(draw: st.DrawFn, depth: int) -> Any:
             key = draw(st.text(max_size=4))
             value = {key: value} if sibling is None else {key: value, key + "_": sibling[0]}
     return value
+
+
+parsed_header_fields = st.lists(
+    st.tuples(
+        st.one_of(
+            st.sampled_from([b"Host", b"HOST", b"host", b"Expect", b"X-Host", b"Hosts"]),
+            st.binary(min_size=1, max_size=12),
+        ),
+        st.one_of(
+            st.sampled_from([b"100-continue", b"100-Continue \t", b"a.example ", b" \t", b""]),
+            st.binary(max_size=24),
+        ),
+    ),
+    max_size=8,
+)
+"""Header fields as httptools hands them to ``on_header`` (any case, trailing whitespace)."""

@@ -583,6 +583,29 @@ async def test_an_instance_holds_one_listen_and_one_connection_per_writer_closed
     assert after == []
 
 
+async def test_the_writer_count_comes_from_event_outbox_writers(outbox_dsn: str) -> None:
+    settings = broker_settings(outbox_dsn, EVENT_OUTBOX_WRITERS=1)
+    database = Database(settings)
+    await database.start()
+    broker = PostgresBroker(settings, database, prune=False)
+    try:
+        await broker.start()
+        assert await broker.wait_connected(10)
+        for i in range(20):  # streams spread over every writer there is: here one
+            broker.publish_nowait(TOPIC_USER, f"u{i}", "t", _payload(i))
+        await until(lambda: broker.queued() == 0)
+        async with database.connection() as conn:
+            writers = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'ghar-core-outbox'"
+            )
+        assert writers == 1
+        assert broker.published == 20
+    finally:
+        await broker.stop(grace=5)
+        await database.stop(grace=2)
+
+
 async def test_publishing_and_reading_survive_the_function_and_table_being_replaced(
     outbox_dsn: str,
 ) -> None:

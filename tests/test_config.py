@@ -93,6 +93,24 @@ def test_all_problems_are_reported_at_once() -> None:
     assert "6 problem(s)" in text
 
 
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("0", "must be at least 1, got 0"), ("65", "must be at most 64, got 65"), ("two", "integer")],
+)
+def test_the_outbox_writer_count_is_validated_naming_the_setting(value: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            app_env="dev", env_dir="/nonexistent", environ={"EVENT_OUTBOX_WRITERS": value}
+        )
+    assert [n for n, _ in info.value.problems] == ["EVENT_OUTBOX_WRITERS"]
+    assert "EVENT_OUTBOX_WRITERS" in str(info.value)
+    assert why in str(info.value)
+    loaded = load_settings(
+        app_env="dev", env_dir="/nonexistent", environ={"EVENT_OUTBOX_WRITERS": "5"}
+    )
+    assert loaded.EVENT_OUTBOX_WRITERS == 5
+
+
 def test_bad_app_env_is_named() -> None:
     with pytest.raises(ConfigError, match="APP_ENV"):
         load_settings(environ={"APP_ENV": "staging"})

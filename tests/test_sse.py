@@ -303,6 +303,76 @@ async def test_history_is_bounded_by_age_and_a_forgotten_user_gets_a_new_epoch()
     assert bus.log.head("u")[0] != epoch  # the old positions can never be mistaken
 
 
+async def test_history_age_holds_on_resume_and_after_a_reaper_cycle() -> None:
+    clock = Clock()
+    bus = make_bus(clock, SSE_HISTORY_MAX_AGE=60.0)
+    bus.emit("u", {"type": "t", "n": 1})
+    bus.emit("u", {"type": "t", "n": 2})
+    epoch = bus.log.head("u")[0]
+    clock.now += 61
+    bus.emit("u", {"type": "later", "n": [3]})
+    async with bus.subscribe("u", last_event_id=f"{epoch}:2") as sub:
+        (event,) = sub.take() or []
+        assert (event.position, event.type, event.data) == (3, "later", {"type": "later", "n": [3]})
+        assert event.id == f"{epoch}:3"
+        assert event.ts == clock.now
+    async with bus.subscribe("u", last_event_id=f"{epoch}:1") as sub:
+        (reset,) = sub.take() or []
+        assert reset.type == RESET_EVENT
+        assert "history_expired" in reset.frame.decode()
+    bus.reap()
+    assert bus.stats()["history_events"] == 1
+    clock.now += 61
+    bus.reap()
+    assert bus.stats()["history_events"] == 0
+
+
+async def test_emit_goes_through_a_log_that_positions_events_its_own_way() -> None:
+    class CountingLog(MemoryEventLog):
+        appended = 0
+
+        def append(self, user: str, type: str, data: Any, payload: bytes) -> Event:
+            self.appended += 1
+            return super().append(user, type, data, payload)
+
+    log = CountingLog()
+    bus = SSEEventBus(_settings(), log=log, handle_signals=False)
+    async with bus.subscribe("u") as sub, bus.subscribe("u") as other:
+        assert bus.emit("u", {"type": "t", "n": 1}) == 2
+        assert bus.emit("v", {"type": "t"}) == 0
+        (event,) = sub.take() or []
+        assert other.take() == [event]
+    assert log.appended == 2
+    assert (event.position, event.data) == (1, {"type": "t", "n": 1})
+    assert bus.stats()["delivered"] == 2
+    with pytest.raises(ValueError, match="reserved"):
+        bus.emit("u", {"type": RESET_EVENT})
+    assert log.appended == 2
+
+
+async def test_a_lone_readers_records_and_shared_events_keep_one_order() -> None:
+    bus = make_bus(queue_size=4)
+    async with bus.subscribe("u") as a:
+        bus.emit("u", {"type": "t", "n": 1})  # a alone: queued as a record
+        async with bus.subscribe("u") as b:
+            bus.emit("u", {"type": "t", "n": 2})  # two readers: one shared Event
+            (shared,) = b.take() or []
+        bus.emit("u", {"type": "t", "n": 3})
+        events = a.take() or []
+        assert positions(events) == [1, 2, 3]
+        assert events[1] is shared
+        assert [e.data for e in events] == [{"type": "t", "n": n} for n in (1, 2, 3)]
+        for e in events:
+            assert e.user == "u"
+            assert e.frame.startswith(f"id: {e.id}\nevent: t\ndata: ".encode())
+        for n in range(4, 10):  # six records into a queue of four: the oldest two dropped
+            bus.emit("u", {"type": "t", "n": n})
+        events = a.take() or []
+        assert events[0].type == RESET_EVENT
+        assert positions(events) == [6, 7, 8, 9]
+        assert bus.stats()["dropped"] == 2
+
+
 async def test_deliver_takes_events_positioned_elsewhere() -> None:
     bus = make_bus()
     other = MemoryEventLog()

@@ -17,7 +17,8 @@ closed, every refusal the error envelope with an ``X-Request-ID``:
   (``TRAILERS_TOO_LARGE``/``TOO_MANY_TRAILERS``), refused while they arrive;
   if the app's answer has started, the connection is closed instead;
 - a request target over ``MAX_URL_BYTES``: 414;
-- HTTP/1.1 without ``Host``, or any request with two: 400 (RFC 9112 §3.2);
+- HTTP/1.1 (or a later version in the request line) without ``Host``, or
+  any request with two: 400 (RFC 9112 §3.2);
 - a head not complete ``HEAD_TIMEOUT`` seconds after the connection opened
   (or after its first byte, between keep-alive requests): 408; a connection
   that never sent a byte is closed without an answer;
@@ -126,11 +127,12 @@ def _refusal(status: int, code: str, message: str, **details: Any) -> _Refusal:
 # Parser phases: between requests, inside a head, inside a body, refused or
 # handed to the WebSocket protocol (nothing of ours applies any more).
 _IDLE, _HEAD, _BODY, _DONE = range(4)
-# uvicorn's callbacks that ours extend, called as plain functions: looking them
+# The versions llhttp parses that predate Host (RFC 9112, section 3.2; RFC 9110, 7.2).
+_NO_HOST_NEEDED = frozenset({"0.9", "1.0"})
+# uvicorn's callback that ours extends, called as a plain function: looking it
 # up on the class each time (``HttpToolsProtocol.on_headers_complete``) is an
-# unspecialised attribute lookup on a type per callback (CPython 3.11).
+# unspecialised attribute lookup on a type per request (CPython 3.11).
 _on_headers_complete = HttpToolsProtocol.on_headers_complete
-_on_message_complete = HttpToolsProtocol.on_message_complete
 # After a refusal the read side stays open this long, discarding, so the
 # client reads the answer instead of a reset (closing with unread data sends RST).
 _LINGER_SECONDS = 1.0
@@ -155,6 +157,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         "_discarded",
         "_framing",
         "_head_bytes",
+        "_hosts",
         "_max_fields",
         "_max_head_fast",
         "_max_tasks",
@@ -182,6 +185,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._max_tasks = self.limits.max_concurrency or sys.maxsize
         self._phase = _IDLE
         self._head_bytes = 0
+        # Host fields of the message being parsed, counted by on_header.
+        self._hosts = 0
         self._deadline: float | None = None
         self._deadline_for = _IDLE
         self._timer: asyncio.TimerHandle | None = None
@@ -297,12 +302,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # --- parser callbacks --------------------------------------------------------------
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # What uvicorn's on_header does (the same field kept, the same Expect
+        # test), and Host fields counted: a test in the callback the parser makes
+        # anyway costs half what a loop over the headers after would, and calling
+        # uvicorn's from here would cost a frame per field. The two are compared
+        # in tests/asgi/test_server_limits.py.
+        name = name.lower()
+        # RFC 9110, 5.5: trailing whitespace is not part of the value (llhttp keeps it).
+        value = value.rstrip(b" \t")
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
     def on_headers_complete(self) -> None:
         headers = self.headers
-        hosts = 0
-        for name, _ in headers:
-            if name == b"host":
-                hosts += 1
+        hosts = self._hosts
         # One combined test on the hot path; which limit it was is worked out after.
         # The target is part of the head, so a head within _max_head_fast (the
         # smaller of MAX_HEADER_BYTES and MAX_URL_BYTES) has a target within both.
@@ -355,11 +372,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 f"The request target is longer than {limits.max_url_bytes} bytes.",
                 max_url_bytes=limits.max_url_bytes,
             )
-        if hosts != 1 and (hosts > 1 or self.parser.get_http_version() == "1.1"):
+        # Only requests older than HTTP/1.1 may go without Host; llhttp also takes
+        # "HTTP/2.0" in a request line, which has no :authority to stand in for it.
+        if hosts != 1 and (hosts > 1 or self.parser.get_http_version() not in _NO_HOST_NEEDED):
             raise _refusal(
                 400,
                 "BAD_HOST_HEADER",
-                "An HTTP/1.1 request needs exactly one Host header (RFC 9112, section 3.2).",
+                "An HTTP/1.1 (or later) request needs exactly one Host header "
+                "(RFC 9112, section 3.2).",
                 host_headers=hosts,
             )
         cap = limits.max_concurrency
@@ -377,8 +397,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # Trailer fields that arrived with the read that ended the message.
         if self.headers and 0 < self.limits.max_headers < len(self.headers):
             raise _too_many_trailers(self.limits.max_headers)
-        _on_message_complete(self)
+        # What uvicorn's on_message_complete does, inline (a frame less per
+        # request; compared with uvicorn's in tests/asgi/test_server_limits.py):
+        # the body is complete, unless the connection is being upgraded or the
+        # app has answered already.
+        cycle = self.cycle
+        if not (
+            (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete
+        ):
+            cycle.more_body = False
+            cycle.message_event.set()
         # Read whole: from here the app has all the time it needs (streams, SSE).
+        # Host fields among the trailers do not count towards the next head.
+        self._hosts = 0
         self._slack = self._chunk_len
         self._phase = _IDLE
         self._deadline = None

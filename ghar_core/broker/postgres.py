@@ -87,9 +87,10 @@ class PostgresBroker:
     probes of an idle listener (a loss is noticed within twice that).
     ``prune``: run the retention task. ``queue_limit``: events that may wait
     for the outbox, per writer, before ``publish_nowait`` refuses (503).
-    ``writers``: writer tasks (one direct connection each) committing in
-    parallel; a stream always goes to the same one, so one process's events
-    of a stream are stored in the order emitted.
+    ``writers`` (default ``EVENT_OUTBOX_WRITERS``): writer tasks (one direct
+    connection each) committing in parallel; a stream always goes to the
+    same one, so one process's events of a stream are stored in the order
+    emitted.
     ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT=false`` lets the writers commit without
     waiting for the WAL flush. Owned by the app's lifespan: ``start`` runs the
     tasks, ``stop`` flushes what is queued (bounded) and closes the
@@ -107,7 +108,7 @@ class PostgresBroker:
         direct_dsn: str | None = None,
         keepalive: float = 1.0,
         batch_size: int = 500,
-        writers: int = 2,
+        writers: int | None = None,
         queue_limit: int = 100_000,
         head_timeout: float = 5.0,
         prune: bool = True,
@@ -115,6 +116,7 @@ class PostgresBroker:
     ) -> None:
         if keepalive <= 0 or head_timeout <= 0:
             raise ValueError("keepalive and head_timeout must be > 0")
+        writers = settings.EVENT_OUTBOX_WRITERS if writers is None else writers
         if batch_size < 1 or queue_limit < 1 or writers < 1:
             raise ValueError("batch_size, queue_limit and writers must be >= 1")
         self.settings = settings

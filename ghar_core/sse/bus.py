@@ -16,10 +16,22 @@ import orjson
 from ghar_core.broker import TOPIC_USER, Broker, check_event
 from ghar_core.exceptions import ServiceUnavailableException
 from ghar_core.sse.default import claim_default, release_default
-from ghar_core.sse.log import RESET_EVENT, Event, EventLog, MemoryEventLog, json_default
+from ghar_core.sse.log import (
+    RESET_EVENT,
+    Event,
+    EventLog,
+    MemoryEventLog,
+    json_default,
+)
 from ghar_core.sse.outbox import BrokerEventLog, BrokerSink, event_of
 from ghar_core.sse.signals import redact_server_logs, signal_hook
-from ghar_core.sse.subscription import REAPED_IDLE, REAPED_STALLED, SHUTDOWN, Subscription
+from ghar_core.sse.subscription import (
+    REAPED_IDLE,
+    REAPED_STALLED,
+    SHUTDOWN,
+    Record,
+    Subscription,
+)
 
 if TYPE_CHECKING:
     from ghar_core.config import Settings
@@ -31,6 +43,8 @@ logger = logging.getLogger("ghar_core.sse")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _REAP_EVERY: Final = 10  # emits between two reaps of the full queues
 _JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+_dumps: Final = orjson.dumps
+_new_event: Final = object.__new__
 
 
 class Published(NamedTuple):
@@ -112,11 +126,16 @@ class SSEEventBus:
         self.log: EventLog = log or MemoryEventLog(
             size=settings.SSE_HISTORY_SIZE, max_age=settings.SSE_HISTORY_MAX_AGE, clock=clock
         )
+        # The log emit() positions events in itself (MemoryEventLog.append
+        # inlined), or None: a broker, or a log of another kind, is called.
+        self._memory: MemoryEventLog | None = None
+        if self.broker is None and type(self.log).append is MemoryEventLog.append:
+            self._memory = self.log  # type: ignore[assignment]  # checked just above
         self.handle_signals = handle_signals
         self._subs: dict[str, list[Subscription]] = {}
         self._subscribers = 0
         self._full: set[Subscription] = set()
-        self._types: set[str] = set()
+        self._parts: dict[str, bytes] = {}  # checked type -> its frame part
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         self.started = False
@@ -143,22 +162,77 @@ class SSEEventBus:
         instance) when it comes back committed; an event over
         ``EVENT_MAX_PAYLOAD_BYTES`` is an :class:`~ghar_core.broker.EventTooLargeError`.
         """
+        memory = self._memory
+        if memory is None:
+            return self._emit_elsewhere(user_id, event)
+        # _store(), MemoryEventLog.append(), _deliver() and _tick() inlined:
+        # this is the hottest path (keep it in step with those four).
+        user = user_id if type(user_id) is str else str(user_id)
+        kind = event.get("type", "message")
+        part = self._parts.get(kind) or self._check_type(kind)
+        payload = _dumps(event, json_default, _JSON_OPTIONS)
+        entry = memory._users.get(user) or memory._entry(user)
+        now = memory._clock()
+        position = entry.head = entry.head + 1
+        entry.touched = now
+        frame = b"%b%d%b%b\n\n" % (entry.id_prefix, position, part, payload)
+        frames = entry.frames
+        if frames is not None:
+            frames.append(frame)
+            entry.stamps.append(now)  # type: ignore[union-attr]  # made with frames
+        elif memory.size:
+            memory._start_history(entry, frame, now)
+        self.emitted = emitted = self.emitted + 1
+        subs = self._subs.get(user)
+        count = 0
+        if subs:
+            stored: Event | Record
+            if len(subs) == 1:
+                # One reader (the usual case): it gets a record, a tuple the GC
+                # stops tracking at its first collection, and take() makes the
+                # Event it hands over. An Event made here would stay queued,
+                # tracked, until the reader takes it: on a busy bus the queued
+                # Events were what pushed collections into the old generations.
+                stored = (entry.epoch, position, kind, event, frame, now)
+                subs[0].records = True
+            else:  # one Event shared by every reader
+                stored = _new_event(Event)  # its seven fields set here, as in append()
+                stored.user = user
+                stored.epoch = entry.epoch
+                stored.position = position
+                stored.type = kind
+                stored.data = event
+                stored.frame = frame
+                stored.ts = now
+            room = self.queue_size - 1  # shorter than this: not full after the append
+            for sub in subs:
+                queue = sub.queue
+                if queue is not None and len(queue) < room:
+                    queue.append(stored)
+                else:
+                    self._put_first_or_full(sub, stored)
+                wake = sub._wake
+                if wake is not None:
+                    sub._wake = None
+                    if not wake.done():  # cancelled with its reader's task
+                        wake.set_result(True)
+            count = len(subs)
+            self.delivered += count
+        if self._full and not emitted % _REAP_EVERY:
+            self._reap_full()
+        return count
+
+    def _emit_elsewhere(self, user_id: Any, event: Mapping[str, Any]) -> int:
+        # emit() through a remote broker, or with a log that is not a plain
+        # MemoryEventLog: the log positions the event.
         if self.broker is not None:
             user, kind, payload = self._encode(user_id, event)
             self.broker.publish_nowait(TOPIC_USER, user, kind, payload)
             return 0
-        # _store() and _tick() inlined: this is the hottest path.
-        user = user_id if type(user_id) is str else str(user_id)
-        kind = event.get("type", "message")
-        if kind not in self._types:
-            self._check_type(kind)
-        payload = orjson.dumps(event, json_default, _JSON_OPTIONS)
-        self.emitted = emitted = self.emitted + 1
-        stored = self.log.append(user, kind, event, payload)
-        subs = self._subs.get(user)
+        stored = self._store(user_id, event)
+        subs = self._subs.get(stored.user)
         count = self._deliver(stored, subs) if subs else 0
-        if self._full and not emitted % _REAP_EVERY:
-            self._reap_full()
+        self._tick()
         return count
 
     def publish(self, user_id: Any, event: Mapping[str, Any]) -> Published:
@@ -189,7 +263,7 @@ class SSEEventBus:
     def _encode(self, user_id: Any, event: Mapping[str, Any]) -> tuple[str, str, bytes]:
         user = user_id if type(user_id) is str else str(user_id)
         kind = event.get("type", "message")
-        if kind not in self._types:
+        if kind not in self._parts:
             self._check_type(kind)
         payload = orjson.dumps(event, json_default, _JSON_OPTIONS)
         check_event(TOPIC_USER, user, kind, payload, self.settings.EVENT_MAX_PAYLOAD_BYTES)
@@ -204,19 +278,23 @@ class SSEEventBus:
     def _store(self, user_id: Any, event: Mapping[str, Any]) -> Event:
         user = user_id if type(user_id) is str else str(user_id)
         kind = event.get("type", "message")
-        if kind not in self._types:
+        if kind not in self._parts:
             self._check_type(kind)
         payload = orjson.dumps(event, json_default, _JSON_OPTIONS)
         self.emitted += 1
         return self.log.append(user, kind, event, payload)
 
-    def _check_type(self, kind: Any) -> None:
+    def _check_type(self, kind: Any) -> bytes:
+        # A type not seen yet: checked, then remembered with its frame part
+        # ("\nevent: <type>\ndata: "), up to 1024 of them.
         if not isinstance(kind, str) or not _EVENT_TYPE.match(kind):
             raise ValueError(f"event type must be 1-64 of [A-Za-z0-9_.-], got {kind!r}")
         if kind == RESET_EVENT:
             raise ValueError("the event type 'reset' is reserved for the bus")
-        if len(self._types) < 1024:
-            self._types.add(kind)
+        part = b"\nevent: %b\ndata: " % kind.encode("ascii")
+        if len(self._parts) < 1024:
+            self._parts[kind] = part
+        return part
 
     def deliver(self, event: Event) -> int:
         """Put an already-positioned event into its user's queues (a broker's entry point).
@@ -232,9 +310,10 @@ class SSEEventBus:
         return self._deliver(event, subs)
 
     def _deliver(self, event: Event, subs: list[Subscription]) -> int:
-        # The loop runs once per subscriber of every event: a queue with room
-        # takes the event in one append, and a blocked reader is woken once
-        # (the first emit clears its _wake; later ones test one attribute).
+        # The loop runs once per subscriber of every event (emit() has its own
+        # copy): a queue with room takes the event in one append, and a blocked
+        # reader is woken once (the first emit clears its _wake; later ones
+        # test one attribute).
         room = self.queue_size - 1  # shorter than this: not full after the append
         for sub in subs:
             queue = sub.queue
@@ -251,7 +330,7 @@ class SSEEventBus:
         self.delivered += count
         return count
 
-    def _put_first_or_full(self, sub: Subscription, event: Event) -> None:
+    def _put_first_or_full(self, sub: Subscription, event: Event | Record) -> None:
         # A subscription's first event (its queue is made now), or a queue
         # that becomes full with this one or drops its oldest for it.
         size = self.queue_size
@@ -261,7 +340,10 @@ class SSEEventBus:
         else:
             if len(queue) == size:
                 oldest = queue[0]
-                sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
+                if isinstance(oldest, Event):
+                    sub.dropped_epoch, sub.dropped_position = oldest.epoch, oldest.position
+                else:  # a Record
+                    sub.dropped_epoch, sub.dropped_position = oldest[0], oldest[1]
                 self.dropped += 1
             queue.append(event)
         if len(queue) == size:

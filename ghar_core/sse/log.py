@@ -147,23 +147,43 @@ class EventLog(Protocol):
     def stats(self) -> dict[str, int]: ...
 
 
-# One event of the history: (position, ts, frame, type, where the data starts in
-# the frame). Only atomic values, so CPython stops tracking the tuple at its
-# first collection: a history of 100 events per user for thousands of users is
-# then never rescanned by the cyclic GC, and does not make full collections
-# (each one a pause of every open stream) come sooner.
-_Record = tuple[int, float, bytes, str, int]
-
-
 class _UserLog:
-    __slots__ = ("epoch", "events", "head", "id_prefix", "touched")
+    # The history is two parallel deques of atomic values, the frames and the
+    # times they were stored, rather than a record object per event: an emit
+    # allocates nothing for it (the frame and the clock reading already exist),
+    # and nothing in it is tracked by the cyclic GC, so a history of 100 events
+    # for each of thousands of users never makes collections come sooner or
+    # cost more. Positions need no storage: the history is always the run of
+    # consecutive positions that ends at ``head``.
+    __slots__ = ("epoch", "frames", "head", "id_prefix", "stamps", "touched")
 
     def __init__(self, epoch: str, now: float) -> None:
         self.epoch = epoch
         self.id_prefix = b"id: %b:" % epoch.encode("ascii")  # encoded once per user
         self.head = 0
-        self.events: deque[_Record] | None = None  # made on the first event
+        self.frames: deque[bytes] | None = None  # both made on the first event
+        self.stamps: deque[float] | None = None
         self.touched = now
+
+    def expire(self, limit: float) -> int:
+        """Forget the events stored before ``limit``; returns how many."""
+        frames, stamps = self.frames, self.stamps
+        dropped = 0
+        while stamps and stamps[0] < limit:
+            stamps.popleft()
+            frames.popleft()  # type: ignore[union-attr]  # made with stamps
+            dropped += 1
+        return dropped
+
+
+def _event_of_frame(user: str, epoch: str, position: int, frame: bytes, ts: float) -> Event:
+    # A replayed event, rebuilt from the frame append() formatted: the type is
+    # between "\nevent: " and "\ndata: " (neither an epoch nor a type has a
+    # newline), the data between "\ndata: " and the closing blank line.
+    start = frame.index(b"\nevent: ") + 8
+    end = frame.index(b"\ndata: ", start)
+    data = orjson.loads(memoryview(frame)[end + 7 : -2])
+    return Event(user, epoch, position, frame[start:end].decode("ascii"), data, frame, ts)
 
 
 class MemoryEventLog:
@@ -174,8 +194,9 @@ class MemoryEventLog:
     open stream and no event for ``max_age`` is forgotten (``trim``); if they
     come back they get a new epoch, so an id from before can never be mistaken
     for a position of the new log. Epochs are a random per-process prefix plus
-    a counter. The history holds records the garbage collector does not
-    track; a replay builds its :class:`Event` objects from them.
+    a counter. The history holds only frames and times, which the garbage
+    collector does not track; a replay builds its :class:`Event` objects from
+    the frames.
     """
 
     def __init__(
@@ -211,16 +232,22 @@ class MemoryEventLog:
         return self.head(user)
 
     def append(self, user: str, type: str, data: Any, payload: bytes) -> Event:
-        # The hot path of every emit: one dict lookup, one clock read, one format.
+        # The hot path of every emit: one dict lookup, one clock read, one
+        # format, two appends. The history's age is not checked here: it is
+        # bounded in count on every append, and in age by read_since (nothing
+        # older than max_age is ever replayed) and by trim (the reaper's cycle).
         entry = self._users.get(user) or self._entry(user)
         now = self._clock()
         position = entry.head = entry.head + 1
         entry.touched = now
-        part = self._type_parts.get(type)
-        if part is None:
-            part = b"\nevent: %b\ndata: " % type.encode("ascii")
-            if len(self._type_parts) < 1024:
-                self._type_parts[type] = part
+        part = self._type_parts.get(type) or self._type_part(type)
+        frame = b"%b%d%b%b\n\n" % (entry.id_prefix, position, part, payload)
+        frames = entry.frames
+        if frames is not None:
+            frames.append(frame)
+            entry.stamps.append(now)  # type: ignore[union-attr]  # made with frames
+        elif self.size:
+            self._start_history(entry, frame, now)
         # Event's fields set here rather than by calling the class: a Python
         # __init__ behind a class call costs more than the seven stores.
         event = _new_event(Event)
@@ -229,18 +256,19 @@ class MemoryEventLog:
         event.position = position
         event.type = type
         event.data = data
-        event.frame = b"%b%d%b%b\n\n" % (entry.id_prefix, position, part, payload)
+        event.frame = frame
         event.ts = now
-        if self.size:
-            events = entry.events
-            if events is None:
-                events = entry.events = deque(maxlen=self.size)
-            frame = event.frame
-            events.append((position, now, frame, type, len(frame) - len(payload) - 2))
-            limit = now - self.max_age
-            while events[0][1] < limit:
-                events.popleft()
         return event
+
+    def _start_history(self, entry: _UserLog, frame: bytes, now: float) -> None:
+        entry.frames = deque((frame,), maxlen=self.size)
+        entry.stamps = deque((now,), maxlen=self.size)
+
+    def _type_part(self, type: str) -> bytes:
+        part = b"\nevent: %b\ndata: " % type.encode("ascii")
+        if len(self._type_parts) < 1024:
+            self._type_parts[type] = part
+        return part
 
     async def read_since(self, user: str, epoch: str, position: int) -> list[Event] | str:
         entry = self._users.get(user)
@@ -250,39 +278,37 @@ class MemoryEventLog:
             return "unknown_position"
         if position == entry.head:
             return []
-        events = entry.events
-        if events:
-            limit = self._clock() - self.max_age
-            while events and events[0][1] < limit:
-                events.popleft()
-        if not events or events[0][0] > position + 1:
+        if entry.stamps:
+            entry.expire(self._clock() - self.max_age)
+        frames, stamps = entry.frames, entry.stamps
+        if not frames or not stamps:
             return "history_expired"
-        out = []
-        epoch = entry.epoch
-        for pos, ts, frame, kind, start in itertools.islice(
-            events, position + 1 - events[0][0], None
-        ):
-            data = orjson.loads(memoryview(frame)[start:-2])
-            out.append(Event(user, epoch, pos, kind, data, frame, ts))
-        return out
+        oldest = entry.head - len(frames) + 1
+        if oldest > position + 1:
+            return "history_expired"
+        skip = position + 1 - oldest
+        missed = zip(
+            itertools.islice(frames, skip, None), itertools.islice(stamps, skip, None), strict=True
+        )
+        return [
+            _event_of_frame(user, epoch, position + i, frame, ts)
+            for i, (frame, ts) in enumerate(missed, 1)
+        ]
 
     def trim(self, active: Container[str] = ()) -> int:
         now = self._clock()
         limit = now - self.max_age
         dropped = 0
         for user, entry in list(self._users.items()):
-            events = entry.events
-            while events and events[0][1] < limit:
-                events.popleft()
-                dropped += 1
+            dropped += entry.expire(limit)
             if user in active:
                 entry.touched = now  # resumable for max_age after its last stream
-            elif not events and entry.touched < limit:
+            elif not entry.frames and entry.touched < limit:
                 del self._users[user]
         return dropped
 
     def stats(self) -> dict[str, int]:
         return {
             "history_users": len(self._users),
-            "history_events": sum(len(e.events or ()) for e in self._users.values()),
+            "history_events": sum(len(e.frames or ()) for e in self._users.values()),
         }

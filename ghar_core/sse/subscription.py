@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from ghar_core.sse.log import Event, parse_event_id, reset_event
 
@@ -19,6 +19,7 @@ __all__ = [
     "REAPED_IDLE",
     "REAPED_STALLED",
     "SHUTDOWN",
+    "Record",
     "Subscription",
 ]
 
@@ -28,6 +29,22 @@ DISCONNECTED: Final = "disconnected"
 REAPED_STALLED: Final = "stalled"
 REAPED_IDLE: Final = "idle"
 SHUTDOWN: Final = "shutdown"
+
+#: An event queued for a user's only reader: (epoch, position, type, data,
+#: frame, ts), the fields of its :class:`Event` but ``user``. A tuple, so the
+#: GC stops tracking it at its first collection (when data holds no
+#: container); :meth:`Subscription.take` makes the Event.
+Record = tuple[str, int, str, Any, bytes, float]
+_new_event: Final = object.__new__
+
+
+def _event_of(user: str, item: Event | Record) -> Event:
+    if isinstance(item, Event):
+        return item
+    event = _new_event(Event)
+    event.user = user
+    event.epoch, event.position, event.type, event.data, event.frame, event.ts = item
+    return event
 
 
 class Subscription:
@@ -57,6 +74,7 @@ class Subscription:
         "last_event_id",
         "ordered",
         "queue",
+        "records",
         "touched",
         "user",
     )
@@ -65,7 +83,8 @@ class Subscription:
         self._bus = bus
         self.user = user
         self.last_event_id = last_event_id
-        self.queue: deque[Event] | None = None  # made on the first event
+        self.queue: deque[Event | Record] | None = None  # made on the first event
+        self.records = False  # the queue may hold records (see Record)
         # Everything queued came from the bus's own log (in order, one apart);
         # False once a broker delivered into the queue, until it is drained.
         self.ordered = True
@@ -175,7 +194,40 @@ class Subscription:
             # the queue not full (so none was replayed and no reset is due).
             first = queue[0]
             count = len(queue)
-            if (
+            if not isinstance(first, Event):
+                # Records (this user's only reader): the same tests on the
+                # tuples, then an Event made for each.
+                last = queue[-1]
+                if (
+                    not isinstance(last, Event)
+                    and count < queue.maxlen  # type: ignore[operator]  # always bounded
+                    and count <= limit
+                    and (first[0] != self.epoch or first[1] > self.cursor)
+                    and last[0] == first[0]
+                    and last[1] - first[1] == count - 1
+                ):
+                    user = self.user
+                    out: list[Event] = []
+                    for item in queue:
+                        if isinstance(item, Event):
+                            out.append(item)
+                            continue
+                        event = _new_event(Event)
+                        event.user = user
+                        (
+                            event.epoch,
+                            event.position,
+                            event.type,
+                            event.data,
+                            event.frame,
+                            event.ts,
+                        ) = item
+                        out.append(event)
+                    queue.clear()
+                    self.records = False
+                    self.epoch, self.cursor = last[0], last[1]
+                    return out
+            elif (
                 count < queue.maxlen  # type: ignore[operator]  # always bounded
                 and count <= limit
                 and (first.epoch != self.epoch or first.position > self.cursor)
@@ -185,8 +237,13 @@ class Subscription:
                     self.epoch, self.cursor = first.epoch, first.position
                     return [first]
                 last = queue[-1]
-                if last.epoch == first.epoch and last.position - first.position == count - 1:
-                    out = list(queue)
+                if (
+                    not self.records  # then every item is an Event
+                    and isinstance(last, Event)
+                    and last.epoch == first.epoch
+                    and last.position - first.position == count - 1
+                ):
+                    out = cast("list[Event]", list(queue))
                     queue.clear()
                     self.epoch, self.cursor = last.epoch, last.position
                     return out
@@ -202,7 +259,14 @@ class Subscription:
             for event in backlog:
                 out.append(event)
                 self.epoch, self.cursor = event.epoch, event.position
-        queue = self.queue
+        if self.records:
+            # Records become Events first; everything below reads Events.
+            self.records = False
+            if self.queue:
+                events = [_event_of(self.user, item) for item in self.queue]
+                self.queue.clear()
+                self.queue.extend(events)
+        queue = cast("deque[Event] | None", self.queue)  # no record left in it
         if queue:
             if self.full_cycles or len(queue) == queue.maxlen:
                 self._bus._full.discard(self)

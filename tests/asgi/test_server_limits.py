@@ -4,7 +4,8 @@ Two servers per module (subprocesses on free loopback ports): one with short
 deadlines (head 1 s, body 1.5 s, keep-alive 1 s) for the limits and faults,
 one with small caps (3 requests in flight, 8 connections). Each group ends by
 checking that the server still answers ``/health``. Deadlines are kept short
-so the whole module runs in well under a minute.
+so the whole module runs in well under a minute. At the end, in memory: the
+parser callbacks ours re-implements (for speed) against uvicorn's own.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from hypothesis import given
 
 from ghar_core.asgi.limits import PROTOCOL
 from tests.asgi.sse_support import SERVED_ENV, token_for
+from tests.strategies import parsed_header_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAM = "/api/v1/events/stream"
@@ -315,12 +318,28 @@ async def test_a_long_request_target_is_a_414(server: Served) -> None:
         (b"GET /health HTTP/1.1\r\n\r\n", 0),
         (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 2),
         (b"GET /health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 2),
+        # llhttp takes "HTTP/2.0" in a request line: a version past 1.1 needs Host too.
+        (b"GET /health HTTP/2.0\r\n\r\n", 0),
     ],
+    ids=["1.1-none", "1.1-two", "1.0-two", "2.0-none"],
 )
 async def test_missing_or_duplicated_host_is_a_400(server: Served, head: bytes, hosts: int) -> None:
     raw = await _exchange(server.port, head)
     assert _envelope(raw, 400, "BAD_HOST_HEADER")["details"] == {"host_headers": hosts}
     await _healthy(server.port)
+
+
+async def test_a_host_trailer_does_not_count_towards_the_next_head(server: Served) -> None:
+    """Host fields are counted as the parser hands them over, trailers too: the count
+    must start again with each request on a keep-alive connection."""
+    raw = await _exchange(
+        server.port,
+        b"POST /header-names HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nab\r\n0\r\nHost: evil\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 2, raw
+    assert b"BAD_HOST_HEADER" not in raw
 
 
 async def test_http_1_0_without_host_is_fine(server: Served) -> None:
@@ -627,3 +646,132 @@ async def test_plain_uvicorn_with_our_protocol_enforces_the_settings(tmp_path: P
         assert silent == b""
         assert after < 2.5
         await _healthy(served.port)
+
+
+# --- in memory: the callbacks ours re-implements, against uvicorn's -----------------------
+
+
+class _MemoryTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def write(self, data: Any) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _memory_app(scope: Any, receive: Any, send: Any) -> None:
+    """``/answer`` answers at once without reading the body; anything else never answers."""
+    if scope["path"] == "/answer":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await asyncio.Event().wait()
+
+
+def _both_protocols(loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+    """uvicorn's httptools protocol and ours, each connected to its own memory transport."""
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from ghar_core.asgi.limits import LimitedHttpToolsProtocol, ServerLimits
+
+    config = uvicorn.Config(_memory_app, lifespan="off", access_log=False, log_config=None)
+    config.load()
+    theirs = HttpToolsProtocol(config, ServerState(), {}, loop)
+    ours = LimitedHttpToolsProtocol(config, ServerState(), {}, loop, limits=ServerLimits())
+    for protocol in (theirs, ours):
+        protocol.connection_made(_MemoryTransport())
+    return theirs, ours
+
+
+@given(fields=parsed_header_fields)
+def test_on_header_keeps_what_uvicorns_keeps(fields: list[tuple[bytes, bytes]]) -> None:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    loop = asyncio.new_event_loop()
+    try:
+        theirs, ours = _both_protocols(loop)
+        for protocol in (theirs, ours):
+            protocol.headers = []
+            protocol.expect_100_continue = False
+        for name, value in fields:
+            HttpToolsProtocol.on_header(theirs, name, value)
+            ours.on_header(name, value)
+        assert ours.headers == theirs.headers
+        assert ours.expect_100_continue is theirs.expect_100_continue
+        assert ours._hosts == [name for name, _ in theirs.headers].count(b"host")
+        for protocol in (theirs, ours):
+            protocol.connection_lost(None)
+    finally:
+        loop.close()
+
+
+def _cycle_state(protocol: Any) -> tuple[Any, ...]:
+    cycle = protocol.cycle
+    if cycle is None:
+        return (None,)
+    return (
+        cycle.more_body,
+        cycle.message_event.is_set(),
+        bytes(cycle.body),
+        cycle.response_complete,
+        cycle.disconnected,
+    )
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n"],
+        [b"POST /wait HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"],
+        [b"POST /wait HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhe", b"llo"],
+        [
+            b"POST /wait HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"2\r\nab\r\n0\r\nX-T: 1\r\n\r\n",
+        ],
+        # The app answered before the body ended: uvicorn's leaves the body unfinished.
+        [b"POST /answer HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhe", b"llo"],
+        # An upgrade the server does not take: a plain request.
+        [b"GET /wait HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"],
+    ],
+    ids=["get", "body", "body-in-two-reads", "chunked-trailer", "answered-first", "h2c"],
+)
+async def test_on_message_complete_leaves_the_request_as_uvicorns_does(reads: list[bytes]) -> None:
+    """Ours does uvicorn's on_message_complete inline: the same cycle after every read."""
+    theirs, ours = _both_protocols(asyncio.get_running_loop())
+    try:
+        for data in reads:
+            for protocol in (theirs, ours):
+                protocol.data_received(data)
+            for _ in range(5):  # the apps' tasks run up to their first wait
+                await asyncio.sleep(0)
+            assert _cycle_state(ours) == _cycle_state(theirs)
+        assert ours.transport.data == theirs.transport.data
+        assert _cycle_state(ours)[0] is (b"/answer" in reads[0])  # more_body
+    finally:
+        for protocol in (theirs, ours):
+            protocol.connection_lost(None)
+            tasks = list(protocol.tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
