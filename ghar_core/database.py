@@ -33,8 +33,9 @@ Design choices, and why:
   (rolled back first). ``SET LOCAL`` and ``pg_advisory_xact_lock`` need
   nothing. Session state is wrong behind PgBouncer's transaction mode anyway;
   prefer ``SET LOCAL`` inside :meth:`Database.transaction`. A clean
-  connection's holder goes straight back to asyncpg's queue, and a free
-  connected one is taken straight from it (asyncpg's own acquire and release
+  connection's holder goes straight back to the pool's queue of free
+  holders (asyncpg's queue class, subclassed to serve waiters in order: see
+  below), and a free connected one is taken straight from it (asyncpg's own acquire and release
   coroutines, with the ``asyncio.timeout`` around its reset, cost more than
   the query).
 * **No timer on the event loop.** asyncpg arms a ``call_later``
