@@ -37,10 +37,12 @@ measures, side by side:
    at 1 000 publishes/s and the publish rate one instance sustains -- ours
    (the outbox broker, durable and with ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``
    off) beside encode/broadcaster's Postgres backend and the floor, a bare
-   asyncpg NOTIFY -> LISTEN round trip (see ``benchmarks/_realtime_broker.py``).
+   asyncpg NOTIFY -> LISTEN round trip, and a reference: what one WAL flush
+   costs on this disk (see ``benchmarks/_realtime_broker.py``).
 
     .venv/bin/python benchmarks/realtime.py            # writes benchmarks/results/
     .venv/bin/python benchmarks/realtime.py --quick    # smoke run, no files
+    .venv/bin/python benchmarks/realtime.py --only-cross   # part 6 alone, no files
 """
 
 from __future__ import annotations
@@ -1041,6 +1043,30 @@ def summary(
     return out
 
 
+def _only_cross(
+    args: argparse.Namespace, latency_events: int, rate_events: int, rounds: int
+) -> None:
+    before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    cross = asyncio.run(measure_cross_instance(latency_events, rate_events, rounds))
+    after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    out = [f"Load average before / after: {before} / {after}; {rounds} round(s).", ""]
+    out += render_cross(cross)
+    out += ["| target | measured | met |", "|---|---:|:---:|"]
+    targets = targets_cross(cross)
+    out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets]
+    table = "\n".join(out) + "\n"
+    print(table)
+    if args.results_dir is not None:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        (args.results_dir / "realtime_cross.md").write_text(table)
+        payload = {
+            "cross_instance": [asdict(c) for c in cross],
+            "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets],
+            "summary": summary_cross(cross),
+        }
+        (args.results_dir / "realtime_cross.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deliveries", type=int, default=100_000)
@@ -1049,6 +1075,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--ws-rounds", type=int, default=10, help="broadcasts per WebSocket row")
     parser.add_argument("--ws-send-timeout", type=float, default=1.0)
+    parser.add_argument(
+        "--cross-rounds", type=int, default=3, help="rounds of every across-instance variant"
+    )
+    parser.add_argument(
+        "--only-cross",
+        action="store_true",
+        help="run only part 6 (across instances); writes files only with --results-dir",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run; writes no files")
     parser.add_argument("--results-dir", type=Path, help="write here (with --quick too)")
     parser.add_argument("--serve", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
@@ -1070,6 +1104,10 @@ def main(argv: list[str] | None = None) -> None:
     before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     latency_events, rate_events = (300, 2000) if args.quick else (3000, 20_000)
+    cross_rounds = 1 if args.quick else args.cross_rounds
+    if args.only_cross:
+        _only_cross(args, latency_events, rate_events, cross_rounds)
+        return
 
     async def run() -> tuple[
         list[Throughput], list[Memory], list[Socketed], list[Broadcast], list[CrossInstance]
@@ -1078,7 +1116,7 @@ def main(argv: list[str] | None = None) -> None:
         memory = await measure_memory(args.subscribers)
         sockets = await measure_sockets(args.connections, 1 if args.quick else args.rounds)
         broadcasts = await measure_broadcast(ws_sizes, args.ws_rounds, args.ws_send_timeout)
-        cross = await measure_cross_instance(latency_events, rate_events)
+        cross = await measure_cross_instance(latency_events, rate_events, cross_rounds)
         return throughput, memory, sockets, broadcasts, cross
 
     throughput, memory, sockets, broadcasts, cross = asyncio.run(run())

@@ -42,15 +42,22 @@ asyncpg's own timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
 import time
 from typing import Any, Final
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from asyncpg.pool import PoolConnectionProxy, _PoolConnectionHolderQueue
 
-__all__ = ["GharConnection", "GharPoolProxy", "may_write", "touches_session_state"]
+__all__ = [
+    "GharConnection",
+    "GharPoolProxy",
+    "HolderQueue",
+    "may_write",
+    "touches_session_state",
+]
 
 _RESET_QUERY: Final = "DISCARD ALL"
 
@@ -465,3 +472,54 @@ class GharPoolProxy(PoolConnectionProxy):  # type: ignore[misc]
     fetchval = _direct("fetchval")
     fetchrow = _direct("fetchrow")
     fetchmany = _direct("fetchmany")
+
+
+class HolderQueue(_PoolConnectionHolderQueue):  # type: ignore[misc]
+    """asyncpg's queue of free connection holders, handing each one to the oldest waiter.
+
+    asyncio's queue only wakes a waiter on ``put`` and leaves the item in the
+    queue for it to take when it runs; any task that runs first (one created
+    just before the release, or the releasing task leasing again) takes it,
+    and the waiter queues again at the back, so it can reach its acquire
+    timeout (a 503) while connections keep coming free. Here ``put_nowait``
+    gives the holder to the oldest live waiter itself, so a holder is only
+    ever in the queue while nobody waits, and whoever takes a free one (our
+    pool's ``take()``, asyncpg's ``get_nowait``) cannot jump a waiter. Every
+    release path of asyncpg and of ours comes through ``put_nowait``.
+    """
+
+    @classmethod
+    def replacing(cls, queue: Any) -> HolderQueue:
+        """A hand-off queue with the holders of ``queue`` (a fresh pool's: nobody waits)."""
+        assert not queue._getters, "replaced while a task waits"
+        fair = cls(maxsize=queue.maxsize)
+        fair._queue.extend(queue._queue)
+        return fair
+
+    def put_nowait(self, item: Any) -> None:
+        """Hand ``item`` to the oldest waiter still waiting, or keep it (never full)."""
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(item)
+                return
+        self._queue.append(item)
+
+    async def get(self) -> Any:
+        """A free holder now, or the next one released after those who asked earlier."""
+        if self._queue:  # nobody waits while a holder is free
+            return self.get_nowait()
+        getter = self._get_loop().create_future()
+        self._getters.append(getter)
+        try:
+            return await getter
+        except BaseException:
+            if getter.done() and not getter.cancelled():
+                # Handed a holder, then cancelled before running: the next waiter's.
+                self.put_nowait(getter.result())
+            else:
+                getter.cancel()
+                with contextlib.suppress(ValueError):  # a put already dropped it
+                    self._getters.remove(getter)
+            raise

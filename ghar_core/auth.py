@@ -187,9 +187,40 @@ _PARTS: Final = {
     for reason, message in _MESSAGES.items()
 }
 
-#: The 401 of each constant local refusal, built once (see AuthenticationException.again).
+_INVALID_TOKEN_CHALLENGE: Final = _PARTS[AuthFailureReason.UNKNOWN_KEY.value][1]["WWW-Authenticate"]
+
+
+class _ConstantRefusal(AuthenticationException):
+    """A 401 whose fields all live on its class but ``headers``: the cheapest copy.
+
+    The refusals of an unknown kid are constants (their messages name no
+    token) and a random-kid storm builds one per request. A copy of a plain
+    401 fills a new instance dict; a copy of this is the exception and its own
+    ``WWW-Authenticate`` dict in a slot, nothing else. Each message is a
+    subclass (:func:`_constant_refusal`) carrying what ``__init__`` would set.
+    """
+
+    __slots__ = ("headers",)
+
+    def again(self) -> AuthenticationException:
+        copy = _new_exception(type(self), self.message)
+        copy.headers = {"WWW-Authenticate": _INVALID_TOKEN_CHALLENGE}
+        return copy
+
+
+def _constant_refusal(reason: AuthFailureReason, detail: str) -> AuthenticationException:
+    """The 401 of ``reason`` and ``detail``, as a :class:`_ConstantRefusal`."""
+    template = AuthenticationException(reason, detail)
+    fields = {name: value for name, value in vars(template).items() if name != "headers"}
+    kind = type("AuthenticationException", (_ConstantRefusal,), {"__slots__": (), **fields})
+    refusal: AuthenticationException = kind(reason, detail)
+    assert refusal.headers == template.headers  # again() builds the same challenge
+    return refusal
+
+
+#: The 401 of each constant local refusal, built once (see _ConstantRefusal.again).
 _LOCAL_REFUSALS: Final = {
-    message: AuthenticationException(AuthFailureReason.UNKNOWN_KEY, message)
+    message: _constant_refusal(AuthFailureReason.UNKNOWN_KEY, message)
     for message in UNKNOWN_KEY_MESSAGES
 }
 
@@ -428,6 +459,15 @@ class SupabaseAuth:
         self._local_entries = self.local_refusals._data
         self._local_clock = self.local_refusals._clock
         self._local_stats = self.local_refusals._stats
+        # What remember_credential reads (TTL, 0 when off; size), for decide_request's
+        # inlined store. One attribute, not two: this object has 29, and at 30
+        # CPython 3.11's shared instance-dict keys fill up (SHARED_KEYS_MAX_SIZE),
+        # which made every attribute load slower (callgrind: a cache hit +3%).
+        local_cache = self.local_refusals._cache
+        self._local_limits = (
+            local_cache.ttl if local_cache.max_size > 0 else 0.0,
+            local_cache.max_size,
+        )
         self.max_in_flight = settings.AUTH_PROVIDER_MAX_IN_FLIGHT
         self._in_flight: dict[bytes, asyncio.Task[_Verdict]] = {}
         self._circuit_until = -math.inf
@@ -596,9 +636,20 @@ class SupabaseAuth:
             # A kid the fresh key set lacks, told from the header segment alone.
             verifier = self.verifier
             rejected = verifier.refusal_by_header(header, 7)
-            if rejected is not None and verifier.jwks is not None:
+            if rejected is not None and (jwks := verifier.jwks) is not None:
                 known = _LOCAL_REFUSALS[rejected.message]
-                self.local_refusals.remember_credential(header, (known, verifier.jwks._keys))
+                # local_refusals.remember_credential(header, (known, jwks._keys)),
+                # inlined: a random-kid storm remembers one refusal per request.
+                ttl, max_size = self._local_limits
+                if ttl > 0:
+                    local = self._local_entries
+                    local[key] = (
+                        self._local_clock() + ttl,
+                        (header[-_TAIL:], (known, jwks._keys)),
+                    )
+                    if len(local) > max_size:
+                        local.popitem(False)
+                        self._local_stats.evictions += 1
                 return known.again()
         try:
             token = token_from_authorization(header)
@@ -618,9 +669,8 @@ class SupabaseAuth:
         counters): a replayed refusal is the attacker's cheapest request.
         """
         key = hash(raw)
-        tail = raw[-_TAIL:]
         entry = self._refused_entries.get(key)
-        if entry is not None and entry[1][0] == tail:
+        if entry is not None and entry[1][0] == raw[-_TAIL:]:
             if entry[0] > self._refused_clock():
                 self._refused_stats.hits += 1
                 return entry[1][1].again()
@@ -628,7 +678,7 @@ class SupabaseAuth:
             self._refused_stats.expirations += 1
         self._refused_stats.misses += 1
         local = self._local_entries.get(key)
-        if local is not None and local[1][0] == tail:
+        if local is not None and local[1][0] == raw[-_TAIL:]:
             if local[0] <= self._local_clock():
                 del self._local_entries[key]
                 self._local_stats.expirations += 1

@@ -48,12 +48,18 @@ Design choices, and why:
   statement methods of :class:`GharConnection` stamp their start, see
   :mod:`ghar_core._db_session`) and drops a connection idle for longer
   than ``DB_MAX_INACTIVE_LIFETIME`` while the pool is above its min size.
+  ``stop()`` ends the threads; for a Database never stopped, each holds its
+  pool by a weak reference and looks at least every half second, so it
+  ends soon after its loop is closed or its pool garbage-collected.
 * **Exhaustion fails fast.** When every connection is busy the wait is
   bounded by a timer (``asyncio.timeout``; asyncpg's own acquire timeout
   wraps a task on Python 3.11, about 40 µs per acquire), and the pool is not
   timed at all when a connection is free. Past ``DB_POOL_ACQUIRE_TIMEOUT``
   it raises :class:`~ghar_core.exceptions.PoolExhaustedException` (503,
-  Retry-After), which the retry helper never retries.
+  Retry-After), which the retry helper never retries. Waiters are served
+  first come, first served: a released connection is handed to the oldest
+  waiter, and a task asking later (even one that runs before the woken
+  waiter does, or the releasing task leasing again) queues behind it.
 * **COMMIT is never guessed.** Before COMMIT, a transaction that may have
   written asks for its id (``pg_current_xact_id_if_assigned()``, one round
   trip; read-only transactions skip it). When COMMIT's answer is lost
@@ -93,6 +99,7 @@ import logging
 import select
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -105,6 +112,7 @@ import orjson
 from ghar_core._db_session import (
     GharConnection,
     GharPoolProxy,
+    HolderQueue,
     _current_task_of,
     touches_session_state,
 )
@@ -140,6 +148,9 @@ _XACT_ID_QUERY: Final = "SELECT pg_current_xact_id_if_assigned()::text"
 _XACT_ID_ASSIGN_QUERY: Final = "SELECT pg_current_xact_id()::text"
 _XACT_STATUS_QUERY: Final = "SELECT pg_xact_status($1::text::xid8)"
 _monotonic: Final = time.monotonic
+# How often at most a pool's watchdog thread sleeps before looking whether its
+# loop is closed or its pool gone (see _watch).
+_WATCH_TICK: Final = 0.5
 _Future: Final = asyncio.Future
 
 
@@ -194,8 +205,6 @@ class _Pool:
         self.closing = False
         self._closers: set[asyncio.Task[None]] = set()
         self._watchdog: threading.Event | None = None  # set: the watchdog thread ends
-        # asyncpg's queue's waiting getters (the deque itself; see waited_on()).
-        self.getters: Any = ()
         self.opened = 0
         self.discarded = 0
         self.exhausted = 0
@@ -236,11 +245,13 @@ class _Pool:
             )
             options["min_size"] = 0
             self.pool = await asyncpg.create_pool(self.db.dsn, **options)
-        self.getters = cast(Any, self.pool)._queue._getters
+        # Released holders go to the oldest waiter first (see HolderQueue).
+        raw_pool = cast(Any, self.pool)
+        raw_pool._queue = HolderQueue.replacing(raw_pool._queue)
         self._watchdog = stop = threading.Event()
         threading.Thread(
-            target=self._watch,
-            args=(asyncio.get_running_loop(), stop),
+            target=_watch,
+            args=(weakref.ref(self), asyncio.get_running_loop(), stop),
             name=f"ghar {self.label} pool watchdog",
             daemon=True,
         ).start()
@@ -260,40 +271,6 @@ class _Pool:
             conn._ghar_poll = select.poll()
             conn._ghar_poll.register(sock.fileno(), select.POLLIN)
         return conn
-
-    def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
-        """The pool's watchdog thread: statements past the command timeout, idle connections.
-
-        Statements: each watched call stamps its start (see
-        :mod:`ghar_core._db_session`); a call still running
-        ``DB_COMMAND_TIMEOUT`` after it is cancelled (asyncpg then cancels it
-        on the server). Idle connections: one idle for more than
-        ``DB_MAX_INACTIVE_LIFETIME`` is dropped while the pool is above its
-        min size, as asyncpg's own per-release timer would.
-
-        Why a thread: any timer scheduled on the event loop makes every loop
-        iteration look at the clock twice (about 5% of a query here), and
-        statements are in flight nearly all the time under load. The thread
-        only reads the stamps; it sleeps until the earliest deadline it knows
-        of, never longer than the shorter of the two settings (anything that
-        starts, or goes idle, while it sleeps has a deadline at least that
-        far away), and hands the acting to the loop (:meth:`_sweep`), which
-        checks everything again.
-        """
-        timeout = self.db.settings.DB_COMMAND_TIMEOUT
-        while not stop.is_set() and not loop.is_closed():
-            now = _monotonic()
-            wake = now + timeout
-            try:
-                wake, due = self._deadlines(now)
-                if due:
-                    loop.call_soon_threadsafe(self._sweep)
-                    wake = max(wake, now + 0.01)  # let the loop act before looking again
-            except RuntimeError:  # the loop is closed: nothing left to watch
-                return
-            except Exception:  # pragma: no cover - a bug here must not end all timeouts
-                logger.exception("the %s pool watchdog failed; going on", self.label)
-            stop.wait(max(wake - now, 0.001))
 
     def _deadlines(self, now: float) -> tuple[float, bool]:
         """(When to look again, whether something is due now); plain reads only (thread)."""
@@ -353,7 +330,9 @@ class _Pool:
         preferring connected holders, newest first; then the holder's proxy
         and in-use future), without its three coroutines. Anything else (no
         free holder, one to connect or replace, a closing pool) takes
-        asyncpg's own path.
+        asyncpg's own path. A free holder never jumps a waiter: while anyone
+        waits, a released holder is handed to the oldest waiter instead of
+        being queued (:class:`~ghar_core._db_session.HolderQueue`).
         """
         pool: Any = self.pool
         if pool is None or self.closing or pool._closing:
@@ -475,20 +454,11 @@ class _Pool:
         raw._proxy = None
         queue: Any = holder._pool._queue
         if queue._getters:
-            queue.put_nowait(holder)  # wakes the first waiter
+            queue.put_nowait(holder)  # handed to the oldest waiter (HolderQueue)
         else:
             queue._queue.append(holder)
         raw._ghar_released = _monotonic()
         return True
-
-    def waited_on(self) -> bool:
-        """Whether a task is queued for a connection (asyncpg's queue has a getter).
-
-        Read just before a release: that release wakes the first of them
-        (asyncpg's queue forgets a getter once woken), and the releasing task
-        must let it run before it leases again (see :func:`_let_waiter_in`).
-        """
-        return bool(self.getters)
 
     async def release(self, conn: GharConnection, raw: GharConnection) -> None:
         """Give the lease ``conn`` (asyncpg's proxy of ``raw``) back; closed in serverless mode.
@@ -626,17 +596,50 @@ class _Pool:
         return None
 
 
-async def _let_waiter_in() -> None:
-    """Yield once, so a waiter woken by the release just made takes the connection.
+def _watch(ref: weakref.ref[_Pool], loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+    """A pool's watchdog thread: statements past the command timeout, idle connections.
 
-    Neither release path suspends once the holder is back in asyncpg's queue
-    (asyncpg's own ``Pool.release`` does, through ``asyncio.shield``), and
-    taking a free holder never waits: without this, a task leasing again
-    right away (two leases in one request, a loop of queries) takes the
-    connection back before the woken waiter runs, the waiter queues again at
-    the end, and it can starve into a 503 while connections keep coming free.
+    Statements: each watched call stamps its start (see
+    :mod:`ghar_core._db_session`); a call still running
+    ``DB_COMMAND_TIMEOUT`` after it is cancelled (asyncpg then cancels it
+    on the server). Idle connections: one idle for more than
+    ``DB_MAX_INACTIVE_LIFETIME`` is dropped while the pool is above its
+    min size, as asyncpg's own per-release timer would.
+
+    Why a thread: any timer scheduled on the event loop makes every loop
+    iteration look at the clock twice (about 5% of a query here), and
+    statements are in flight nearly all the time under load. The thread
+    only reads the stamps; it looks again at the earliest deadline it knows
+    of, never later than the shorter of the two settings (anything that
+    starts, or goes idle, meanwhile has a deadline at least that far away),
+    and hands the acting to the loop (:meth:`_Pool._sweep`), which checks
+    everything again.
+
+    Its owner is the pool's ``close()``/``terminate()`` (the event ``stop``).
+    For a pool never closed, it holds the pool only by ``ref`` and wakes
+    at least every ``_WATCH_TICK`` seconds: it ends within that once the
+    loop is closed or the pool is garbage-collected, instead of sleeping
+    on for up to ``DB_COMMAND_TIMEOUT``.
     """
-    await asyncio.sleep(0)
+    wake = 0.0
+    while not stop.is_set() and not loop.is_closed():
+        pool = ref()
+        if pool is None:
+            return
+        now = _monotonic()
+        if now >= wake:
+            wake = now + pool.db.settings.DB_COMMAND_TIMEOUT
+            try:
+                wake, due = pool._deadlines(now)
+                if due:
+                    loop.call_soon_threadsafe(pool._sweep)
+                    wake = max(wake, now + 0.01)  # let the loop act before looking again
+            except RuntimeError:  # the loop is closed: nothing left to watch
+                return
+            except Exception:  # pragma: no cover - a bug here must not end all timeouts
+                logger.exception("the %s pool watchdog failed; going on", pool.label)
+        del pool  # only the weak reference while asleep
+        stop.wait(min(max(wake - now, 0.001), _WATCH_TICK))
 
 
 def _news_on(conn: GharConnection) -> bool:
@@ -791,11 +794,8 @@ class _Lease:
                 if tx is not None:
                     await self._commit(raw, tx)
             finally:
-                waited_on = bool(pool.getters)  # pool.waited_on() inline: every lease's path
                 if not pool.release_clean(conn, raw):
                     await pool.release(conn, raw)
-                if waited_on:
-                    await _let_waiter_in()
             return
         # An error from a connection that is closed now is a lost connection
         # whatever asyncpg called it: a backend killed just before a query
@@ -817,10 +817,7 @@ class _Lease:
                     if not isinstance(failed, Exception):
                         raise
         finally:
-            waited_on = pool.waited_on()
             await pool.release(conn, raw)
-            if waited_on:
-                await _let_waiter_in()
         if lost or _should_translate(exc):
             raise _unavailable(exc) from exc
 

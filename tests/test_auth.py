@@ -42,6 +42,7 @@ from ghar_core.exceptions import (
     ValidationException,
     render_error,
 )
+from ghar_core.jwt_verification import UNKNOWN_KEY_MESSAGES
 from tests.idp import (
     fingerprint,
     forge,
@@ -875,3 +876,23 @@ async def test_stop_ends_introspections_in_flight_and_their_waiters_get_a_503(
         assert isinstance(result, AuthProviderUnavailableException)
         assert_503(result)
     assert resource.stats()["provider"]["in_flight"] == 0
+
+
+@pytest.mark.parametrize("message", UNKNOWN_KEY_MESSAGES)
+def test_an_unknown_kid_refusal_copy_is_the_plain_401(message: str) -> None:
+    # The unknown-kid 401s are copied from constants whose fields live on a class
+    # (a random-kid storm builds one per request): each copy must render and
+    # compare exactly as a 401 built the usual way, with headers of its own.
+    plain = AuthenticationException(AuthFailureReason.UNKNOWN_KEY, message)
+    first = auth_module._LOCAL_REFUSALS[message].again()
+    second = auth_module._LOCAL_REFUSALS[message].again()
+    assert isinstance(first, AuthenticationException)
+    for copy in (first, second):
+        assert render_error(copy) == render_error(plain)
+        assert copy.args == plain.args
+        for name in ("message", "error_code", "details", "reason", "headers", "status_code"):
+            assert getattr(copy, name) == getattr(plain, name)
+    assert first is not second
+    first.headers["X-Changed"] = "1"  # a layer adding a header changes that response only
+    assert second.headers == plain.headers
+    assert auth_module._LOCAL_REFUSALS[message].again().headers == plain.headers

@@ -561,6 +561,74 @@ async def test_a_subscriber_after_dropped_notifications_resumes_and_follows_ever
         assert sink.resets == []
 
 
+async def test_a_small_event_travels_in_its_notify_and_equals_its_outbox_row(
+    outbox_dsn: str,
+) -> None:
+    # A one-event batch under the NOTIFY limit carries its committed row: B delivers
+    # it without reading the outbox, and what B delivers is exactly the stored row
+    # (any payload bytes, any key text); a larger event is read back.
+    key = 'ü "k" \\ \n'
+    async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+        sink = Recorder(key)
+        b.attach(TOPIC_USER, sink)
+        epoch, _ = await b.head(TOPIC_USER, key)
+        odd = bytes(range(256)) + 'ü " \n'.encode()
+        await a.publish(TOPIC_USER, key, "first", odd)
+        await until(lambda: len(sink.records[key]) == 1)
+        assert b.stats()["carried"] == 1
+        await a.publish(TOPIC_USER, key, "big", b"x" * 20_000)
+        await a.publish(TOPIC_USER, key, "small", _payload(2))
+        await until(lambda: len(sink.records[key]) == 3)
+        assert b.stats()["carried"] == 2
+        conn = await asyncpg.connect(outbox_dsn)
+        try:  # a batch of several small events (here from a script) is carried too
+            await publish_rows(conn, [f"u:{key}"] * 3, ["t"] * 3, [b"{}"] * 3, uuid.uuid4())
+        finally:
+            await conn.close()
+        await until(lambda: len(sink.records[key]) == 6)
+        assert b.stats()["carried"] == 5
+        stored = await b.read_since(TOPIC_USER, key, epoch, 0)
+        assert sink.records[key] == stored
+        assert [r.position for r in stored] == [1, 2, 3, 4, 5, 6]
+        assert [r.payload for r in stored[:2]] == [odd, b"x" * 20_000]
+        assert sink.resets == []
+
+
+async def test_carried_and_read_back_events_heard_while_the_listener_is_busy_come_once(
+    outbox_dsn: str,
+) -> None:
+    # B's listener is held in a query (its head lookup for a stream whose row
+    # another transaction is inserting) while A publishes small events (their
+    # rows carried by the NOTIFY) and a large one (its ids only): B then
+    # delivers each position exactly once, in order.
+    async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+        sink = Recorder("u", "held")
+        b.attach(TOPIC_USER, sink)
+        await b.head(TOPIC_USER, "u")
+        holder = await asyncpg.connect(outbox_dsn)
+        try:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute(
+                "INSERT INTO ghar_event_streams (stream, epoch) VALUES ('u:held', 'e')"
+            )
+            held = asyncio.ensure_future(b.head(TOPIC_USER, "held"))
+            await asyncio.sleep(0.2)
+            for n, size in enumerate((10, 10, 20_000, 10, 10, 20_000, 10)):
+                await a.publish(TOPIC_USER, "u", "t", orjson.dumps({"n": n, "p": "x" * size}))
+            await asyncio.sleep(0.2)
+            assert sink.records["u"] == []  # all heard while the listener was held
+            await lock.rollback()
+            await held
+        finally:
+            await holder.close()
+        await until(lambda: len(sink.records["u"]) >= 7)
+        await asyncio.sleep(0.2)
+        assert sink.positions("u") == [1, 2, 3, 4, 5, 6, 7]
+        assert [orjson.loads(r.payload)["n"] for r in sink.records["u"]] == list(range(7))
+        assert sink.resets == []
+
+
 async def test_an_instance_holds_one_listen_and_one_connection_per_writer_closed_at_stop(
     outbox_dsn: str,
 ) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import threading
+import time
 
 import asyncpg
 import pytest
@@ -278,25 +281,124 @@ async def test_a_waiter_gets_the_connection_a_busy_task_releases(db_settings: Se
     await database.start()
     try:
         waiting = asyncio.Event()
+        leases = 0
 
         async def busy() -> None:
+            nonlocal leases
             for i in range(40):
                 async with database.connection() as conn:
                     if i == 0:
                         waiting.set()
                         await asyncio.sleep(0.05)  # the waiter is queued by now
                     await conn.fetchval("SELECT pg_sleep(0.02)")
+                leases += 1
 
-        async def waiter() -> float:
+        async def waiter() -> int:
             await waiting.wait()
-            started = asyncio.get_running_loop().time()
             async with database.connection() as conn:
                 assert await conn.fetchval("SELECT 1") == 1
-            return asyncio.get_running_loop().time() - started
+                return leases
 
-        _, waited = await asyncio.gather(busy(), waiter())
-        assert waited < 0.3  # about the busy task's first lease, not its forty
+        _, busy_leases = await asyncio.gather(busy(), waiter())
+        assert busy_leases <= 1  # right after the busy task's first lease, not its forty
         assert database.stats()["main"]["exhausted"] == 0
+    finally:
+        await database.stop()
+
+
+@pytest.mark.parametrize("size", [1, 2])
+async def test_a_waiter_is_served_before_tasks_that_ask_after_it(
+    db_settings: Settings, size: int
+) -> None:
+    # Streams of brief leases, each creating the next task just before it
+    # releases: that task runs before the woken waiter does. Unless a released
+    # connection goes to the oldest waiter, each new task takes it and the
+    # waiter queues again, until its acquire timeout (a 503) although
+    # connections came free all the while.
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=size, DB_POOL_MAX_SIZE=size, DB_POOL_ACQUIRE_TIMEOUT=1.0
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        releases = 0
+        served_after: list[int] = []  # releases seen when the waiter got its connection
+        all_held = asyncio.Event()
+        streams: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+
+        def spawn(n: int) -> None:
+            task = loop.create_task(brief(n))
+            streams.add(task)
+            task.add_done_callback(streams.discard)
+
+        async def brief(n: int) -> None:
+            nonlocal releases
+            async with database.connection() as conn:
+                if database.stats()["main"]["idle"] == 0:
+                    all_held.set()
+                await conn.fetchval("SELECT pg_sleep(0.005)")
+                if len(served_after) < size and n < 2000:
+                    spawn(n + 1)  # created before this lease ends
+            releases += 1
+
+        async def waiter() -> None:
+            await all_held.wait()
+            async with database.connection() as conn:
+                served_after.append(releases)
+                assert await conn.fetchval("SELECT 1") == 1
+
+        for _ in range(size):
+            spawn(0)
+        # One waiter per connection (two releases in one loop iteration would
+        # otherwise leave one connection free for a lone waiter by chance).
+        # PoolExhaustedException here: the queue was jumped.
+        await asyncio.gather(*(waiter() for _ in range(size)))
+        assert max(served_after) <= 3 * size  # at about the first releases, not the hundredth
+        while streams:
+            await asyncio.gather(*streams)
+        assert database.stats()["main"]["exhausted"] == 0
+    finally:
+        await database.stop()
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
+    db_settings: Settings,
+) -> None:
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=5
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        release = asyncio.Event()
+        held = asyncio.Event()
+
+        async def hold() -> None:
+            async with database.connection():
+                held.set()
+                await release.wait()
+                first.cancel()  # handed the connection by this release, then cancelled
+
+        async def lease() -> int:
+            async with database.connection() as conn:
+                return int(await conn.fetchval("SELECT 2"))
+
+        holder = asyncio.create_task(hold())
+        await held.wait()
+        first = asyncio.create_task(lease())
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(lease())
+        await asyncio.sleep(0.05)
+        assert database.stats()["main"]["waiters"] == 2
+        release.set()
+        await holder
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        async with asyncio.timeout(2):
+            assert await second == 2
+        stats = database.stats()["main"]
+        assert (stats["size"], stats["idle"], stats["waiters"]) == (1, 1, 0)
     finally:
         await database.stop()
 
@@ -503,6 +605,59 @@ async def test_idle_connections_age_out(
 
 
 # --- the command timeout (the pool's watchdog) --------------------------------------------
+
+
+def _watchdogs(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and "pool watchdog" in t.name]
+
+
+def _gone_within(threads: list[threading.Thread], bound: float) -> bool:
+    deadline = time.monotonic() + bound
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not any(t.is_alive() for t in threads)
+
+
+def _idle_settings(db_settings: Settings) -> Settings:
+    # Nothing connected (no socket left open with the loop), and the
+    # watchdog's longest sleep a minute.
+    return dataclasses.replace(
+        db_settings,
+        DB_POOL_MIN_SIZE=0,
+        DB_BG_POOL_MIN_SIZE=0,
+        DB_COMMAND_TIMEOUT=60.0,
+        DB_MAX_INACTIVE_LIFETIME=300.0,
+    )
+
+
+def test_the_watchdogs_end_soon_after_their_loop_is_closed_unstopped(
+    db_settings: Settings,
+) -> None:
+    database = Database(_idle_settings(db_settings))
+    before = set(threading.enumerate())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(database.start())
+        watchdogs = _watchdogs(before)
+        assert len(watchdogs) == 2  # main and background
+    finally:
+        loop.close()  # never stopped
+    # A correctness bound (about a second), not a timing: not DB_COMMAND_TIMEOUT.
+    assert _gone_within(watchdogs, 3.0)
+
+
+async def test_the_watchdogs_end_soon_after_their_database_is_collected(
+    db_settings: Settings,
+) -> None:
+    database = Database(_idle_settings(db_settings))
+    before = set(threading.enumerate())
+    await database.start()
+    watchdogs = _watchdogs(before)
+    assert len(watchdogs) == 2
+    await asyncio.sleep(1.2)  # the threads have looked a few times
+    del database  # never stopped
+    gc.collect()
+    assert await asyncio.to_thread(_gone_within, watchdogs, 3.0)
 
 
 async def test_a_statement_past_the_command_timeout_times_out_on_its_own_task(

@@ -10,10 +10,20 @@ The outbox. Each event is a row of ``ghar_event_outbox`` (migration
 ``0002_event_outbox`` of the core's set) with its stream (``u:<user>``: the
 user's event stream; ``w:<user>``, ``j:<job>``: WebSocket messages to a
 user's or a job's sockets), epoch and position; ``ghar_event_streams`` holds each stream's
-epoch and head. One NOTIFY per writing transaction wakes every listener; its
-payload is only the range of new row ids (``"<first> <last>"``), never the
-event, so it stays far under Postgres's 8000-byte limit and the commit-time
-NOTIFY lock is held briefly. Events are written by writer tasks in batches
+epoch and head. The outbox is the source of truth: every event is committed
+there first, its epoch and position allocated there. One NOTIFY per writing
+transaction wakes every listener, sent with the commit (NOTIFY is
+transactional: nobody hears of a row that is not stored). What it carries
+(migration ``0006``): for a batch of up to 16 events whose payloads total
+under 5000 bytes and whose text fits the NOTIFY limit (``block_size -
+max_identifier_length - 129`` bytes, 8000 on a default build), a copy of the
+committed rows (a JSON array of [id, stream, epoch, position, type, base64
+payload, created at] in id order), so a listener that follows those streams
+delivers them without a read-back, one round trip less between emit and
+delivery; for anything larger, only the range of new row ids (``"<first>
+<last>"``), whose rows the listener reads back. Either way the payload stays
+under Postgres's limit, so no event is refused for it (the limit is
+``EVENT_MAX_PAYLOAD_BYTES``). Events are written by writer tasks in batches
 (one transaction, one NOTIFY each), each writer on a connection of its own
 opened directly to Postgres like the listener's, with the publish statement
 prepared once, so a batch is one round trip. A writer never waits on a
@@ -42,17 +52,21 @@ Here a stream's position is allocated by an upsert of its
 transaction ends: two transactions writing to one stream commit in position
 order, so whoever sees position n of a stream also sees every position
 before it. The listener never keeps a global id cursor: it keeps, per stream
-it follows, the last position delivered, reads the rows a notification names,
-and when a row is not the next position (a gap, another epoch) reads the
-stream back from that position to its head. Streams are locked in sorted
+it follows, the last position delivered, takes the row a notification
+carries or reads back the rows it names, and when a row is not the next
+position (a gap, another epoch) reads the stream back from that position to
+its head. A carried row is delivered in the notification's own callback only
+when it is the next position of a followed stream and the listener task is
+idle; otherwise it waits for the task in arrival order, so it can never
+overtake a read-back (rows already delivered are skipped by position). Streams are locked in sorted
 order within a batch, so writers cannot deadlock.
 
 The listener. Each process holds one LISTEN connection opened directly to
 Postgres (``DATABASE_DIRECT_URL``, default ``DATABASE_URL``), never from a
 pool: PgBouncer's transaction mode cannot carry LISTEN, and
 :func:`connect_direct` refuses a pooler at start-up with a message saying
-so. Each notification's rows are read back at once on that connection, with
-one prepared statement for the whole id range it names. A drop is noticed at
+so. The rows of a notification that names ids are read back at once on
+that connection, with one prepared statement for the whole id range. A drop is noticed at
 once when the socket closes (asyncpg's termination listener) and within
 ``2 * keepalive`` (2 s) for a half-open connection (a ``SELECT 1`` probe
 with a timeout on every idle second); it reconnects with

@@ -6,6 +6,7 @@ Shared by :class:`~ghar_core.broker.PostgresBroker` and :func:`~ghar_core.broker
 from __future__ import annotations
 
 import asyncio
+import binascii
 import random
 import uuid
 from collections import deque
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 import asyncpg
+import orjson
 
 from ghar_core.broker.base import NOTIFY_CHANNEL, PoolerAddressError, Record, split_stream
 
@@ -159,6 +161,19 @@ class _Backoff:
 
     def reset(self) -> None:
         self.delay = self.first
+
+
+def _notified_rows(payload: str) -> list[tuple[str, str, int, str, bytes, float]] | None:
+    """The rows a NOTIFY carries (migration 0006), as the read-back gives them, in id order.
+
+    ``None`` for the id range form (``"<first> <last>"``), which is read back.
+    """
+    if payload[:1] != "[":
+        return None
+    return [
+        (stream, epoch, position, type, binascii.a2b_base64(data), created)
+        for _, stream, epoch, position, type, data, created in orjson.loads(payload)
+    ]
 
 
 def _record(row: Sequence[Any]) -> Record:

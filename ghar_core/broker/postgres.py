@@ -58,6 +58,7 @@ from ghar_core.broker.outbox import (
     _Batch,
     _Lane,
     _maybe_committed,
+    _notified_rows,
     _Pending,
     _permanent,
     _record,
@@ -142,6 +143,11 @@ class PostgresBroker:
         # Listening: what this process has delivered per stream, and the work waiting.
         self._known: dict[str, tuple[str, int]] = {}
         self._ranges: list[tuple[int, int]] = []
+        # Rows carried by notifications that could not be delivered in the callback.
+        self._rows: list[tuple[str, str, int, str, bytes, float]] = []
+        # True while the listener task waits with nothing in hand: only then may a
+        # notification's row be delivered in its callback (nothing can interleave).
+        self._idle = False
         self._heads: dict[str, list[asyncio.Future[tuple[str, int]]]] = {}
         self._resolving = False  # the listener is reading heads for subscribers
         self._wake = asyncio.Event()
@@ -159,6 +165,7 @@ class PostgresBroker:
         self.refused = 0
         self.received = 0
         self.delivered = 0
+        self.carried = 0  # rows taken from a NOTIFY's copy instead of read back
         self.resets = 0
         self.connects = 0
         self.disconnects = 0
@@ -499,10 +506,40 @@ class PostgresBroker:
             # Nobody here follows a stream, nor is about to: a later subscriber starts
             # from the head it reads then, so these rows are never wanted here.
             return
+        rows = _notified_rows(payload)
+        if rows is not None:
+            for row in rows:
+                self._take(row)
+            return
         lo, _, hi = payload.partition(" ")
         if lo.isdigit() and hi.isdigit():
             self._ranges.append((int(lo), int(hi)))
             self._wake.set()
+
+    def _take(self, row: tuple[str, str, int, str, bytes, float]) -> None:
+        """One row a notification carried: delivered now if it is safe, else queued."""
+        # Only while the listener task waits with nothing in hand can nothing interleave.
+        now = self._idle and not (self._rows or self._ranges or self._heads)
+        state = self._known.get(row[0])
+        if now and state is None:
+            return  # not followed here (and no subscriber is resolving a head)
+        self.carried += 1
+        if now and state is not None and row[1] == state[0]:
+            if row[2] <= state[1]:
+                self.received += 1
+                return  # already delivered
+            sinks = self._wanting(*split_stream(row[0])) if row[2] == state[1] + 1 else None
+            if sinks:
+                # The next position of a followed stream: delivered now, the
+                # read-back and a task wake-up saved.
+                self.received += 1
+                self._known[row[0]] = (state[0], row[2])
+                self._deliver(sinks, _record(row))
+                return
+        # Anything else (a gap, another epoch, the listener busy) goes the listener
+        # task's way, in order after what it already holds.
+        self._rows.append(row)
+        self._wake.set()
 
     async def _serve(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         wake = self._wake
@@ -512,11 +549,12 @@ class PostgresBroker:
         while True:
             if lost.is_set() or conn.is_closed():
                 raise ConnectionError("the LISTEN connection was closed")
-            if self._heads or self._ranges:
+            if self._heads or self._ranges or self._rows:
                 async with asyncio.timeout(bound):
                     await self._drain(conn)
                 continue
             wake.clear()
+            self._idle = True
             try:
                 async with asyncio.timeout(self.keepalive):
                     await wake.wait()
@@ -525,6 +563,8 @@ class PostgresBroker:
                 async with asyncio.timeout(self.keepalive * 0.9):
                     await conn.fetchval("SELECT 1")
                 self._sweep()
+            finally:
+                self._idle = False
 
     async def _drain(self, conn: asyncpg.Connection) -> None:
         if self._heads:
@@ -545,6 +585,16 @@ class PostgresBroker:
                 for future in futures:
                     if not future.done():
                         future.set_result(self._known[stream])
+        if self._rows:
+            # Carried rows, grouped by stream, each stream's in the order heard
+            # (its commit order, which is its position order).
+            rows, self._rows = self._rows, []
+            rows.sort(key=lambda r: r[0])
+            try:
+                await self._apply(conn, rows)
+            except BaseException:
+                self._rows[:0] = rows  # delivered ones are skipped when applied again
+                raise
         if self._ranges:
             ranges, self._ranges = self._ranges, []
             if not self._known:
@@ -579,7 +629,9 @@ class PostgresBroker:
                 if row[1] == epoch and row[2] <= position:
                     continue  # already delivered
                 if row[1] != epoch or row[2] > position + 1:
-                    # Another epoch, or a gap: read the stream back to its head.
+                    # Another epoch, or a gap: read the stream back to its head,
+                    # from what this group has delivered so far (never twice).
+                    self._known[stream] = (epoch, position)
                     await self._resync(conn, [stream])
                     if stream not in self._known:
                         break
@@ -814,6 +866,7 @@ class PostgresBroker:
             "refused": self.refused,
             "received": self.received,
             "delivered": self.delivered,
+            "carried": self.carried,
             "resets": self.resets,
             "connects": self.connects,
             "disconnects": self.disconnects,

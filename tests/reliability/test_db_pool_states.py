@@ -285,13 +285,23 @@ class PoolMachine(RuleBasedStateMachine):
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
-    async def _settle(self, holder: _Holder) -> None:
-        """Wait until the holder holds a connection, queues, or finished."""
+    async def _settle(self, new: _Holder | None = None) -> None:
+        """Wait until each holder (and ``new``) holds a connection, queues, or finished.
+
+        The rules' preconditions read who holds: they must not depend on how
+        fast Postgres answers. A holder handed a connection is no longer
+        queued but holds it only once its first query answered, so "someone
+        queues" is not enough: the holders neither holding nor finished must
+        be exactly the pool's waiters.
+        """
         pool = self.db._pool(False)
+        holders = [*self.holders, new] if new is not None else self.holders
         async with asyncio.timeout(5):
-            # Three sources and no one event to wait on: poll.
-            while not (holder.held.is_set() or holder.task.done() or pool.stats()["waiters"]):  # noqa: ASYNC110
+            # Several sources and no one event to wait on: poll.
+            unsettled = sum(not (h.held.is_set() or h.task.done()) for h in holders)
+            while unsettled != pool.stats()["waiters"]:
                 await asyncio.sleep(0.001)
+                unsettled = sum(not (h.held.is_set() or h.task.done()) for h in holders)
 
     async def _outcome(self, holder: _Holder) -> None:
         async with asyncio.timeout(5):
@@ -319,6 +329,7 @@ class PoolMachine(RuleBasedStateMachine):
         async def go() -> None:
             holder.task.cancel()
             await self._outcome(holder)
+            await self._settle()
 
         self.holders.remove(holder)
         self.run(go())
@@ -336,6 +347,7 @@ class PoolMachine(RuleBasedStateMachine):
                 if holder.task.done():
                     self.holders.remove(holder)
                     await self._outcome(holder)
+            await self._settle()
 
         self.run(go())
 
@@ -361,11 +373,10 @@ class PoolMachine(RuleBasedStateMachine):
                 holder.task.cancel()
             await self._outcome(holder)
             # Whoever was queued may now hold a connection: let them settle.
-            for other in list(self.holders):
-                await self._settle(other)
-                if other.task.done():
-                    self.holders.remove(other)
-                    await self._outcome(other)
+            await self._settle()
+            for other in [h for h in self.holders if h.task.done()]:
+                self.holders.remove(other)
+                await self._outcome(other)
 
         self.run(go())
 
