@@ -189,11 +189,13 @@ def _event_of_frame(user: str, epoch: str, position: int, frame: bytes, ts: floa
 class MemoryEventLog:
     """The in-process log: per-user positions from 1, a bounded history, a fresh epoch per run.
 
-    The history keeps at most ``size`` events per user, none older than
-    ``max_age`` seconds. A user whose history has emptied, who has had no
-    open stream and no event for ``max_age`` is forgotten (``trim``); if they
-    come back they get a new epoch, so an id from before can never be mistaken
-    for a position of the new log. Epochs are a random per-process prefix plus
+    The history keeps at most ``size`` events per user (checked on every
+    append) and replays none older than ``max_age`` seconds (checked on every
+    replay; ``trim``, run by each reaper cycle, forgets them). A user whose
+    history has emptied, who has had no open stream and no event for
+    ``max_age`` is forgotten (``trim``); if they come back they get a new
+    epoch, so an id from before can never be mistaken for a position of the
+    new log. Epochs are a random per-process prefix plus
     a counter. The history holds only frames and times, which the garbage
     collector does not track; a replay builds its :class:`Event` objects from
     the frames.

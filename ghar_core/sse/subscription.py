@@ -194,12 +194,15 @@ class Subscription:
             # the queue not full (so none was replayed and no reset is due).
             first = queue[0]
             count = len(queue)
-            if not isinstance(first, Event):
+            if self.records:
                 # Records (this user's only reader): the same tests on the
-                # tuples, then an Event made for each.
+                # tuples, then an Event made for each (a queue that mixes them
+                # with Events, a reader having joined or left, may start or end
+                # with an Event: the general path).
                 last = queue[-1]
                 if (
-                    not isinstance(last, Event)
+                    not isinstance(first, Event)
+                    and not isinstance(last, Event)
                     and count < queue.maxlen  # type: ignore[operator]  # always bounded
                     and count <= limit
                     and (first[0] != self.epoch or first[1] > self.cursor)
@@ -209,8 +212,8 @@ class Subscription:
                     user = self.user
                     out: list[Event] = []
                     for item in queue:
-                        if isinstance(item, Event):
-                            out.append(item)
+                        if type(item) is not tuple:  # an Event (cheaper than isinstance)
+                            out.append(item)  # type: ignore[arg-type]
                             continue
                         event = _new_event(Event)
                         event.user = user
@@ -227,25 +230,25 @@ class Subscription:
                     self.records = False
                     self.epoch, self.cursor = last[0], last[1]
                     return out
+            # No record in the queue: every item is an Event (unions narrowed
+            # by hand, a cast() would be a call on the hot path).
             elif (
                 count < queue.maxlen  # type: ignore[operator]  # always bounded
                 and count <= limit
-                and (first.epoch != self.epoch or first.position > self.cursor)
+                and (first.epoch != self.epoch or first.position > self.cursor)  # type: ignore[union-attr]
             ):
                 if count == 1:
                     queue.clear()
-                    self.epoch, self.cursor = first.epoch, first.position
-                    return [first]
+                    self.epoch, self.cursor = first.epoch, first.position  # type: ignore[union-attr]
+                    return [first]  # type: ignore[list-item]
                 last = queue[-1]
                 if (
-                    not self.records  # then every item is an Event
-                    and isinstance(last, Event)
-                    and last.epoch == first.epoch
-                    and last.position - first.position == count - 1
+                    last.epoch == first.epoch  # type: ignore[union-attr]
+                    and last.position - first.position == count - 1  # type: ignore[union-attr]
                 ):
-                    out = cast("list[Event]", list(queue))
+                    out = list(queue)  # type: ignore[arg-type]
                     queue.clear()
-                    self.epoch, self.cursor = last.epoch, last.position
+                    self.epoch, self.cursor = last.epoch, last.position  # type: ignore[union-attr]
                     return out
         return self._take_slow(limit)
 
