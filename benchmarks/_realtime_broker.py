@@ -8,8 +8,9 @@ same scheduling; the clock is ``time.monotonic``):
 - **ours**: two :class:`~ghar_core.broker.PostgresBroker` instances, each with
   its own pools and its own direct LISTEN and writer connections; A's ``publish_nowait``
   (what ``sse_bus.emit`` calls), B's sink is where the SSE bus would take it.
-  Every event is a committed outbox row before anyone hears of it (a small
-  batch's NOTIFY carries a copy of its rows, a larger one's their ids).
+  Every event is a committed outbox row before anyone hears of it (a batch's
+  NOTIFY carries its ids, read back by B; with ``EVENT_OUTBOX_NOTIFY_ROWS`` a
+  small batch's carries a copy of its rows instead).
 - **peer**: encode/broadcaster's Postgres backend, one ``Broadcast`` per
   instance: ``publish`` is a ``pg_notify`` carrying the whole event on the
   connection that also LISTENs; nothing is stored, nothing read back.
@@ -148,7 +149,12 @@ async def _run(
 
 
 async def _ours(
-    dsn: str, latency_events: int, rate_events: int, *, durable: bool = True
+    dsn: str,
+    latency_events: int,
+    rate_events: int,
+    *,
+    durable: bool = True,
+    notify_rows: bool = False,
 ) -> CrossInstance:
     from ghar_core.broker import TOPIC_USER, PostgresBroker, Record
     from ghar_core.config import load_settings
@@ -159,6 +165,7 @@ async def _ours(
         DATABASE_URL=dsn,
         EVENT_BROKER="postgres",
         EVENT_OUTBOX_SYNCHRONOUS_COMMIT=durable,
+        EVENT_OUTBOX_NOTIFY_ROWS=notify_rows,
     )
     receiver = _Receiver()
 
@@ -200,10 +207,14 @@ async def _ours(
             await broker.stop(grace=10)
         for d in databases:
             await d.stop(grace=2)
+    if durable:
+        variant = "ours, durable commit (EVENT_OUTBOX_SYNCHRONOUS_COMMIT=true, the default)"
+    else:
+        variant = "ours, EVENT_OUTBOX_SYNCHRONOUS_COMMIT=false"
+    if notify_rows:
+        variant += " + EVENT_OUTBOX_NOTIFY_ROWS=true"
     return CrossInstance(
-        "ours, durable commit (EVENT_OUTBOX_SYNCHRONOUS_COMMIT=true, the default)"
-        if durable
-        else "ours, EVENT_OUTBOX_SYNCHRONOUS_COMMIT=false",
+        variant,
         "ours",
         statistics.median(latencies),
         _pct(latencies, 0.99),
@@ -340,6 +351,7 @@ async def measure_cross_instance(
         lambda dsn: _one(_floor(dsn, latency_events, rate_events)),
         durable,
         lambda dsn: _one(_ours(dsn, latency_events, rate_events, durable=False)),
+        lambda dsn: _one(_ours(dsn, latency_events, rate_events, durable=False, notify_rows=True)),
         lambda dsn: _one(_peer(dsn, latency_events, rate_events)),
     ]
     seen: dict[str, list[CrossInstance]] = {}
@@ -400,9 +412,10 @@ def render_cross(rows: list[CrossInstance]) -> list[str]:
         "the median over the rounds of that round's p50 and p99, *events* their sum. Publish "
         "rate: events emitted as fast as the instance takes them, clock stopped when B got "
         "the last one. Ours stores every event first (a committed outbox row, batched by the "
-        "writer task, one NOTIFY per batch); a batch of up to 16 small events carries a copy "
-        "of its committed rows in the NOTIFY, which B delivers without reading the outbox, "
-        "and anything else (larger events, a gap, a listener that reconnected) is read "
+        "writer task, one NOTIFY of its ids per batch, whose rows B reads back); with "
+        "`EVENT_OUTBOX_NOTIFY_ROWS=true` a batch of up to 16 small events carries a copy "
+        "of its committed rows in the NOTIFY instead, which B delivers without reading the "
+        "outbox. Anything else (larger events, a gap, a listener that reconnected) is read "
         "back from the outbox, so B can resume any client and misses nothing when its "
         "listener drops. The peer and the floor send only the event itself in the NOTIFY "
         "(lost when no listener is connected, at most 8000 bytes).",

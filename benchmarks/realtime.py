@@ -35,10 +35,11 @@ measures, side by side:
 6. **Across instances over one Postgres** (``EVENT_BROKER=postgres``): emit
    on instance A, delivered to a subscriber of instance B -- latency p50/p99
    at 1 000 publishes/s and the publish rate one instance sustains -- ours
-   (the outbox broker, durable and with ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``
-   off) beside encode/broadcaster's Postgres backend and the floor, a bare
-   asyncpg NOTIFY -> LISTEN round trip, and a reference: what one WAL flush
-   costs on this disk (see ``benchmarks/_realtime_broker.py``).
+   (the outbox broker, durable, with ``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``
+   off, and off with ``EVENT_OUTBOX_NOTIFY_ROWS`` on) beside
+   encode/broadcaster's Postgres backend and the floor, a bare asyncpg
+   NOTIFY -> LISTEN round trip, and a reference: what one WAL flush costs on
+   this disk (see ``benchmarks/_realtime_broker.py``).
 
     .venv/bin/python benchmarks/realtime.py            # writes benchmarks/results/
     .venv/bin/python benchmarks/realtime.py --quick    # smoke run, no files

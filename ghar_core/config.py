@@ -774,6 +774,15 @@ class Settings:
         "fraction of a second of events.",
         reader=("broker",),
     )
+    EVENT_OUTBOX_NOTIFY_ROWS: bool = _var(
+        False,
+        "bool",
+        "Feature flags",
+        "A small outbox batch's NOTIFY carries a copy of its committed rows, so other "
+        "instances deliver them without reading them back (one round trip less); off: it "
+        "carries their id range, the smallest load on Postgres's shared notification queue.",
+        reader=("broker",),
+    )
     EVENT_OUTBOX_WRITERS: int = _var(
         2,
         "int",

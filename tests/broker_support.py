@@ -45,10 +45,17 @@ def broker_settings(dsn: str, **changes: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def instance(
-    dsn: str, *, direct_dsn: str | None = None, **options: Any
+    dsn: str,
+    *,
+    direct_dsn: str | None = None,
+    changes: dict[str, Any] | None = None,
+    **options: Any,
 ) -> AsyncIterator[PostgresBroker]:
-    """A started Database on ``dsn`` and a started PostgresBroker over it (one "instance")."""
-    settings = broker_settings(dsn)
+    """A started Database on ``dsn`` and a started PostgresBroker over it (one "instance").
+
+    ``changes``: settings that differ from the test defaults; ``options`` go to the broker.
+    """
+    settings = broker_settings(dsn, **(changes or {}))
     database = Database(settings)
     await database.start()
     broker = PostgresBroker(settings, database, direct_dsn=direct_dsn, **options)

@@ -34,11 +34,21 @@ from ghar_core.broker import (
     decode_socket_message,
     emit,
 )
+from ghar_core.broker.base import NOTIFY_CHANNEL
 from ghar_core.broker.outbox import publish_rows
 from ghar_core.database import Database
 from ghar_core.migrate import migrate_dsn
 from tests.broker_support import Recorder, broker_settings, instance, kill_listeners, until
 from tests.pg import PgBouncer, run_sync
+
+NOTIFY_ROWS = {"EVENT_OUTBOX_NOTIFY_ROWS": True}
+
+
+def _latest_publish_function() -> str:
+    """The newest migration's text that creates ghar_event_publish (re-runnable)."""
+    from ghar_core.migrate import load_migrations
+
+    return [m.sql for m in load_migrations() if "FUNCTION ghar_event_publish(" in m.sql][-1]
 
 
 @pytest.fixture
@@ -561,14 +571,43 @@ async def test_a_subscriber_after_dropped_notifications_resumes_and_follows_ever
         assert sink.resets == []
 
 
+async def test_by_default_a_notify_carries_the_id_range_and_listeners_read_back(
+    outbox_dsn: str,
+) -> None:
+    # EVENT_OUTBOX_NOTIFY_ROWS=false (the default, DESIGN.md: "a small NOTIFY (ids
+    # only)"): every NOTIFY is "<first> <last>", small events included, and B
+    # reads the rows back; nothing is carried.
+    notes: list[str] = []
+    listener = await asyncpg.connect(outbox_dsn)
+    await listener.add_listener(NOTIFY_CHANNEL, lambda *args: notes.append(args[3]))
+    try:
+        async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+            sink = Recorder("u")
+            b.attach(TOPIC_USER, sink)
+            await b.head(TOPIC_USER, "u")
+            stored = [await a.publish(TOPIC_USER, "u", "t", _payload(n)) for n in range(3)]
+            await until(lambda: len(sink.records["u"]) == 3)
+            ids = [
+                r["id"]
+                for r in await listener.fetch("SELECT id FROM ghar_event_outbox ORDER BY id")
+            ]
+            await until(lambda: len(notes) == 3)
+            assert notes == [f"{i} {i}" for i in ids]
+            assert sink.positions("u") == [r.position for r in stored] == [1, 2, 3]
+            assert b.stats()["carried"] == 0
+    finally:
+        await listener.close()
+
+
 async def test_a_small_event_travels_in_its_notify_and_equals_its_outbox_row(
     outbox_dsn: str,
 ) -> None:
-    # A one-event batch under the NOTIFY limit carries its committed row: B delivers
-    # it without reading the outbox, and what B delivers is exactly the stored row
-    # (any payload bytes, any key text); a larger event is read back.
+    # With EVENT_OUTBOX_NOTIFY_ROWS a one-event batch under the NOTIFY limit carries
+    # its committed row: B delivers it without reading the outbox, and what B
+    # delivers is exactly the stored row (any payload bytes, any key text); a
+    # larger event is read back.
     key = 'ü "k" \\ \n'
-    async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+    async with instance(outbox_dsn, changes=NOTIFY_ROWS) as a, instance(outbox_dsn) as b:
         sink = Recorder(key)
         b.attach(TOPIC_USER, sink)
         epoch, _ = await b.head(TOPIC_USER, key)
@@ -582,7 +621,9 @@ async def test_a_small_event_travels_in_its_notify_and_equals_its_outbox_row(
         assert b.stats()["carried"] == 2
         conn = await asyncpg.connect(outbox_dsn)
         try:  # a batch of several small events (here from a script) is carried too
-            await publish_rows(conn, [f"u:{key}"] * 3, ["t"] * 3, [b"{}"] * 3, uuid.uuid4())
+            await publish_rows(
+                conn, [f"u:{key}"] * 3, ["t"] * 3, [b"{}"] * 3, uuid.uuid4(), carry=True
+            )
         finally:
             await conn.close()
         await until(lambda: len(sink.records[key]) == 6)
@@ -601,7 +642,7 @@ async def test_carried_and_read_back_events_heard_while_the_listener_is_busy_com
     # another transaction is inserting) while A publishes small events (their
     # rows carried by the NOTIFY) and a large one (its ids only): B then
     # delivers each position exactly once, in order.
-    async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
+    async with instance(outbox_dsn, changes=NOTIFY_ROWS) as a, instance(outbox_dsn) as b:
         sink = Recorder("u", "held")
         b.attach(TOPIC_USER, sink)
         await b.head(TOPIC_USER, "u")
@@ -680,9 +721,7 @@ async def test_publishing_and_reading_survive_the_function_and_table_being_repla
     # A later migration replacing ghar_event_publish (CREATE OR REPLACE, or DROP and
     # CREATE) or adding an outbox column while instances run: their prepared
     # statements are planned again, nothing is refused or lost.
-    from ghar_core.migrate import load_migrations
-
-    body = next(m.sql for m in load_migrations() if m.version == "0005")
+    body = _latest_publish_function()
     async with instance(outbox_dsn) as a, instance(outbox_dsn) as b:
         sink = Recorder("u")
         b.attach(TOPIC_USER, sink)
@@ -748,9 +787,7 @@ async def test_a_publish_statement_whose_result_type_changed_is_prepared_again(
     # here "position" as numeric) makes the writers' prepared statement invalid
     # ("cached plan must not change result type"): the writer prepares it again
     # on a new connection instead of retrying the dead plan for ever.
-    from ghar_core.migrate import load_migrations
-
-    body = next(m.sql for m in load_migrations() if m.version == "0005")
+    body = _latest_publish_function()
     changed = body.replace('"position" bigint)', '"position" numeric)').replace(
         "v_head bigint;", "v_head numeric;"
     )

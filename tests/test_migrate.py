@@ -509,8 +509,9 @@ async def test_the_publish_migrations_apply_on_a_database_that_has_0004(
 ) -> None:
     # A database migrated before 0003, 0005 and 0006 existed (0001, 0002, 0004): they
     # are applied after 0004, once, and the function publishes as 0002's did, for a
-    # batch of one event (0005's own path) and of several; since 0006 a batch of one
-    # small batch carries a copy of its rows in the NOTIFY instead of their id range.
+    # batch of one event (0005's own path) and of several. Since 0006 a caller's five
+    # arguments still work (the defaults: durable, the id range in the NOTIFY), and
+    # with p_carry a small batch carries a copy of its rows instead of their id range.
     core = load_migrations()
     earlier = [m for m in core if m.version not in ("0003", "0005", "0006")]
     conn = await asyncpg.connect(fresh_database)
@@ -519,13 +520,14 @@ async def test_the_publish_migrations_apply_on_a_database_that_has_0004(
     await conn.add_listener("t_ch", lambda *args: notes.append(args[3]))
 
     async def publish(streams: list[str]) -> list[tuple[str, str, int]]:
+        args = [streams, ["t"] * len(streams), [b"{}"] * len(streams), uuid.uuid4(), "t_ch"]
+        if carried:
+            args += [True, True]
         rows = await conn.fetch(
-            "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5)",
-            streams,
-            ["t"] * len(streams),
-            [b"{}"] * len(streams),
-            uuid.uuid4(),
-            "t_ch",
+            "SELECT id, stream, epoch, position FROM ghar_event_publish("
+            + ", ".join(f"${n}" for n in range(1, len(args) + 1))
+            + ")",
+            *args,
         )
         ids = [r["id"] for r in rows]
         await asyncio.sleep(0.05)
@@ -557,6 +559,8 @@ async def test_the_publish_migrations_apply_on_a_database_that_has_0004(
             == "plpgsql"
         )
         after = [await publish(["a"]), await publish(["b", "a", "b"]), await publish(["d"])]
+        carried = False  # five arguments after 0006: the id range, as before it
+        after += [await publish(["a"]), await publish(["b", "a"])]
     finally:
         await conn.close()
     epochs = {s: e for batch in before for s, e, _ in batch}
@@ -569,6 +573,8 @@ async def test_the_publish_migrations_apply_on_a_database_that_has_0004(
         [("a", 3)],
         [("a", 4), ("b", 3), ("b", 4)],
         [("d", 1)],
+        [("a", 5)],
+        [("a", 6), ("b", 5)],
     ]
     # The epochs are the streams' own, kept across the upgrade; a new stream gets one.
     assert all(e == epochs[s] for b in after[:2] for s, e, _ in b)

@@ -29,7 +29,7 @@ __all__ = [
 LISTEN_APPLICATION_NAME: Final = "ghar-core-listen"
 WRITER_APPLICATION_NAME: Final = "ghar-core-outbox"
 PUBLISH_SQL: Final = (
-    "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5, $6)"
+    "SELECT id, stream, epoch, position FROM ghar_event_publish($1, $2, $3, $4, $5, $6, $7)"
 )
 _LOOKUP_SQL: Final = "SELECT id, stream, epoch, position FROM ghar_event_outbox WHERE batch = $1"
 # A writer connection's backend, named by its pid and start time (a pid alone may
@@ -226,15 +226,18 @@ async def publish_rows(
     batch: uuid.UUID,
     *,
     durable: bool = True,
+    carry: bool = False,
 ) -> list[Any]:
     """Write events to the outbox on ``conn`` (the caller's transaction, if any) and NOTIFY.
 
     ``durable=False`` lets this transaction commit without waiting for the WAL
     flush (``EVENT_OUTBOX_SYNCHRONOUS_COMMIT``); inside a caller's transaction
     that applies to the whole transaction, so only the broker's writer uses it.
+    ``carry=True`` sends a small batch's committed rows in the NOTIFY
+    (``EVENT_OUTBOX_NOTIFY_ROWS``) instead of their id range.
     """
     rows: list[Any] = await conn.fetch(
-        PUBLISH_SQL, streams, types, payloads, batch, NOTIFY_CHANNEL, durable
+        PUBLISH_SQL, streams, types, payloads, batch, NOTIFY_CHANNEL, durable, carry
     )
     return rows
 

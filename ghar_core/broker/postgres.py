@@ -133,6 +133,7 @@ class PostgresBroker:
         self.retention_count = settings.EVENT_OUTBOX_RETENTION_COUNT
         self.prune_interval = settings.EVENT_OUTBOX_PRUNE_INTERVAL
         self.synchronous_commit = settings.EVENT_OUTBOX_SYNCHRONOUS_COMMIT
+        self.notify_rows = settings.EVENT_OUTBOX_NOTIFY_ROWS
         self.clock = clock
         # Names this process in ghar_ws_jobs.instance (for an operator's eyes only).
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -351,6 +352,7 @@ class PostgresBroker:
                 batch.id,
                 NOTIFY_CHANNEL,
                 self.synchronous_commit,
+                self.notify_rows,
                 timeout=timeout,
             )
         except Exception as exc:

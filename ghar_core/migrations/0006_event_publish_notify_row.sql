@@ -1,30 +1,38 @@
--- ghar_event_publish (migrations 0002, 0003, 0005) again, same arguments,
--- rows, positions and locks; only what its NOTIFY carries changes.
+-- ghar_event_publish (migrations 0002, 0003, 0005) again, same rows,
+-- positions and locks; one argument more, p_carry (default false), which
+-- only changes what its NOTIFY carries.
 --
--- A batch of up to 16 small events (the writer's usual batch at a low or
--- moderate rate: one event when idle, a few that queued during the previous
--- commit) now carries a copy of its committed rows in the NOTIFY, as a JSON
--- array of [id, stream, epoch, position, type, base64 payload, created_at
--- epoch] in id order, so a listener that follows the stream delivers them
--- without reading them back (one round trip less between emit and
--- delivery). The rows are written to the outbox first, in the same
--- transaction, and their epochs and positions come from the outbox as
--- before; the copy is sent only with the commit (NOTIFY is transactional),
--- so nobody hears of an event that is not stored. A listener that misses the
--- notification, or finds a gap, reads the outbox as before.
+-- Without p_carry (the default, EVENT_OUTBOX_NOTIFY_ROWS=false) the NOTIFY
+-- carries the range "<first> <last>" of the new ids, as before: the
+-- smallest entry in Postgres's notification queue, which every listening
+-- session of the cluster shares and which fills while any of them lags.
 --
+-- With p_carry (EVENT_OUTBOX_NOTIFY_ROWS=true) a batch of up to 16 small
+-- events (the writer's usual batch at a low or moderate rate: one event when
+-- idle, a few that queued during the previous commit) carries a copy of its
+-- committed rows instead, as a JSON array of [id, stream, epoch, position,
+-- type, base64 payload, created_at epoch] in id order, so a listener that
+-- follows the stream delivers them without reading them back (one round trip
+-- less between emit and delivery). The rows are written to the outbox first,
+-- in the same transaction, and their epochs and positions come from the
+-- outbox as before; the copy is sent only with the commit (NOTIFY is
+-- transactional), so nobody hears of an event that is not stored. A listener
+-- that misses the notification, or finds a gap, reads the outbox as before.
 -- The copy is sent only when the payloads total under 5000 bytes (base64
 -- grows them by 4/3) and the text fits Postgres's NOTIFY limit
 -- (block_size - (max_identifier_length + 1) - 128 bytes, 8000 on a default
--- build); otherwise, and for larger batches, the range "<first> <last>" of
--- the new ids as before, whose rows the listeners read back.
+-- build); otherwise, and for larger batches, the id range.
 --
 -- A listener older than this migration ignores the copy (it expects two ids)
 -- and hears of that stream's events with its next range notification (a
 -- gap, read back): nothing is lost, only delayed, while such instances run.
+-- A caller that passes five or six arguments (an instance older than this
+-- migration) gets the defaults: the function is dropped and created in one
+-- transaction, so no call finds it missing or two of it.
+DROP FUNCTION IF EXISTS ghar_event_publish(text[], text[], bytea[], uuid, text, boolean);
 CREATE OR REPLACE FUNCTION ghar_event_publish(
     p_streams text[], p_types text[], p_payloads bytea[], p_batch uuid, p_channel text,
-    p_durable boolean DEFAULT true
+    p_durable boolean DEFAULT true, p_carry boolean DEFAULT false
 ) RETURNS TABLE (id bigint, stream text, epoch text, "position" bigint)
 LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
@@ -51,7 +59,7 @@ BEGIN
         VALUES (p_streams[1], v_epoch, v_head, p_types[1], p_payloads[1], p_batch)
         RETURNING o.id, o.created_at INTO v_id, v_created;
         -- Only simple expressions here (no subquery): this path is the hot one.
-        IF octet_length(p_payloads[1]) < 5000 THEN
+        IF p_carry AND octet_length(p_payloads[1]) < 5000 THEN
             v_note := json_build_array(json_build_array(
                 v_id, p_streams[1], v_epoch, v_head, p_types[1],
                 encode(p_payloads[1], 'base64'), extract(epoch FROM v_created)::float8
@@ -69,7 +77,7 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    v_carry := cardinality(p_streams) <= 16
+    v_carry := p_carry AND cardinality(p_streams) <= 16
         AND (SELECT sum(octet_length(x)) FROM unnest(p_payloads) AS x) < 5000;
     v_limit := current_setting('block_size')::int
         - current_setting('max_identifier_length')::int - 129;

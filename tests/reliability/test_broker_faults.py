@@ -49,8 +49,13 @@ class Instance:
 
 
 @contextlib.asynccontextmanager
-async def _instance(name: str, dsn: str) -> AsyncIterator[Instance]:
-    settings = broker_settings(dsn, SSE_QUEUE_MAX_SIZE=100_000, DB_COMMAND_TIMEOUT=5.0)
+async def _instance(name: str, dsn: str, *, notify_rows: bool = False) -> AsyncIterator[Instance]:
+    settings = broker_settings(
+        dsn,
+        SSE_QUEUE_MAX_SIZE=100_000,
+        DB_COMMAND_TIMEOUT=5.0,
+        EVENT_OUTBOX_NOTIFY_ROWS=notify_rows,
+    )
     database = Database(settings)
     broker = PostgresBroker(settings, database, head_timeout=30.0)
     bus = SSEEventBus(settings, broker=broker, handle_signals=False)
@@ -127,7 +132,12 @@ def outbox_dsn(fresh_database: str) -> str:
 
 
 async def test_listener_backends_killed_100_times_while_both_publish(outbox_dsn: str) -> None:
-    async with _instance("A", outbox_dsn) as a, _instance("B", outbox_dsn) as b:
+    # A's NOTIFYs carry its rows (EVENT_OUTBOX_NOTIFY_ROWS), B's their ids: each
+    # instance's readers get both kinds, so both paths are under the kills.
+    async with (
+        _instance("A", outbox_dsn, notify_rows=True) as a,
+        _instance("B", outbox_dsn) as b,
+    ):
         readers = await _readers([a, b])
         stop = asyncio.Event()
         publishers = [asyncio.ensure_future(_publish(i, stop)) for i in (a, b)]
@@ -146,6 +156,7 @@ async def test_listener_backends_killed_100_times_while_both_publish(outbox_dsn:
         assert delivered > 500
         assert a.broker.stats()["disconnects"] + b.broker.stats()["disconnects"] >= 100
         assert a.broker.stats()["failed"] == b.broker.stats()["failed"] == 0
+        assert b.broker.stats()["carried"] > 0  # A's copies were heard and used
         report = section(3, TITLE)
         report.add(
             "two instances publishing (EVENT_BROKER=postgres), both LISTEN backends"
