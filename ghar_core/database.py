@@ -154,6 +154,9 @@ _monotonic: Final = time.monotonic
 # loop is closed or its pool gone (see _watch).
 _WATCH_TICK: Final = 0.5
 _Future: Final = asyncio.Future
+# At most this many loop iterations for a connection with news to close (see
+# _Lease._replace_if_gone); about four when the backend was killed.
+_GOODBYE_LOOKS: Final = 12
 
 
 class FailedTransactionError(Exception):
@@ -718,14 +721,19 @@ class _Lease:
     ) -> tuple[GharConnection, GharConnection]:
         # The server spoke while the connection sat idle: let asyncpg read it.
         # A goodbye (restart, idle kill) closes it; nothing was sent yet, so
-        # one fresh connection is safe to take.
+        # one fresh connection is safe to take. Closing takes asyncpg several
+        # loop iterations (the FATAL message, the end of the stream, then the
+        # transport's close): look again while the socket still has something
+        # to say; news on a live connection (a NOTIFY) is read in one.
         pool = self._pool
-        for _ in range(3):
+        for _ in range(_GOODBYE_LOOKS):
             await asyncio.sleep(0)
             if raw.is_closed():
                 await pool.release(conn, raw)
                 conn = await pool.acquire()
                 raw = conn._con
+                break
+            if not _news_on(raw):
                 break
         return conn, raw
 

@@ -406,6 +406,28 @@ async def test_idle_connection_killed_before_use_is_replaced(
         assert second.json()["pid"] != first.json()["pid"]
 
 
+@pytest.mark.parametrize("transactional", [False, True], ids=["connection", "transaction"])
+async def test_idle_connection_killed_before_a_direct_lease_is_replaced(
+    db_settings: Settings, pg_admin_dsn: str, transactional: bool
+) -> None:
+    # No request plumbing between the kill and the lease: asyncpg needs a few
+    # loop iterations to read the goodbye, then the end of the stream, then
+    # close; the lease must wait for that, not use the dying connection.
+    settings = dataclasses.replace(db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1)
+    database = Database(settings)
+    await database.start()
+    try:
+        for _ in range(5):
+            async with database.connection() as conn:
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+            _kill_and_wait(pg_admin_dsn, pid)
+            lease = database.transaction() if transactional else database.connection()
+            async with lease as conn:
+                assert await conn.fetchval("SELECT pg_backend_pid()") != pid
+    finally:
+        await database.stop()
+
+
 # --- a swallowed error inside a transaction ------------------------------------------------------
 
 
