@@ -17,15 +17,16 @@ transactional: nobody hears of a row that is not stored). What it carries:
 the range of the batch's new row ids (``"<first> <last>"``), whose rows the
 listener reads back -- the smallest entry in Postgres's notification queue,
 which all listening sessions of the cluster share and which fills while any
-of them lags. With ``EVENT_OUTBOX_NOTIFY_ROWS=true`` (migration ``0006``), a
-batch of up to 16 events whose payloads total under 5000 bytes and whose
-text fits the NOTIFY limit (``block_size - max_identifier_length - 129``
-bytes, 8000 on a default build) carries a copy of the committed rows
-instead (a JSON array of [id, stream, epoch, position, type, base64
-payload, created at] in id order), so a listener that follows those streams
-delivers them without a read-back, one round trip less between emit and
-delivery. Either way the payload stays
-under Postgres's limit, so no event is refused for it (the limit is
+of them lags. With ``EVENT_OUTBOX_NOTIFY_ROWS=true`` (migrations ``0006``,
+``0007``), a batch of up to 16 events whose payloads total under 5000 bytes
+and whose text fits the NOTIFY limit
+(``block_size - max_identifier_length - 129`` bytes, 8000 on a default
+build) carries a copy of the committed rows
+instead (a JSON array of [id, stream, epoch, position, type, base64 payload,
+created at in exact decimal seconds] in id order), so a listener that
+follows those streams delivers them without a read-back, one round trip less
+between emit and delivery. Either way the payload stays under Postgres's
+limit, so no event is refused for it (the limit is
 ``EVENT_MAX_PAYLOAD_BYTES``). Events are written by writer tasks in batches
 (one transaction, one NOTIFY each), each writer on a connection of its own
 opened directly to Postgres like the listener's, with the publish statement
