@@ -46,6 +46,7 @@ import contextlib
 import re
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any, Final
 
 import asyncpg
@@ -55,6 +56,7 @@ __all__ = [
     "GharConnection",
     "GharPoolProxy",
     "HolderQueue",
+    "gave_up_waiting",
     "may_write",
     "touches_session_state",
 ]
@@ -474,6 +476,14 @@ class GharPoolProxy(PoolConnectionProxy):  # type: ignore[misc]
     fetchmany = _direct("fetchmany")
 
 
+# Set by HolderQueue.get() when its task stops waiting (cancelled, or its
+# acquire timeout fired) without keeping a holder, even one handed to it just
+# before: the pool's acquire tells exhaustion from a slow connect by it, as the
+# queue's size afterwards cannot (a holder passed on may sit there free, a
+# connecting one may have gone to the next waiter).
+gave_up_waiting: Final[ContextVar[bool]] = ContextVar("ghar_gave_up_waiting", default=False)
+
+
 class HolderQueue(_PoolConnectionHolderQueue):  # type: ignore[misc]
     """asyncpg's queue of free connection holders, handing each one to the oldest waiter.
 
@@ -515,6 +525,7 @@ class HolderQueue(_PoolConnectionHolderQueue):  # type: ignore[misc]
         try:
             return await getter
         except BaseException:
+            gave_up_waiting.set(True)
             if getter.done() and not getter.cancelled():
                 # Handed a holder, then cancelled before running: the next waiter's.
                 self.put_nowait(getter.result())

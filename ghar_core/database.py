@@ -115,6 +115,7 @@ from ghar_core._db_session import (
     GharPoolProxy,
     HolderQueue,
     _current_task_of,
+    gave_up_waiting,
     touches_session_state,
 )
 from ghar_core.config import Settings
@@ -383,13 +384,14 @@ class _Pool:
                 # A holder is free: no wait (a connect is bounded by its own timeout).
                 return cast(GharConnection, await pool.acquire())
             deadline = asyncio.timeout(self.acquire_timeout)
+            gave_up_waiting.set(False)
             try:
                 async with deadline:
                     return cast(GharConnection, await pool.acquire())
             except TimeoutError:
                 if not deadline.expired():
                     raise
-                if pool._queue.qsize():
+                if not gave_up_waiting.get():  # it had a holder: connecting took the time
                     raise DatabaseUnavailableException(
                         f"Opening a {self.label} database connection took longer than "
                         f"{self.acquire_timeout:g} s; please retry."

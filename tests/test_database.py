@@ -403,6 +403,46 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
         await database.stop()
 
 
+async def test_a_waiter_handed_a_connection_as_its_timeout_fires_is_a_busy_503(
+    db_settings: Settings,
+) -> None:
+    # The release hands the holder to the waiter, then the waiter's acquire
+    # timeout fires before it runs: it passes the holder on and times out.
+    # That is exhaustion (a 503 the retry helper does not retry, counted),
+    # not "opening a connection took too long", although a holder is free now.
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=0.05
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        held = asyncio.Event()
+
+        async def hold() -> None:
+            async with database.connection():
+                held.set()
+                await asyncio.sleep(0.01)  # the waiter is queued
+                time.sleep(0.1)  # noqa: ASYNC251 - the loop blocked past the waiter's deadline
+                # The next iteration runs this task (released: the holder is
+                # handed to the waiter), then the due timer: the waiter's timeout.
+                await asyncio.sleep(0)
+
+        async def wait() -> None:
+            await held.wait()
+            async with database.connection():
+                pass
+
+        holder = asyncio.create_task(hold())
+        with pytest.raises(PoolExhaustedException):
+            await asyncio.gather(holder, wait())
+        await holder
+        stats = database.stats()["main"]
+        assert stats["exhausted"] == 1
+        assert (stats["size"], stats["idle"], stats["waiters"]) == (1, 1, 0)
+    finally:
+        await database.stop()
+
+
 # --- session state does not leak -----------------------------------------------------------
 
 # (statement leaving state, query that is true while the state is present)
