@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ from tests.idp import (
     hs256,
     legacy_token,
     settings_for,
+    sign_raw,
     unb64,
     with_header,
 )
@@ -896,3 +898,95 @@ def test_an_unknown_kid_refusal_copy_is_the_plain_401(message: str) -> None:
     first.headers["X-Changed"] = "1"  # a layer adding a header changes that response only
     assert second.headers == plain.headers
     assert auth_module._LOCAL_REFUSALS[message].again().headers == plain.headers
+
+
+# Header members as a client may spell them: escaped names ("\\u006bid" is "kid"),
+# colons and quotes inside strings, nested objects with their own duplicates.
+_HEADER_NAMES = st.sampled_from(
+    ['"kid"', '"\\u006bid"', '"k\\u0069d"', '"alg"', '"\\u0061lg"', '"typ"', '"a:b"', '"a\\"b"']
+)
+_HEADER_VALUES = st.sampled_from(
+    [
+        '"ES256"', '"RS256"', '"EdDSA"', '"HS256"', '"none"', "null", "1", "[]", "{}", '""',
+        '"KID"', '"zz"', '"a:b"', '"\\u003a"', '"\\"kid\\":1"', '{"a":1}', '{"a":1,"a":2}',
+        '[{"kid":"x","kid":"y"}]', '{"k":{"j":1,"j":1}}',
+    ]
+)  # fmt: skip
+_raw_headers = st.lists(
+    st.tuples(_HEADER_NAMES, st.sampled_from(["", " "]), _HEADER_VALUES),
+    min_size=1,
+    max_size=5,
+).map(lambda members: "{" + ",".join(f"{n}{s}:{s}{v}" for n, s, v in members) + "}")
+
+
+def _names_a_member_twice(text: str) -> bool:
+    """The independent oracle: the stdlib parser's pairs, at every depth."""
+    twice = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal twice
+        twice = twice or len({name for name, _ in items}) != len(items)
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return twice
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_raw_headers)
+async def test_a_header_naming_a_member_twice_is_refused_however_it_is_spelled(
+    auth: SupabaseAuth, idp: IdentityProviderServer, text: str
+) -> None:
+    # decide_request's unknown-kid shortcut skips the duplicate check when the
+    # colons match the members (094c2e4 inlined it): a header the provider's own
+    # key signed, naming a member twice in any spelling or depth, must still be
+    # the malformed 401, and the raw-bytes verdict the same as the token's.
+    await auth.verify_token(idp.provider.mint_token())  # a fresh key set
+    text = text.replace('"KID"', f'"{idp.provider.signing_kid}"')
+    payload = unb64(idp.provider.mint_token().split(".")[1])
+    token = sign_raw(idp.provider, text.encode(), payload)
+    via_header = auth.decide_request(request_headers(f"Bearer {token}".encode()))
+    auth.local_refusals.clear()
+    via_token = auth.decide(token)
+    if _names_a_member_twice(text):
+        assert isinstance(via_header, AuthenticationException)
+        assert_401(via_header, AuthFailureReason.MALFORMED)
+    if via_token is None:
+        assert via_header is None
+    elif isinstance(via_token, BaseAPIException):
+        assert isinstance(via_header, BaseAPIException)
+        assert code_of(via_header) == code_of(via_token)
+        assert via_header.details == via_token.details
+    else:
+        assert via_header == via_token
+    assert idp.provider.requests["user"] == 0
+
+
+async def test_an_unknown_kid_remembered_from_the_header_bytes_counts_only_for_that_fresh_key_set(
+    auth: SupabaseAuth, idp: IdentityProviderServer
+) -> None:
+    # decide_request stores its unknown-kid refusal itself (094c2e4 inlined the
+    # store): replayed, it is a cache hit; once the key set rotates the kid in,
+    # the token verifies; once the key set is stale, only a refresh can tell.
+    await auth.verify_token(idp.provider.mint_token())  # key set fetched now
+    idp.provider.rotate_key()
+    token = idp.provider.mint_token(email="rotated@example.com")
+    for _ in range(2):
+        refused = auth.decide_request(request_headers(f"Bearer {token}".encode()))
+        assert isinstance(refused, AuthenticationException)
+        assert_401(refused, AuthFailureReason.UNKNOWN_KEY)
+    assert auth.stats()["unknown_kid_cache"]["hits"] == 1
+    assert await auth.verifier.jwks.refresh(force=True)  # type: ignore[union-attr]
+    user = auth.decide_request(request_headers(f"Bearer {token}".encode()))
+    assert isinstance(user, dict)
+    assert user["email"] == "rotated@example.com"
+    idp.provider.rotate_key()
+    other = idp.provider.mint_token()
+    refused = auth.decide_request(request_headers(f"Bearer {other}".encode()))
+    assert isinstance(refused, AuthenticationException)
+    jwks = auth.verifier.jwks
+    assert jwks is not None
+    assert jwks._fetched_at is not None
+    jwks._fetched_at -= jwks.min_refresh_interval  # the same keys, no longer fresh
+    assert auth.decide_request(request_headers(f"Bearer {other}".encode())) is None
+    assert idp.provider.requests["user"] == 0
