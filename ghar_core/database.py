@@ -725,16 +725,31 @@ class _Lease:
         # loop iterations (the FATAL message, the end of the stream, then the
         # transport's close): look again while the socket still has something
         # to say; news on a live connection (a NOTIFY) is read in one.
+        # The end of the stream can come a little after the FATAL message,
+        # which asyncpg, idle, took as a failed operation (its protocol now
+        # refuses any statement with InternalClientError): a connection still
+        # open then is asked one empty statement before it is leased (a round
+        # trip, only after news on an idle connection: rare).
+        # Cancelled meanwhile: the lease is not entered, so it is given back here.
         pool = self._pool
-        for _ in range(_GOODBYE_LOOKS):
-            await asyncio.sleep(0)
-            if raw.is_closed():
-                await pool.release(conn, raw)
-                conn = await pool.acquire()
-                raw = conn._con
-                break
-            if not _news_on(raw):
-                break
+        try:
+            for _ in range(_GOODBYE_LOOKS):
+                await asyncio.sleep(0)
+                if raw.is_closed() or not _news_on(raw):
+                    break
+            if not raw.is_closed():
+                try:
+                    await raw.execute("")
+                    return conn, raw
+                except Exception:
+                    pool.discard(raw)
+        except BaseException:
+            pool.discard(raw)
+            await pool.release(conn, raw)
+            raise
+        await pool.release(conn, raw)
+        conn = await pool.acquire()
+        raw = conn._con
         return conn, raw
 
     async def _begin(self) -> None:
