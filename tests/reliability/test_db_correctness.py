@@ -428,6 +428,40 @@ async def test_idle_connection_killed_before_a_direct_lease_is_replaced(
         await database.stop()
 
 
+async def test_a_lease_cancelled_while_it_looks_at_a_dying_connection_gives_it_back(
+    db_settings: Settings, pg_admin_dsn: str
+) -> None:
+    # The lease saw news on its idle connection and yields for asyncpg to read
+    # it; cancelled there, __aenter__ never returns, so nobody else releases it.
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=1
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        for ticks in range(1, 6):
+            async with database.connection() as conn:
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+            _kill_and_wait(pg_admin_dsn, pid)
+
+            async def lease() -> None:
+                async with database.connection() as conn:
+                    await conn.fetchval("SELECT 1")
+
+            task = asyncio.create_task(lease())
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert database.stats()["main"]["in_use"] == 0, ticks  # nothing still leased
+            # The slot is back: a lease gets a working connection, no 503.
+            async with database.connection() as conn:
+                assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await database.stop()
+
+
 # --- a swallowed error inside a transaction ------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import threading
 from typing import Any
 
 import asyncpg
@@ -177,4 +178,182 @@ async def test_a_release_at_the_waiters_acquire_timeout_loses_nothing(
             _settled(database, 1)
         assert set(seen) <= {"ok", "503"}
     finally:
+        await database.stop()
+
+
+async def _waiters(database: Database, n: int) -> list[asyncio.Task[str]]:
+    async def wait() -> str:
+        try:
+            async with database.connection() as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+            return "ok"
+        except PoolExhaustedException:
+            return "503 exhausted"
+        except DatabaseUnavailableException:
+            return "503 unavailable"
+
+    tasks = [asyncio.create_task(wait()) for _ in range(n)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return tasks
+
+
+async def test_expire_connections_while_waiters_wait_serves_them_fresh_ones(
+    db_settings: Settings,
+) -> None:
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=2, DB_POOL_MAX_SIZE=2, DB_POOL_ACQUIRE_TIMEOUT=5
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        release = asyncio.Event()
+        ready = asyncio.Semaphore(0)
+
+        async def hold() -> None:
+            async with database.connection():
+                ready.release()
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        for _ in range(2):
+            await ready.acquire()
+        waiters = await _waiters(database, 6)
+        assert database.stats()["main"]["waiters"] == 6
+        raw: Any = database._pool(False).pool
+        await raw.expire_connections()
+        release.set()
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(*waiters)
+            await asyncio.gather(*holders)
+        assert outcomes == ["ok"] * 6
+        _settled(database, 2)
+    finally:
+        await database.stop()
+
+
+async def test_stop_and_terminate_while_waiters_wait_end_every_waiter(
+    db_settings: Settings,
+) -> None:
+    for how in ("stop", "terminate"):
+        settings = dataclasses.replace(
+            db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=1
+        )
+        database = Database(settings)
+        await database.start()
+        release = asyncio.Event()
+        held = asyncio.Event()
+
+        async def hold(held: asyncio.Event, release: asyncio.Event, db: Database) -> str:
+            try:
+                async with db.connection() as conn:
+                    held.set()
+                    await release.wait()
+                    await conn.fetchval("SELECT 1")
+                return "ok"
+            except DatabaseUnavailableException:
+                return "503"
+
+        holder = asyncio.create_task(hold(held, release, database))
+        await held.wait()
+        waiters = await _waiters(database, 4)
+        if how == "stop":
+            stopping = asyncio.create_task(database.stop(grace=0.5))
+            await asyncio.sleep(0.05)
+            release.set()
+            await stopping
+        else:
+            database.terminate()
+            release.set()
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(*waiters)
+            await holder
+        assert set(outcomes) <= {"ok", "503 exhausted", "503 unavailable"}, (how, outcomes)
+        if how == "terminate":
+            assert "ok" not in outcomes, outcomes
+
+
+async def test_the_watchdog_times_out_a_statement_a_waiter_waits_behind_and_ends_with_stop(
+    db_settings: Settings,
+) -> None:
+    before = set(threading.enumerate())
+    settings = dataclasses.replace(
+        db_settings,
+        DB_POOL_MIN_SIZE=1,
+        DB_POOL_MAX_SIZE=1,
+        DB_POOL_ACQUIRE_TIMEOUT=5,
+        DB_COMMAND_TIMEOUT=0.3,
+    )
+    database = Database(settings)
+    await database.start()
+    try:
+        held = asyncio.Event()
+
+        async def overdue() -> BaseException | None:
+            try:
+                async with database.connection() as conn:
+                    held.set()
+                    await conn.fetchval("SELECT pg_sleep(5)")
+            except DatabaseUnavailableException as exc:
+                return exc.__cause__
+            return None
+
+        slow = asyncio.create_task(overdue())
+        await held.wait()
+        waiters = await _waiters(database, 2)
+        async with asyncio.timeout(4):  # a bound well under pg_sleep(5)
+            cause = await slow
+            outcomes = await asyncio.gather(*waiters)
+        assert isinstance(cause, TimeoutError)
+        assert outcomes == ["ok", "ok"]
+        _settled(database, 1)
+    finally:
+        await database.stop()
+    # Stopped: the watchdog threads end (they wake at least every half second).
+    for _ in range(60):
+        if not [t for t in set(threading.enumerate()) - before if "watchdog" in t.name]:
+            break
+        await asyncio.sleep(0.05)
+    assert not [t for t in set(threading.enumerate()) - before if "watchdog" in t.name]
+
+
+async def test_a_held_connection_killed_while_waiters_wait_goes_to_them_reconnected(
+    db_settings: Settings,
+) -> None:
+    settings = dataclasses.replace(
+        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=5
+    )
+    database = Database(settings)
+    await database.start()
+    admin = await asyncpg.connect(database.dsn)
+    try:
+        for quiet in (True, False):
+            release = asyncio.Event()
+            held: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            async def hold(held: asyncio.Future[int], release: asyncio.Event, quiet: bool) -> str:
+                try:
+                    async with database.connection() as conn:
+                        held.set_result(await conn.fetchval("SELECT pg_backend_pid()"))
+                        await release.wait()
+                        if not quiet:
+                            await conn.fetchval("SELECT 1")
+                    return "ok"
+                except DatabaseUnavailableException:
+                    return "503"
+
+            holder = asyncio.create_task(hold(held, release, quiet))
+            pid = await held
+            waiters = await _waiters(database, 3)
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.2)  # asyncpg notices; the holder goes to the first waiter
+            release.set()
+            async with asyncio.timeout(10):
+                outcomes = await asyncio.gather(*waiters)
+                held_outcome = await holder
+            assert outcomes == ["ok"] * 3
+            assert held_outcome == ("ok" if quiet else "503")
+            _settled(database, 1)
+    finally:
+        await admin.close()
         await database.stop()
