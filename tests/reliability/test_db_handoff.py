@@ -114,7 +114,11 @@ async def test_random_cancellations_around_the_hand_off_lose_no_connection(
             outcomes = await _storm(database, seed, tasks=150, size=size)
             for name, n in outcomes.items():
                 totals[name] = totals.get(name, 0) + n
-            # Let reconnects and asyncpg's floor upkeep finish, then look.
+            # Let the last kills land (a lease on a backend killed that instant is
+            # a clean 503, not a replacement: asyncpg may have read the FATAL
+            # message with the end of the stream still on its way), reconnects
+            # and asyncpg's floor upkeep finish, then look.
+            await asyncio.sleep(0.2)
             raw: Any = database._pool(False).pool
             for _ in range(300):
                 if len(raw._queue._queue) == size and raw._maintenance_task is None:
