@@ -86,8 +86,11 @@ Design choices, and why:
   Retry-After) until Postgres is back. A pooled connection found dead before
   anything was sent on it (its server said goodbye while it was idle) is
   replaced transparently, for :meth:`Database.connection` as for
-  :meth:`Database.transaction`. A connection lost mid-use is terminated and
-  the error leaves the ``async with`` block as a 503.
+  :meth:`Database.transaction` (news on an idle socket is read, and a
+  connection still open after it is asked one empty statement; one whose
+  backend dies at the very moment of the lease can still be a 503). A
+  connection lost mid-use is terminated and the error leaves the
+  ``async with`` block as a 503.
 * **Serverless mode** (``SERVERLESS_ENABLED``): the same pools keep nothing
   idle; every use opens a connection and closes it afterwards, still capped
   at the pool's max size with the same fast-fail.
