@@ -507,13 +507,13 @@ async def test_create_app_applies_the_apps_sets_on_startup(
 async def test_the_publish_migrations_apply_on_a_database_that_has_0004(
     fresh_database: str,
 ) -> None:
-    # A database migrated before 0003, 0005-0007 existed (0001, 0002, 0004): they
+    # A database migrated before 0003, 0005, 0006 existed (0001, 0002, 0004): they
     # are applied after 0004, once, and the function publishes as 0002's did, for a
     # batch of one event (0005's own path) and of several. Since 0006 a caller's five
     # arguments still work (the defaults: durable, the id range in the NOTIFY), and
     # with p_carry a small batch carries a copy of its rows instead of their id range.
     core = load_migrations()
-    earlier = [m for m in core if m.version not in ("0003", "0005", "0006", "0007")]
+    earlier = [m for m in core if m.version not in ("0003", "0005", "0006")]
     conn = await asyncpg.connect(fresh_database)
     notes: list[str] = []
     carried = False
@@ -552,7 +552,6 @@ async def test_the_publish_migrations_apply_on_a_database_that_has_0004(
             "0003",
             "0005",
             "0006",
-            "0007",
         ]
         assert await apply_migrations(conn) == []
         carried = True

@@ -17,8 +17,8 @@ transactional: nobody hears of a row that is not stored). What it carries:
 the range of the batch's new row ids (``"<first> <last>"``), whose rows the
 listener reads back -- the smallest entry in Postgres's notification queue,
 which all listening sessions of the cluster share and which fills while any
-of them lags. With ``EVENT_OUTBOX_NOTIFY_ROWS=true`` (migrations ``0006``,
-``0007``), a batch of up to 16 events whose payloads total under 5000 bytes
+of them lags. With ``EVENT_OUTBOX_NOTIFY_ROWS=true`` (migration ``0006``), a
+batch of up to 16 events whose payloads total under 5000 bytes
 and whose text fits the NOTIFY limit
 (``block_size - max_identifier_length - 129`` bytes, 8000 on a default
 build) carries a copy of the committed rows

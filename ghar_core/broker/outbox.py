@@ -164,7 +164,7 @@ class _Backoff:
 
 
 def _notified_rows(payload: str) -> list[tuple[str, str, int, str, bytes, float]] | None:
-    """The rows a NOTIFY carries (migrations 0006, 0007), as the read-back gives them, by id.
+    """The rows a NOTIFY carries (migration 0006), as the read-back gives them, by id.
 
     ``None`` for the id range form (``"<first> <last>"``), which is read back.
     """

@@ -21,7 +21,12 @@
 -- The copy is sent only when the payloads total under 5000 bytes (base64
 -- grows them by 4/3) and the text fits Postgres's NOTIFY limit
 -- (block_size - (max_identifier_length + 1) - 128 bytes, 8000 on a default
--- build); otherwise, and for larger batches, the id range.
+-- build); otherwise, and for larger batches, the id range. A copy's
+-- created_at is extract()'s numeric (Postgres 14 and later: the exact seconds
+-- with six decimals), not a float8, whose text depends on the writing
+-- session's extra_float_digits (at 0 it prints 15 significant digits and
+-- loses the microseconds): the listener parses it to the same float8 as the
+-- read-back's. On Postgres 13 and earlier extract() is a float8 already.
 --
 -- A listener older than this migration ignores the copy (it expects two ids)
 -- and hears of that stream's events with its next range notification (a
@@ -62,7 +67,7 @@ BEGIN
         IF p_carry AND octet_length(p_payloads[1]) < 5000 THEN
             v_note := json_build_array(json_build_array(
                 v_id, p_streams[1], v_epoch, v_head, p_types[1],
-                encode(p_payloads[1], 'base64'), extract(epoch FROM v_created)::float8
+                encode(p_payloads[1], 'base64'), extract(epoch FROM v_created)
             ))::text;
             IF octet_length(v_note) >= current_setting('block_size')::int
                     - current_setting('max_identifier_length')::int - 129 THEN
@@ -105,7 +110,7 @@ BEGIN
         SELECT min(a.id) AS lo, max(a.id) AS hi,
                json_agg(json_build_array(
                    a.id, a.stream, a.epoch, a.position, a.type,
-                   encode(a.payload, 'base64'), extract(epoch FROM a.created_at)::float8
+                   encode(a.payload, 'base64'), extract(epoch FROM a.created_at)
                ) ORDER BY a.id) FILTER (WHERE v_carry)::text AS rows
         FROM added a
     ), woken AS (
