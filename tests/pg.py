@@ -405,6 +405,17 @@ def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
 
 
 @contextlib.asynccontextmanager
+async def started(base: Settings, **changes: Any) -> AsyncIterator[Database]:
+    """A started Database on ``base`` with ``changes`` (pool sizes, timeouts), stopped after."""
+    database = Database(dataclasses.replace(base, **changes))
+    await database.start()
+    try:
+        yield database
+    finally:
+        await database.stop()
+
+
+@contextlib.asynccontextmanager
 async def holding(database: Any, count: int) -> AsyncIterator[None]:
     """Hold ``count`` main-pool connections of ``database`` until the block ends."""
     release = asyncio.Event()

@@ -27,7 +27,7 @@ from ghar_core.exceptions import (
     render_error,
 )
 from ghar_core.lifecycle import Resource
-from tests.pg import PgBouncer, free_port, holding, run_sync, with_database
+from tests.pg import PgBouncer, free_port, holding, run_sync, started, with_database
 
 # --- the session-state classifier (pure) ---------------------------------------------
 
@@ -225,12 +225,12 @@ async def test_down_at_start_then_503(db_settings: Settings) -> None:
 
 
 async def test_exhaustion_is_503_after_the_acquire_timeout(db_settings: Settings) -> None:
-    settings = dataclasses.replace(
-        db_settings, DB_POOL_MIN_SIZE=0, DB_POOL_MAX_SIZE=2, DB_POOL_ACQUIRE_TIMEOUT=0.2
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DB_POOL_MIN_SIZE=0,
+        DB_POOL_MAX_SIZE=2,
+        DB_POOL_ACQUIRE_TIMEOUT=0.2,
+    ) as database:
         async with holding(database, 2):
             with pytest.raises(PoolExhaustedException) as info:
                 async with database.connection():
@@ -245,17 +245,15 @@ async def test_exhaustion_is_503_after_the_acquire_timeout(db_settings: Settings
         stats = database.stats()["main"]
         assert stats["exhausted"] == 1
         assert stats["opened"] == 2
-    finally:
-        await database.stop()
 
 
 async def test_cancelled_waiter_does_not_leak_capacity(db_settings: Settings) -> None:
-    settings = dataclasses.replace(
-        db_settings, DB_POOL_MIN_SIZE=0, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=5
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DB_POOL_MIN_SIZE=0,
+        DB_POOL_MAX_SIZE=1,
+        DB_POOL_ACQUIRE_TIMEOUT=5,
+    ) as database:
         async with database.connection():
             waiter = asyncio.create_task(database.connection().__aenter__())
             await asyncio.sleep(0.05)
@@ -266,20 +264,18 @@ async def test_cancelled_waiter_does_not_leak_capacity(db_settings: Settings) ->
             async with database.connection() as conn:
                 assert await conn.fetchval("SELECT 2") == 2
         assert database.stats()["main"]["size"] == 1
-    finally:
-        await database.stop()
 
 
 async def test_a_waiter_gets_the_connection_a_busy_task_releases(db_settings: Settings) -> None:
     # A task that releases and takes again at once (two leases in a row, a
     # loop of queries) must not jump ahead of a task already waiting: the
     # waiter gets the released connection, not a 503 after the acquire timeout.
-    settings = dataclasses.replace(
-        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=0.5
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DB_POOL_MIN_SIZE=1,
+        DB_POOL_MAX_SIZE=1,
+        DB_POOL_ACQUIRE_TIMEOUT=0.5,
+    ) as database:
         waiting = asyncio.Event()
         leases = 0
 
@@ -302,8 +298,6 @@ async def test_a_waiter_gets_the_connection_a_busy_task_releases(db_settings: Se
         _, busy_leases = await asyncio.gather(busy(), waiter())
         assert busy_leases <= 1  # right after the busy task's first lease, not its forty
         assert database.stats()["main"]["exhausted"] == 0
-    finally:
-        await database.stop()
 
 
 @pytest.mark.parametrize("size", [1, 2])
@@ -315,12 +309,12 @@ async def test_a_waiter_is_served_before_tasks_that_ask_after_it(
     # connection goes to the oldest waiter, each new task takes it and the
     # waiter queues again, until its acquire timeout (a 503) although
     # connections came free all the while.
-    settings = dataclasses.replace(
-        db_settings, DB_POOL_MIN_SIZE=size, DB_POOL_MAX_SIZE=size, DB_POOL_ACQUIRE_TIMEOUT=1.0
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DB_POOL_MIN_SIZE=size,
+        DB_POOL_MAX_SIZE=size,
+        DB_POOL_ACQUIRE_TIMEOUT=1.0,
+    ) as database:
         releases = 0
         served_after: list[int] = []  # releases seen when the waiter got its connection
         all_held = asyncio.Event()
@@ -358,19 +352,17 @@ async def test_a_waiter_is_served_before_tasks_that_ask_after_it(
         while streams:
             await asyncio.gather(*streams)
         assert database.stats()["main"]["exhausted"] == 0
-    finally:
-        await database.stop()
 
 
 async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
     db_settings: Settings,
 ) -> None:
-    settings = dataclasses.replace(
-        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=5
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DB_POOL_MIN_SIZE=1,
+        DB_POOL_MAX_SIZE=1,
+        DB_POOL_ACQUIRE_TIMEOUT=5,
+    ) as database:
         release = asyncio.Event()
         held = asyncio.Event()
 
@@ -399,8 +391,6 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
             assert await second == 2
         stats = database.stats()["main"]
         assert (stats["size"], stats["idle"], stats["waiters"]) == (1, 1, 0)
-    finally:
-        await database.stop()
 
 
 async def test_a_waiter_handed_a_connection_as_its_timeout_fires_is_a_busy_503(
@@ -410,12 +400,12 @@ async def test_a_waiter_handed_a_connection_as_its_timeout_fires_is_a_busy_503(
     # timeout fires before it runs: it passes the holder on and times out.
     # That is exhaustion (a 503 the retry helper does not retry, counted),
     # not "opening a connection took too long", although a holder is free now.
-    settings = dataclasses.replace(
-        db_settings, DB_POOL_MIN_SIZE=1, DB_POOL_MAX_SIZE=1, DB_POOL_ACQUIRE_TIMEOUT=0.05
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DB_POOL_MIN_SIZE=1,
+        DB_POOL_MAX_SIZE=1,
+        DB_POOL_ACQUIRE_TIMEOUT=0.05,
+    ) as database:
         held = asyncio.Event()
 
         async def hold() -> None:
@@ -439,8 +429,6 @@ async def test_a_waiter_handed_a_connection_as_its_timeout_fires_is_a_busy_503(
         stats = database.stats()["main"]
         assert stats["exhausted"] == 1
         assert (stats["size"], stats["idle"], stats["waiters"]) == (1, 1, 0)
-    finally:
-        await database.stop()
 
 
 # --- session state does not leak -----------------------------------------------------------
@@ -566,12 +554,12 @@ async def _backends(admin_dsn: str, dsn: str) -> int:
 async def test_serverless_keeps_nothing_connected(
     pg_admin_dsn: str, fresh_database: str, db_settings: Settings
 ) -> None:
-    settings = dataclasses.replace(
-        db_settings, DATABASE_URL=fresh_database, SERVERLESS_ENABLED=True, DB_POOL_MIN_SIZE=3
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DATABASE_URL=fresh_database,
+        SERVERLESS_ENABLED=True,
+        DB_POOL_MIN_SIZE=3,
+    ) as database:
         assert await _backends(pg_admin_dsn, fresh_database) == 0
         async with database.connection() as conn:
             assert await conn.fetchval("SELECT $1::int", 7) == 7
@@ -593,17 +581,15 @@ async def test_serverless_keeps_nothing_connected(
             await asyncio.sleep(0.05)
         assert await _backends(pg_admin_dsn, fresh_database) == 0
         assert database.stats()["main"]["size"] == 0
-    finally:
-        await database.stop()
 
 
 async def test_serverless_keeps_the_cap_and_fails_fast(db_settings: Settings) -> None:
-    settings = dataclasses.replace(
-        db_settings, SERVERLESS_ENABLED=True, DB_POOL_MAX_SIZE=2, DB_POOL_ACQUIRE_TIMEOUT=0.2
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        SERVERLESS_ENABLED=True,
+        DB_POOL_MAX_SIZE=2,
+        DB_POOL_ACQUIRE_TIMEOUT=0.2,
+    ) as database:
         async with holding(database, 2):
             assert database.stats()["main"]["in_use"] == 2
             with pytest.raises(PoolExhaustedException):
@@ -611,22 +597,17 @@ async def test_serverless_keeps_the_cap_and_fails_fast(db_settings: Settings) ->
                     pass
         async with database.connection() as conn:
             assert await conn.fetchval("SELECT 3") == 3
-    finally:
-        await database.stop()
 
 
 async def test_idle_connections_age_out(
     pg_admin_dsn: str, fresh_database: str, db_settings: Settings
 ) -> None:
-    settings = dataclasses.replace(
+    async with started(
         db_settings,
         DATABASE_URL=fresh_database,
         DB_POOL_MIN_SIZE=0,
         DB_MAX_INACTIVE_LIFETIME=0.1,
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    ) as database:
         async with database.connection() as conn:
             await conn.fetchval("SELECT 1")
         assert database.stats()["main"]["idle"] == 1
@@ -640,8 +621,6 @@ async def test_idle_connections_age_out(
                 break
             await asyncio.sleep(0.05)
         assert await _backends(pg_admin_dsn, fresh_database) == 0
-    finally:
-        await database.stop()
 
 
 # --- the command timeout (the pool's watchdog) --------------------------------------------

@@ -20,6 +20,7 @@ import asyncpg
 from ghar_core.config import Settings
 from ghar_core.database import Database
 from ghar_core.exceptions import DatabaseUnavailableException, PoolExhaustedException
+from tests.pg import started
 
 
 def _settled(database: Database, size: int) -> None:
@@ -100,15 +101,12 @@ async def test_random_cancellations_around_the_hand_off_lose_no_connection(
     db_settings: Settings,
 ) -> None:
     size = 3
-    settings = dataclasses.replace(
+    async with started(
         db_settings,
         DB_POOL_MIN_SIZE=size,
         DB_POOL_MAX_SIZE=size,
         DB_POOL_ACQUIRE_TIMEOUT=0.05,
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    ) as database:
         totals: dict[str, int] = {}
         for seed in range(12):
             outcomes = await _storm(database, seed, tasks=150, size=size)
@@ -131,8 +129,6 @@ async def test_random_cancellations_around_the_hand_off_lose_no_connection(
             _settled(database, size)
         assert totals.get("ok", 0) > 0, totals
         assert totals.get("cancelled", 0) > 0, totals
-    finally:
-        await database.stop()
 
 
 async def _one(database: Database) -> None:
@@ -205,12 +201,12 @@ async def _waiters(database: Database, n: int) -> list[asyncio.Task[str]]:
 async def test_expire_connections_while_waiters_wait_serves_them_fresh_ones(
     db_settings: Settings,
 ) -> None:
-    settings = dataclasses.replace(
-        db_settings, DB_POOL_MIN_SIZE=2, DB_POOL_MAX_SIZE=2, DB_POOL_ACQUIRE_TIMEOUT=5
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    async with started(
+        db_settings,
+        DB_POOL_MIN_SIZE=2,
+        DB_POOL_MAX_SIZE=2,
+        DB_POOL_ACQUIRE_TIMEOUT=5,
+    ) as database:
         release = asyncio.Event()
         ready = asyncio.Semaphore(0)
 
@@ -232,8 +228,6 @@ async def test_expire_connections_while_waiters_wait_serves_them_fresh_ones(
             await asyncio.gather(*holders)
         assert outcomes == ["ok"] * 6
         _settled(database, 2)
-    finally:
-        await database.stop()
 
 
 async def test_stop_and_terminate_while_waiters_wait_end_every_waiter(
@@ -281,16 +275,13 @@ async def test_the_watchdog_times_out_a_statement_a_waiter_waits_behind_and_ends
     db_settings: Settings,
 ) -> None:
     before = set(threading.enumerate())
-    settings = dataclasses.replace(
+    async with started(
         db_settings,
         DB_POOL_MIN_SIZE=1,
         DB_POOL_MAX_SIZE=1,
         DB_POOL_ACQUIRE_TIMEOUT=5,
         DB_COMMAND_TIMEOUT=0.3,
-    )
-    database = Database(settings)
-    await database.start()
-    try:
+    ) as database:
         held = asyncio.Event()
 
         async def overdue() -> BaseException | None:
@@ -311,8 +302,6 @@ async def test_the_watchdog_times_out_a_statement_a_waiter_waits_behind_and_ends
         assert isinstance(cause, TimeoutError)
         assert outcomes == ["ok", "ok"]
         _settled(database, 1)
-    finally:
-        await database.stop()
     # Stopped: the watchdog threads end (they wake at least every half second).
     for _ in range(60):
         if not [t for t in set(threading.enumerate()) - before if "watchdog" in t.name]:
